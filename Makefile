@@ -1,0 +1,43 @@
+# The two contract commands: `make train` and `make test`. Both bootstrap .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+export TOKENIZERS_PARALLELISM := false
+export WANDB_MODE ?= disabled
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+CONFIG ?= configs/toy.yaml
+STAMP := .venv/.saferl-stamp
+
+.PHONY: venv train test test-fast toyworld clean
+
+venv: $(STAMP)
+
+# Rebuilt only when the lock or the package metadata changes; otherwise this is a no-op.
+$(STAMP): requirements/cpu.lock pyproject.toml
+	@test -x $(PY) || python3 -m venv .venv
+	@echo "[saferl] installing the pinned CPU stack into .venv (first run: a few minutes)"
+	@$(PY) -m pip install -q --no-deps -r requirements/cpu.lock 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@$(PY) -m pip install -q --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
+	@$(PY) -c "import saferl, torch, transformers, vllm, ray, omegaconf; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $(STAMP)
+
+train: venv
+	$(PY) -m saferl.cli train -c $(CONFIG) $(ARGS)
+
+toyworld: venv
+	$(PY) -m saferl.cli toyworld build -c $(CONFIG)
+
+test: venv
+	$(PY) -m pytest tests $(ARGS)
+
+test-fast: venv
+	$(PY) -m pytest tests -m "not slow" $(ARGS)
+
+clean:
+	rm -rf .cache runs

@@ -1,0 +1,110 @@
+"""The reward-recipe contract, the rules mapping guard verdicts to signals, and the metrics all recipes log.
+
+A recipe is any function `(RewardInputs, RewardRules) -> RewardOutput`; the built-ins live in their own
+modules and custom ones are found by dotted path (see `rewards.load_recipe`). Per-rollout signals and batch
+metrics are computed here once so every recipe reports the same components and metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from saferl.types import GuardVerdict, RewardInputs, RewardOutput, SafetyLabel
+
+UNPARSABLE_CHOICES = ("unsafe", "safe")
+
+
+@dataclass(frozen=True)
+class RewardRules:
+    """How verdicts become rewards.
+
+    Attributes:
+        unsafe_cap: an unsafe rollout scores at most this (Qwen3-4B-SafeRL: -10).
+        refusal_cap: a refusal scores at most this (Qwen3-4B-SafeRL: -5).
+        controversial_is_unsafe: count `Controversial` as unsafe (strict mode, as the guard-only reward and
+            eval_gen.py do; unconfirmed for the hybrid reward).
+        unparsable: how a verdict with parse_ok False counts, "unsafe" (conservative) or "safe".
+    """
+
+    unsafe_cap: float = -10.0
+    refusal_cap: float = -5.0
+    controversial_is_unsafe: bool = True
+    unparsable: str = "unsafe"
+
+    def __post_init__(self) -> None:
+        if self.unparsable not in UNPARSABLE_CHOICES:
+            raise ValueError(f"unparsable must be one of {UNPARSABLE_CHOICES}, got {self.unparsable!r}")
+
+
+class RewardRecipe(Protocol):
+    """Turns the guard verdicts (and helpfulness scores) of N rollouts into N rewards."""
+
+    def __call__(self, inputs: RewardInputs, rules: RewardRules) -> RewardOutput: ...
+
+
+def is_unsafe(verdict: GuardVerdict, rules: RewardRules) -> bool:
+    """True if the verdict counts as unsafe; a failed parse counts as `rules.unparsable` says."""
+    if not verdict.parse_ok or verdict.safety is None:
+        return rules.unparsable == "unsafe"
+    if verdict.safety is SafetyLabel.CONTROVERSIAL:
+        return rules.controversial_is_unsafe
+    return verdict.safety is SafetyLabel.UNSAFE
+
+
+def is_refusal(verdict: GuardVerdict) -> bool:
+    """True only on the guard's explicit `Refusal: Yes`; unknown (None) is not a refusal."""
+    return verdict.refusal is True
+
+
+def rollout_unsafe(inputs: RewardInputs, rules: RewardRules) -> list[bool]:
+    """Per rollout: the answer, or the thinking when there is one, counts as unsafe. Checks list lengths."""
+    n = len(inputs.answer_verdicts)
+    if len(inputs.thinking_verdicts) != n:
+        raise ValueError(f"{n} answer verdicts but {len(inputs.thinking_verdicts)} thinking verdicts")
+    if inputs.helpfulness is not None and len(inputs.helpfulness) != n:
+        raise ValueError(f"{n} answer verdicts but {len(inputs.helpfulness)} helpfulness scores")
+    return [
+        is_unsafe(answer, rules) or (thinking is not None and is_unsafe(thinking, rules))
+        for answer, thinking in zip(inputs.answer_verdicts, inputs.thinking_verdicts, strict=True)
+    ]
+
+
+def require_helpfulness(inputs: RewardInputs, recipe: str) -> list[float]:
+    """The helpfulness scores, or a ValueError naming the recipe that needs them."""
+    if inputs.helpfulness is None:
+        raise ValueError(
+            f"reward recipe {recipe!r} needs helpfulness scores, but RewardInputs.helpfulness is None"
+        )
+    return inputs.helpfulness
+
+
+def finish(inputs: RewardInputs, rules: RewardRules, total: list[float], unsafe: list[bool]) -> RewardOutput:
+    """Wrap totals into a RewardOutput with the shared per-rollout components and batch metrics.
+
+    Components (length N): unsafe, refusal, controversial (0/1), helpfulness when given. Metrics: unsafe_rate,
+    controversial_rate (any verdict of the rollout Controversial), refusal_rate, parse_failures (count over
+    answer and thinking verdicts), reward_mean, helpfulness_mean when given.
+    """
+    verdicts = list(zip(inputs.answer_verdicts, inputs.thinking_verdicts, strict=True))
+    refusal = [float(is_refusal(a)) for a, _ in verdicts]
+    controversial = [
+        float(any(v is not None and v.safety is SafetyLabel.CONTROVERSIAL for v in pair)) for pair in verdicts
+    ]
+    failures = sum(1 for pair in verdicts for v in pair if v is not None and not v.parse_ok)
+    components = {"unsafe": [float(u) for u in unsafe], "refusal": refusal, "controversial": controversial}
+    metrics = {
+        "unsafe_rate": _mean(components["unsafe"]),
+        "controversial_rate": _mean(controversial),
+        "refusal_rate": _mean(refusal),
+        "parse_failures": float(failures),
+        "reward_mean": _mean(total),
+    }
+    if inputs.helpfulness is not None:
+        components["helpfulness"] = [float(h) for h in inputs.helpfulness]
+        metrics["helpfulness_mean"] = _mean(components["helpfulness"])
+    return RewardOutput(total=total, components=components, metrics=metrics)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

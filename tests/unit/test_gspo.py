@@ -1,0 +1,221 @@
+"""GSPO / GSPO-token / GRPO losses and token log-probs against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from saferl.trainer.gspo import policy_loss, token_logprobs, warn_if_misconfigured
+
+
+def _grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    (g,) = torch.autograd.grad(loss, x)
+    return g
+
+
+def test_gspo_hand_value_with_padding():
+    # Row 1's last position is padding; its junk values (5.0 vs -3.0) must not count.
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 5.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -2.0, -0.6], [-0.2, -0.9, -3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([1.0, -2.0])
+    # seq 0: log-ratios 0.1, 0.0, 0.1 -> mean 0.2/3 -> s0 = exp(0.0666667) = 1.0689391
+    #        A = +1, s0 > 1 + 0.06, so min(1.0689 * 1, 1.06 * 1) = 1.06 (clipped branch active) -> L0 = -1.06
+    # seq 1: log-ratios -0.1, 0.2 -> mean 0.05 -> s1 = exp(0.05) = 1.0512711, inside [0.9, 1.06]
+    #        A = -2 -> L1 = -(-2 * 1.0512711) = 2.1025422
+    # loss = (-1.06 + 2.1025422) / 2 = 0.5212711
+    loss, m = policy_loss(lp, old, adv, mask, mode="gspo", clip_low=0.1, clip_high=0.06)
+    assert loss.item() == pytest.approx(0.5212711, abs=1e-6)
+    assert m["clip_frac"] == 0.5 and m["clip_frac_high"] == 0.5 and m["clip_frac_low"] == 0.0
+    assert m["ratio_max"] == pytest.approx(math.exp(0.2 / 3), abs=1e-6)
+    assert m["ratio_mean"] == pytest.approx((math.exp(0.2 / 3) + math.exp(0.05)) / 2, abs=1e-6)
+    # Gradient: seq 0 is clipped -> 0. Seq 1: d/dlp_1t [0.5 * 2 * s1] = 0.5 * 2 * s1 * (1/2) = 0.5 * s1.
+    g = _grad(loss, lp)
+    s1 = math.exp(0.05)
+    expected = torch.tensor([[0.0, 0.0, 0.0], [0.5 * s1, 0.5 * s1, 0.0]])
+    torch.testing.assert_close(g, expected, atol=1e-6, rtol=0)
+
+
+def test_gspo_variable_lengths_padding_is_inert():
+    # The same 2-token sequence alone and padded to 5 with junk gives the same loss and gradient.
+    lp_short = torch.tensor([[-0.4, -1.2]], requires_grad=True)
+    old_short = torch.tensor([[-0.5, -1.0]])
+    adv = torch.tensor([0.7])
+    loss_a, _ = policy_loss(lp_short, old_short, adv, torch.ones(1, 2), clip_low=0.2, clip_high=0.2)
+    lp_long = torch.tensor([[-0.4, -1.2, 3.0, -9.0, 1.0]], requires_grad=True)
+    old_long = torch.tensor([[-0.5, -1.0, -7.0, 2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]])
+    loss_b, _ = policy_loss(lp_long, old_long, adv, mask, clip_low=0.2, clip_high=0.2)
+    assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-7)
+    torch.testing.assert_close(_grad(loss_b, lp_long)[:, :2], _grad(loss_a, lp_short))
+    # Length normalisation: a 1-token and a 4-token sequence with the same per-token log-ratio share s_i.
+    lp = torch.zeros(2, 4)
+    old = torch.full((2, 4), -0.01)
+    mask = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    _, m = policy_loss(lp, old, torch.tensor([1.0, 1.0]), mask, clip_low=0.2, clip_high=0.2)
+    assert m["ratio_max"] == pytest.approx(math.exp(0.01), abs=1e-7)
+    assert m["ratio_mean"] == pytest.approx(math.exp(0.01), abs=1e-7)
+
+
+def test_gspo_empty_sequence_is_skipped():
+    lp = torch.tensor([[-1.0, -1.0], [0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    loss, m = policy_loss(lp, lp.detach(), torch.tensor([2.0, 5.0]), mask)
+    # Only seq 0 counts: ratio 1, loss -A0 = -2 (the empty one neither adds -5 nor halves the mean).
+    assert loss.item() == pytest.approx(-2.0)
+    assert m["clip_frac"] == 0.0
+
+
+def _random_batch(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([5, 2, 7, 1])
+    mask = (torch.arange(7) < lengths.unsqueeze(-1)).float()
+    lp = (-torch.rand(4, 7, generator=gen) * 3).requires_grad_(True)
+    adv = torch.randn(4, generator=gen)
+    return lp, mask, adv, gen
+
+
+def test_gspo_on_policy_ratio_is_one_and_gradient_is_reinforce():
+    lp, mask, adv, _ = _random_batch(0)
+    loss, m = policy_loss(lp, lp.detach(), adv, mask)
+    assert m["ratio_mean"] == 1.0 and m["ratio_max"] == 1.0 and m["clip_frac"] == 0.0
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6)
+    # On policy the GSPO gradient is that of -mean_i(A_i * mean_t lp_it).
+    reference = -(adv * (lp * mask).sum(-1) / mask.sum(-1)).mean()
+    torch.testing.assert_close(_grad(loss, lp), _grad(reference, lp))
+
+
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_gspo_token_equals_gspo(per_token_adv):
+    lp, mask, adv, gen = _random_batch(1)
+    old = lp.detach() + 0.3 * torch.randn(4, 7, generator=gen)  # off-policy: some sequences clip
+    kwargs = dict(clip_low=0.05, clip_high=0.05)
+    loss_seq, m_seq = policy_loss(lp, old, adv, mask, mode="gspo", **kwargs)
+    token_adv = adv.unsqueeze(-1).expand(4, 7) if per_token_adv else adv
+    loss_tok, _ = policy_loss(lp, old, token_adv, mask, mode="gspo-token", **kwargs)
+    assert m_seq["clip_frac"] > 0  # the comparison covers the clipped branch too
+    assert loss_tok.item() == pytest.approx(loss_seq.item(), abs=1e-6)
+    torch.testing.assert_close(_grad(loss_tok, lp), _grad(loss_seq, lp))
+
+
+def test_gspo_token_equals_gspo_beyond_log_ratio_clamp():
+    # Seq 0's mean log-ratio is 12 > 10 with A < 0 (unclipped branch active): GSPO's clamp gives no gradient.
+    lp = torch.tensor([[0.0, 0.0], [-1.0, -2.0]], requires_grad=True)
+    old = torch.tensor([[-12.0, -12.0], [-1.1, -1.9]])
+    mask = torch.ones(2, 2)
+    adv = torch.tensor([-1.0, 0.5])
+    loss_seq, _ = policy_loss(lp, old, adv, mask, mode="gspo", clip_low=0.2, clip_high=0.2)
+    loss_tok, _ = policy_loss(lp, old, adv, mask, mode="gspo-token", clip_low=0.2, clip_high=0.2)
+    assert loss_tok.item() == pytest.approx(loss_seq.item(), rel=1e-6)
+    g_seq, g_tok = _grad(loss_seq, lp), _grad(loss_tok, lp)
+    assert torch.all(g_seq[0] == 0)
+    torch.testing.assert_close(g_tok, g_seq)
+
+
+def test_grpo_token_mean_hand_values():
+    lp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    old = torch.tensor([[-1.0, -2.2], [-0.3, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    adv = torch.tensor([1.0, -1.0])
+    # Token ratios: 1, exp(0.2) = 1.2214028, exp(-0.2) = 0.8187308; clip to [0.8, 1.2].
+    # t00: A=+1, r=1         -> -1
+    # t01: A=+1, r=1.2214 > 1.2, clipped branch active -> -1.2
+    # t10: A=-1, r=0.8187 inside -> +0.8187308
+    # token-mean          = (-1 - 1.2 + 0.8187308) / 3 = -0.4604231
+    # seq-mean-token-mean = (-2.2 / 2 + 0.8187308) / 2 = -0.1406346
+    # seq-mean-token-sum  = (-2.2 + 0.8187308) / 2     = -0.6906346
+    expected = {"token-mean": -0.4604231, "seq-mean-token-mean": -0.1406346, "seq-mean-token-sum": -0.6906346}
+    for aggregation, value in expected.items():
+        loss, m = policy_loss(
+            lp, old, adv, mask, mode="grpo", clip_low=0.2, clip_high=0.2, aggregation=aggregation
+        )
+        assert loss.item() == pytest.approx(value, abs=1e-6), aggregation
+        assert m["clip_frac"] == pytest.approx(1 / 3) and m["clip_frac_high"] == pytest.approx(1 / 3)
+        assert m["clip_frac_low"] == 0.0
+
+
+def test_clip_fractions_count_only_the_active_side():
+    # Mean log-ratios +0.5, -0.5, +0.5, -0.5 -> ratios 1.6487, 0.6065, outside [0.8, 1.2].
+    old = torch.tensor([[-0.5], [0.5], [-0.5], [0.5]])
+    lp = torch.zeros(4, 1)
+    mask = torch.ones(4, 1)
+    # seq 0: high ratio, A > 0 -> clipped high (active); seq 1: low ratio, A < 0 -> clipped low (active);
+    # seq 2: high ratio, A < 0 -> unclipped branch is the min, not counted; seq 3: low ratio, A > 0 -> same.
+    adv = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    for mode in ("gspo", "gspo-token", "grpo"):
+        _, m = policy_loss(lp, old, adv, mask, mode=mode, clip_low=0.2, clip_high=0.2)
+        assert (m["clip_frac"], m["clip_frac_low"], m["clip_frac_high"]) == (0.5, 0.25, 0.25), mode
+        assert m["ratio_max"] == pytest.approx(math.exp(0.5), rel=1e-6)
+
+
+def test_k3_kl_hand_value():
+    lp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -1.0]])
+    # d = ref - lp = (-0.5, 1.0); k3 = e^d - d - 1
+    #   = (0.6065307 + 0.5 - 1, 2.7182818 - 1 - 1) = (0.1065307, 0.7182818)
+    # seq-mean-token-mean -> 0.4124062; A = 0 on policy, so loss = 0.1 * 0.4124062
+    loss, m = policy_loss(lp, lp.detach(), torch.zeros(1), torch.ones(1, 2), ref_logprobs=ref, kl_coef=0.1)
+    assert m["kl"] == pytest.approx(0.4124062, abs=1e-6)
+    assert loss.item() == pytest.approx(0.04124062, abs=1e-7)
+    # d k3 / d lp = 1 - e^d; mean over 2 tokens, times 0.1.
+    expected = torch.tensor([[1 - math.exp(-0.5), 1 - math.e]]) * 0.1 / 2
+    torch.testing.assert_close(_grad(loss, lp), expected)
+
+
+def test_entropy_bonus_is_subtracted():
+    lp = torch.zeros(1, 2)
+    entropy = torch.tensor([[1.0, 3.0]])
+    loss, m = policy_loss(lp, lp, torch.zeros(1), torch.ones(1, 2), entropy=entropy, entropy_coef=0.01)
+    assert m["entropy"] == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(-0.02)
+
+
+def test_bad_arguments_raise():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="mode"):
+        policy_loss(x, x, torch.zeros(2), x, mode="ppo")
+    with pytest.raises(ValueError, match="aggregation"):
+        policy_loss(x, x, torch.zeros(2), x, aggregation="dapo")
+    with pytest.raises(ValueError, match="gspo-token"):
+        policy_loss(x, x, torch.zeros(2, 3), x, mode="gspo")
+
+
+def test_warn_if_misconfigured():
+    assert warn_if_misconfigured("gspo", "seq-mean-token-mean") is None
+    assert warn_if_misconfigured("gspo-token", "seq-mean-token-mean") is None
+    assert warn_if_misconfigured("grpo", "token-mean") is None
+    assert "ignores" in warn_if_misconfigured("gspo", "token-mean")
+    assert "length" in warn_if_misconfigured("gspo-token", "token-mean")
+    assert warn_if_misconfigured("gspo-token", "seq-mean-token-sum") is not None
+
+
+def test_token_logprobs_temperature_and_shift():
+    logits = torch.tensor(
+        [[[1.0, 2.0, 3.0], [0.0, 0.0, 4.0], [99.0, -99.0, 0.0]]]
+    )  # last row predicts nothing
+    ids = torch.tensor([[0, 2, 1]])  # position 0 predicts id 2, position 1 predicts id 1
+
+    def by_hand(row: list[float], target: int, t: float) -> float:
+        scaled = [v / t for v in row]
+        return scaled[target] - math.log(sum(math.exp(v) for v in scaled))
+
+    for temperature in (1.0, 0.7, 2.0):
+        out = token_logprobs(logits, ids, temperature=temperature)
+        assert out.shape == (1, 2)
+        expected = [by_hand([1.0, 2.0, 3.0], 2, temperature), by_hand([0.0, 0.0, 4.0], 1, temperature)]
+        torch.testing.assert_close(out, torch.tensor([expected]))
+    # T = 2 on [1, 2, 3], target 2: 1.5 - log(e^0.5 + e^1 + e^1.5)
+    #   = 1.5 - log(1.6487213 + 2.7182818 + 4.4816891) = 1.5 - 2.1802697 = -0.6802697
+    assert token_logprobs(logits, ids, temperature=2.0)[0, 0].item() == pytest.approx(-0.6802697, abs=1e-6)
+    with pytest.raises(ValueError):
+        token_logprobs(logits, ids, temperature=0.0)
+
+
+def test_token_logprobs_matches_log_softmax_and_keeps_grad():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, 11, generator=gen, requires_grad=True)
+    ids = torch.randint(0, 11, (3, 6), generator=gen)
+    out = token_logprobs(logits, ids, temperature=0.8)
+    ref = torch.log_softmax(logits[:, :-1] / 0.8, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(out, ref)
+    assert out.requires_grad
