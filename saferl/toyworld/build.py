@@ -151,7 +151,7 @@ def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
         shape = cfg.policy if part == "policy" else cfg.guard
         model = new_model(shape, tok, head="lm", seed=cfg.seed)
         examples = _policy_examples(tok, cfg) if part == "policy" else _guard_examples(tok, prompts)
-        train_causal_lm(model, examples, **common)
+        train_causal_lm(model, examples, share_prefix=part == "guard", **common)
     if part != "reward_model":  # decoding defaults for plain `generate` / vLLM: stop at <|im_end|>
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id

@@ -1,0 +1,129 @@
+"""ActorGroup: N instances of one role, as Ray actors or as local objects; shard, call, gather.
+
+The only place SafeRL calls `ray.remote`. With `executor="local"` the same classes are instantiated in this
+process, so one code path serves a multi-GPU cluster, a pdb session and a single-GPU machine.
+Ray is started here too (`start_ray`): on loopback only unless an address is given, with an explicit CPU
+count and a project-local temp dir, and with the per-process settings of `saferl.runtime` for every actor.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from saferl.runtime import CPU_ENV
+
+READY_TIMEOUT_S = 600.0
+
+
+def start_ray(address: str | None, num_cpus: int | None, temp_dir: str) -> dict[str, float]:
+    """Start (or join) Ray; returns the cluster's resources. Idempotent within a process."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback listeners; before import
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": _actor_env(gpu=True)}, log_to_driver=True)
+        else:
+            Path(temp_dir).mkdir(parents=True, exist_ok=True)
+            ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     _temp_dir=str(Path(temp_dir).resolve()), _node_ip_address="127.0.0.1",
+                     runtime_env={"env_vars": _actor_env(gpu=False)}, log_to_driver=True)
+    return dict(ray.cluster_resources())
+
+
+def _actor_env(gpu: bool) -> dict[str, str]:
+    """Environment for actors: one thread each; the single-process vLLM settings only where there is no GPU."""
+    env = dict(CPU_ENV)
+    if gpu:
+        for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TORCHDYNAMO_DISABLE"):
+            env.pop(key)
+    return env
+
+
+def check_resources(requests: dict[str, tuple[int, float, float]], available: dict[str, float]) -> None:
+    """Fail fast, instead of waiting forever for placement, when roles ask for more than the cluster has.
+
+    Args:
+        requests: role -> (actors, cpus per actor, gpus per actor).
+        available: Ray cluster resources.
+    """
+    for resource, pos in (("CPU", 1), ("GPU", 2)):
+        need = sum(r[0] * r[pos] for r in requests.values())
+        have = available.get(resource, 0.0)
+        if need > have + 1e-9:
+            detail = ", ".join(f"{role}: {r[0]} x {r[pos]:g}" for role, r in requests.items() if r[pos])
+            raise RuntimeError(f"The config asks for {need:g} {resource}s but the Ray cluster has {have:g} "
+                               f"({detail}). Lower the per-actor resources or the number of actors.")
+
+
+class ActorGroup:
+    """`n` instances of `cls(**kwargs)`, hosted by Ray (`executor="ray"`) or in-process (`"local"`)."""
+
+    def __init__(self, cls: type, n: int, *, executor: str, kwargs: dict[str, Any], num_cpus: float = 1.0,
+                 num_gpus: float = 0.0, name: str = "") -> None:
+        if n < 1:
+            raise ValueError(f"{name or cls.__name__}: need at least one actor, got {n}")
+        self.name = name or cls.__name__
+        self.executor = executor
+        if executor == "local":
+            self.actors = [cls(**kwargs) for _ in range(n)]
+            return
+        import ray
+
+        remote_cls = ray.remote(cls)
+        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, name=f"{self.name}-{i}",
+                                          max_concurrency=1).remote(**kwargs) for i in range(n)]
+        refs = [a.ready.remote() for a in self.actors]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
+        ray.get(ready)  # re-raises a constructor error (missing model directory, ...) with its message
+        if pending:
+            raise TimeoutError(f"{self.name}: {len(pending)} actors not ready after {READY_TIMEOUT_S:.0f}s")
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def _invoke(self, actor: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.executor == "local":
+            return getattr(actor, method)(*args, **kwargs)
+        return getattr(actor, method).remote(*args, **kwargs)
+
+    def _gather(self, results: list[Any]) -> list[Any]:
+        if self.executor == "local":
+            return results
+        import ray
+
+        return ray.get(results)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call `method` on every actor with the same arguments; one result per actor."""
+        if self.executor == "ray" and args and isinstance(args[0], bytes) and len(self.actors) > 1:
+            import ray
+
+            args = (ray.put(args[0]), *args[1:])  # one copy in the object store, not one per actor
+        return self._gather([self._invoke(a, method, *args, **kwargs) for a in self.actors])
+
+    def map(self, method: str, items: list[Any], *args: Any, offset_kwarg: str | None = None,
+            **kwargs: Any) -> list[Any]:
+        """Split `items` into contiguous shards, one per actor, call in parallel, concatenate the results.
+
+        `offset_kwarg` names a keyword that receives each shard's start index (e.g. for per-item seeds).
+        """
+        if not items:
+            return []
+        n = min(len(self.actors), len(items))
+        bounds = [len(items) * i // n for i in range(n + 1)]
+        pending = []
+        for actor, lo, hi in zip(self.actors, bounds, bounds[1:]):
+            extra = {offset_kwarg: lo} if offset_kwarg else {}
+            pending.append(self._invoke(actor, method, items[lo:hi], *args, **kwargs, **extra))
+        return [x for shard in self._gather(pending) for x in shard]
+
+    def shutdown(self) -> None:
+        if self.executor == "ray":
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+        self.actors = []

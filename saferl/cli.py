@@ -1,0 +1,135 @@
+"""The `saferl` command: train, toyworld and sft subcommands (argparse; heavy imports happen per command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG_OVERRIDES = """overrides are dotted config keys, e.g.:
+  trainer.lr=1e-4 trainer.steps=10 rollout.num_engines=1 reward.recipe=guard_only run.executor=local
+every key and its default lives in saferl/config.py; an unknown key is rejected with the closest valid ones."""
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None, help="YAML config file (default: schema defaults = toy run)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after the file")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from saferl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from saferl.placement import format_plan
+
+        print(f"config OK: {args.config or '(defaults)'}\n{format_plan(cfg)}")
+        return 0
+    from saferl.train import train
+
+    train(cfg)
+    return 0
+
+
+def _cmd_toyworld(args: argparse.Namespace) -> int:
+    from saferl.config import load_config
+    from saferl.toyworld.build import build, ensure_built, toyworld_paths
+
+    cfg = load_config(args.config, args.overrides).toyworld
+    if args.action == "path":
+        print(toyworld_paths(cfg).root)
+        return 0
+    import json
+    import time
+
+    start = time.monotonic()
+    cached = (toyworld_paths(cfg).root / "metrics.json").is_file()
+    paths = build(cfg) if args.force else ensure_built(cfg)
+    metrics = json.loads((paths.root / "metrics.json").read_text())
+    if cached and not args.force:
+        from saferl.toyworld.evaluate import format_metrics
+
+        print(f"[toyworld] reusing cached build {paths.root} ({time.monotonic() - start:.1f}s)")
+        print(format_metrics(metrics))
+    if not metrics.get("meets_targets"):
+        print("[toyworld] WARNING: the built world misses some of its acceptance ranges (see above)")
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from saferl.runtime import configure_process
+
+    configure_process()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    rows = load_chat_jsonl(args.data)
+    examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
+    print(f"[sft] {len(examples)} examples from {args.data}; {args.steps} steps of {args.batch_size}")
+    train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=args.steps, batch_size=args.batch_size,
+                    lr=args.lr, seed=args.seed, share_prefix=args.share_prefix, label="sft")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"[sft] saved to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saferl", description="Safety RL for chat models against a "
+                                     "Qwen3Guard-style guard (Ray + vLLM rollouts, hybrid reward, GSPO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run an RL experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a SafeRL experiment: rollouts on vLLM, guard + helpfulness rewards, GSPO "
+                       "updates, weight sync, held-out evaluation before and after, HF checkpoints in "
+                       "<run.dir>/checkpoints/.", epilog=EPILOG_OVERRIDES)
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and print the placement plan without loading any weights")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("toyworld", help="build or locate the embedded offline toy world",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The toy world: synthetic prompts over 5 benign topics, 4 harmful categories "
+                       "and a controversial group, with a tiny policy, Gen-format guard and helpfulness RM "
+                       "trained offline. Cached under toyworld.cache_dir by a hash of the toyworld.* config.",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("action", choices=("build", "path"), help="build: build unless cached; path: print its dir")
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    _config_args(p)
+    p.set_defaults(func=_cmd_toyworld)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (e.g. train a Gen-format guard)",
+                       description='Fine-tune a causal LM on rows {"messages": [...], "completion": "..."}; the '
+                       "prompt is rendered by the model's own chat template and only the completion is learned.")
+    p.add_argument("--model", required=True, help="model directory to start from")
+    p.add_argument("--data", required=True, help="JSONL file of {messages, completion}")
+    p.add_argument("--out", required=True, help="output directory (HF format)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--share-prefix", action="store_true",
+                   help="compute a batch's common prompt prefix once (guards: the moderation instruction)")
+    p.set_defaults(func=_cmd_sft)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from saferl.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"saferl: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"saferl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The placement plan: which role runs where, with what resources, and a per-GPU memory estimate.
+
+`saferl train --dry-run` prints it without loading weights; the driver checks it against the Ray cluster
+before creating any actor, so a config asking for more GPUs or CPUs than exist fails at once instead of
+waiting forever for placement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from saferl.config import SafeRLConfig
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    role: str
+    model: str
+    actors: int
+    cpus: float  # per actor
+    gpus: float  # per actor
+    engine: str
+    tensor_parallel: int = 1
+
+
+def model_path(ref: str | None, cfg: SafeRLConfig) -> str | None:
+    """Resolve `toyworld:<part>` to its cache path without building anything; other refs pass through."""
+    if ref is None or not ref.startswith("toyworld:"):
+        return ref
+    from saferl.toyworld.build import toyworld_paths
+
+    return str(toyworld_paths(cfg.toyworld).part(ref.split(":", 1)[1]))
+
+
+def plan(cfg: SafeRLConfig) -> list[RolePlan]:
+    roles = [
+        RolePlan("rollout", cfg.policy.model, cfg.rollout.num_engines, cfg.rollout.cpus_per_engine,
+                 cfg.rollout.gpus_per_engine, cfg.rollout.backend, cfg.rollout.tensor_parallel_size),
+        RolePlan("guard", cfg.guard.model, cfg.guard.num_actors, cfg.guard.cpus_per_actor,
+                 cfg.guard.gpus_per_actor, cfg.guard.backend),
+    ]
+    if cfg.helpfulness.model is not None:
+        roles.append(RolePlan("helpfulness", cfg.helpfulness.model, cfg.helpfulness.num_actors,
+                              cfg.helpfulness.cpus_per_actor, cfg.helpfulness.gpus_per_actor, "hf"))
+    roles.append(RolePlan("trainer", cfg.policy.model, 1, cfg.trainer.cpus, cfg.trainer.gpus, "torch"))
+    return roles
+
+
+def requests(roles: list[RolePlan]) -> dict[str, tuple[int, float, float]]:
+    return {r.role: (r.actors, r.cpus, r.gpus) for r in roles}
+
+
+def count_params(config_path: Path) -> int | None:
+    """Parameter count of a Qwen-style decoder from its config.json (None when it is not a decoder config)."""
+    c = json.loads(config_path.read_text())
+    c = c.get("text_config", c)
+    try:
+        h, n, v, ff = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
+        heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    except KeyError:
+        return None
+    hd = c.get("head_dim") or h // heads
+    per_layer = h * hd * (heads + 2 * kv) + heads * hd * h + 3 * h * ff + 2 * h
+    embed = v * h * (1 if c.get("tie_word_embeddings", False) else 2)
+    return n * per_layer + embed + h
+
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def memory_gib(role: RolePlan, cfg: SafeRLConfig) -> str:
+    """Weights (+ grads and AdamW states for the trainer) per GPU, when the model's config is local."""
+    path = model_path(role.model, cfg)
+    if path is None or not (Path(path) / "config.json").is_file():
+        return "n/a (config not local)"
+    params = count_params(Path(path) / "config.json")
+    if params is None:
+        return "n/a"
+    dtype = {"trainer": cfg.trainer.dtype, "rollout": cfg.policy.dtype, "guard": cfg.guard.dtype,
+             "helpfulness": cfg.helpfulness.dtype}[role.role]
+    b = BYTES.get(dtype, 4)
+    total = params * (b + 4 + 8 + 4) if role.role == "trainer" else params * b  # + fp32 grads, Adam m/v
+    total /= max(1, role.tensor_parallel)
+    return f"{total / 2**30:.2f} GiB ({params / 1e6:.1f}M params{', +KV cache' if role.engine == 'vllm' else ''})"
+
+
+def format_plan(cfg: SafeRLConfig) -> str:
+    roles = plan(cfg)
+    lines = [f"executor: {cfg.run.executor}   ray: {cfg.ray.address or 'local (127.0.0.1)'}",
+             f"{'role':12s} {'actors':>6s} {'CPU/actor':>9s} {'GPU/actor':>9s} {'engine':>6s} {'TP':>3s}  "
+             f"{'memory per GPU (estimate)':28s} model"]
+    for r in roles:
+        lines.append(f"{r.role:12s} {r.actors:6d} {r.cpus:9g} {r.gpus:9g} {r.engine:>6s} {r.tensor_parallel:3d}  "
+                     f"{memory_gib(r, cfg):28s} {r.model}")
+    cpus = sum(r.actors * r.cpus for r in roles)
+    gpus = sum(r.actors * r.gpus * r.tensor_parallel for r in roles)
+    lines.append(f"total: {cpus:g} CPUs, {gpus:g} GPUs")
+    return "\n".join(lines)

@@ -1,0 +1,77 @@
+"""Metrics sinks and phase timers: metrics.jsonl in the run directory, W&B by config, a console progress bar.
+
+`metrics.jsonl` gets one JSON object per step, flushed at once, so a crash loses nothing already logged.
+W&B runs `disabled`, `offline` (no key needed; `wandb sync` later) or `online`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase; `with timer.phase("rollout"): ...` accumulates into `timing/rollout`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.monotonic() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+class Tracker:
+    """Writes metrics to `<run_dir>/metrics.jsonl`, to W&B (by mode) and to a tqdm bar with ETA."""
+
+    def __init__(self, run_dir: Path, *, total_steps: int, wandb_mode: str, project: str,
+                 config: dict[str, Any], progress: bool) -> None:
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=project, mode=wandb_mode, dir=str(run_dir), config=config,
+                                    name=run_dir.name)
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+        if self.bar is not None and advance:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "reward/unsafe_rate",
+                                                                    "reward/refusal_rate") if k in metrics})
+
+    def write(self, message: str) -> None:
+        """Print without breaking the progress bar."""
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.file.close()
