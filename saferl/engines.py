@@ -158,8 +158,8 @@ class HFEngine:
 
 def make_engine(backend: str, model: str, **kwargs: Any) -> Engine:
     """Build the engine named by config (`vllm` or `hf`), passing only the arguments it takes."""
-    if backend == "vllm":
-        return VLLMEngine(model, **kwargs)
+    if backend == "vllm":  # vLLM pads internally
+        return VLLMEngine(model, **{k: v for k, v in kwargs.items() if k != "pad_token_id"})
     if backend == "hf":
         keep = {k: v for k, v in kwargs.items() if k in ("dtype", "seed", "stop_token_ids", "pad_token_id")}
         return HFEngine(model, **keep)

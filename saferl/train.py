@@ -117,7 +117,10 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
         raise ValueError(f"reward.recipe={cfg.reward.recipe} needs a helpfulness model, but helpfulness.model "
                          "is null")
     train_prompts = load_prompts(resolve(cfg.data.train, cfg))
-    eval_prompts = load_prompts(resolve(cfg.eval.prompts, cfg))[: cfg.eval.max_prompts or None]
+    eval_prompts = load_prompts(resolve(cfg.eval.prompts, cfg))
+    if cfg.eval.max_prompts and len(eval_prompts) > cfg.eval.max_prompts:  # an even stride keeps every kind
+        stride = len(eval_prompts) / cfg.eval.max_prompts
+        eval_prompts = [eval_prompts[int(i * stride)] for i in range(cfg.eval.max_prompts)]
     print(format_plan(cfg), flush=True)
     if cfg.run.executor == "ray":
         check_resources(requests(plan(cfg)), start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir))

@@ -83,18 +83,23 @@ def _policy_examples(tokenizer, cfg: ToyWorldConfig) -> list:
 
 
 def _guard_examples(tokenizer, prompts: list) -> list:
+    """Prompt- and response-moderation examples. Prompt mode (one example per prompt against ~4.5 responses)
+    is repeated 3x and the small controversial group 2x: without that, held-out prompt-mode accuracy on
+    harmful prompts was 12% and controversial compliance was always called Unsafe."""
     from saferl.guard.templates import format_verdict, moderation_messages
     from saferl.sft import chat_example
 
     out = []
     for p in prompts:
         label, cats = world.prompt_verdict(p)
-        out.append(chat_example(tokenizer, moderation_messages(p.messages, None), format_verdict(label, cats, None)))
+        repeat = 2 if p.kind == "controversial" else 1
+        out += [chat_example(tokenizer, moderation_messages(p.messages, None),
+                             format_verdict(label, cats, None))] * (3 * repeat)
         for style, texts in world.responses_for(p).items():
             for text in texts:
                 v = world.response_verdict(p, style)
-                out.append(chat_example(tokenizer, moderation_messages(p.messages, text),
-                                        format_verdict(v.safety, v.categories, v.refusal)))
+                out += [chat_example(tokenizer, moderation_messages(p.messages, text),
+                                     format_verdict(v.safety, v.categories, v.refusal))] * repeat
     return out
 
 

@@ -100,7 +100,7 @@ class PolicyTrainer:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
             self.optimizer.step()
-            m.update(loss=float(loss), grad_norm=float(grad_norm))
+            m.update(loss=loss.item(), grad_norm=grad_norm.item())
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics.update({k: v / len(chunks) for k, v in sums.items()})
