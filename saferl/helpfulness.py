@@ -35,11 +35,15 @@ class HelpfulnessScorer:
             self.model.cuda()
         self.batch_size = batch_size
         self.max_length = max_length
+        self.compute_seconds: list[float] = []
 
     def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
         """One scalar per (prompt messages, answer text)."""
+        import time
+
         import torch
 
+        start = time.monotonic()
         texts = [render_pair(self.tokenizer, msgs, answer) for msgs, answer in pairs]
         scores: list[float] = []
         with torch.no_grad():
@@ -49,7 +53,12 @@ class HelpfulnessScorer:
                                      padding_side="right")  # as in training: positions start at 0
                 enc = {k: v.to(self.model.device) for k, v in enc.items()}
                 scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        self.compute_seconds.append(time.monotonic() - start)
         return scores
+
+    def pop_compute(self) -> list[float]:
+        out, self.compute_seconds = self.compute_seconds, []
+        return out
 
     def ready(self) -> bool:
         return True

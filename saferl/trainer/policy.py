@@ -66,6 +66,7 @@ class PolicyTrainer:
         self.loss_kwargs = dict(mode=loss, clip_low=clip_low, clip_high=clip_high, aggregation=aggregation)
         self.temperature = temperature
         self.generator = torch.Generator().manual_seed(seed)
+        self.compute_seconds: list[float] = []
         self.warning = warn_if_misconfigured(loss, aggregation)
         if self.warning:
             print(f"[saferl] warning: {self.warning}", flush=True)
@@ -109,6 +110,7 @@ class PolicyTrainer:
         metrics["tokens"] = float(tokens)
         metrics["tokens_per_s"] = tokens / max(1e-9, time.monotonic() - start)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.compute_seconds.append(time.monotonic() - start)
         return metrics
 
     @torch.no_grad()
@@ -127,7 +129,15 @@ class PolicyTrainer:
 
     def state_blob(self) -> bytes:
         """The current weights as a safetensors blob (HF names) for the rollout engines."""
-        return state_dict_blob(self.model.state_dict())
+        start = time.monotonic()
+        blob = state_dict_blob(self.model.state_dict())
+        self.compute_seconds.append(time.monotonic() - start)
+        return blob
+
+    def pop_compute(self) -> list[float]:
+        """Seconds spent in model compute per call since the last pop (for overhead accounting)."""
+        out, self.compute_seconds = self.compute_seconds, []
+        return out
 
     def save(self, path: str) -> str:
         """Write an HF checkpoint (model, tokenizer, chat template) atomically: temp dir, then rename."""
