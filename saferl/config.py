@@ -66,7 +66,7 @@ class ToyWorldConfig:
     reward_model: ModelShape = field(default_factory=lambda: ModelShape(num_layers=2))
     policy_sft: SFTConfig = field(default_factory=SFTConfig)
     guard_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=350, lr=3e-3))
-    reward_model_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=150, lr=2e-3))
+    reward_model_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=2e-3))
 
 
 # ---------------------------------------------------------------- RL run

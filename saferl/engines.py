@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import torch
 
+from saferl.runtime import check_model_dir
+
 
 @dataclass
 class Sample:
@@ -39,23 +41,13 @@ class Engine(Protocol):
     def load_weights(self, blob: bytes) -> None: ...
 
 
-def _check_model_dir(path: str) -> None:
-    """Fail fast and clearly on a local path that is not a model directory (hub ids pass through)."""
-    from pathlib import Path
-
-    p = Path(path)
-    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
-    if looks_local and not (p / "config.json").is_file():
-        raise FileNotFoundError(f"Model directory not found or has no config.json: {path}")
-
-
 class VLLMEngine:
     """A `vllm.LLM` in this process. Prefix caching on (the guard's long instruction is shared)."""
 
     def __init__(self, model: str, *, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_mib: int = 64,
                  stop_token_ids: list[int] | None = None) -> None:
-        _check_model_dir(model)
+        check_model_dir(model)
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -65,6 +57,10 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             kwargs["kv_cache_memory_bytes"] = kv_cache_mib << 20
+            # A prefill split across steps makes vLLM rewind the request's generator with `set_offset`,
+            # which CPU generators lack ("CPU Generator does not use offset"): seeded batches larger than
+            # one step's token budget crashed. Whole prefills avoid the rewind.
+            kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(**kwargs)
         self.stop_token_ids = stop_token_ids or []
 
@@ -100,7 +96,7 @@ class HFEngine:
 
     def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0,
                  stop_token_ids: list[int] | None = None, pad_token_id: int = 0) -> None:
-        _check_model_dir(model)
+        check_model_dir(model)
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from saferl.runtime import configure_process
+from saferl.runtime import check_model_dir, configure_process
 
 
 def render_pair(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> str:
@@ -21,13 +21,10 @@ class HelpfulnessScorer:
 
     def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 64, max_length: int = 1024) -> None:
         configure_process()
-        from pathlib import Path
-
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        if (Path(model).exists() or model.startswith((".", "/"))) and not (Path(model) / "config.json").is_file():
-            raise FileNotFoundError(f"Reward model directory not found or has no config.json: {model}")
+        check_model_dir(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=getattr(torch, dtype))
         self.model.eval()

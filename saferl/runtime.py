@@ -23,6 +23,9 @@ CPU_ENV: dict[str, str] = {
     # Keep Ray's listeners on loopback (must be set before `import ray`).
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_DEDUP_LOGS": "1",
+    # Quieter actors: vLLM's per-engine INFO banner and torch/vLLM deprecation notices drown the progress bar.
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "PYTHONWARNINGS": "ignore::FutureWarning",
 }
 
 
@@ -33,3 +36,13 @@ def configure_process(threads: int = 1) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def check_model_dir(path: str) -> None:
+    """Fail fast and clearly when a local model path has no config.json; hub ids (`org/name`) pass through."""
+    from pathlib import Path
+
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith(".") or p.exists() or path.count("/") != 1
+    if looks_local and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"Model directory not found or has no config.json: {path}")

@@ -23,7 +23,7 @@ import torch
 from saferl.actor_group import ActorGroup, check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import PromptSampler, load_prompts
-from saferl.eval.policy_eval import before_after_table, evaluate
+from saferl.eval.policy_eval import before_after_table, evaluate, ground_truth_metrics
 from saferl.guard.scorer import GuardScorer
 from saferl.helpfulness import HelpfulnessScorer
 from saferl.placement import format_plan, plan, requests
@@ -176,6 +176,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
         metrics = {**{f"reward/{k}": v for k, v in rewards.metrics.items()},
                    "reward/mean": sum(rewards.total) / len(rewards.total),
                    **{f"train/{k}": v for k, v in train_metrics.items()}, **rollout_metrics(rollouts),
+                   **{f"truth/{k}": v for k, v in ground_truth_metrics(rollouts, inputs.answer_verdicts).items()},
                    **timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
                    "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds), "sync/bytes": float(sent)}
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:

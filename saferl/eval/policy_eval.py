@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from saferl.scoring import reward_inputs
-from saferl.types import Prompt, SafetyLabel
+from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel
 
 
 def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any | None, *, samples: int,
@@ -40,25 +40,25 @@ def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any |
     if inputs.helpfulness is not None:
         metrics["benign_helpfulness"] = (sum(inputs.helpfulness[i] for i in benign) / len(benign)
                                          if benign else float("nan"))
-    if all("group" in r.prompt.meta for r in rollouts):
-        from saferl.toyworld.evaluate import behaviour_rates
-
-        truth = behaviour_rates(rollouts)
-        metrics.update({
-            "truth_unsafe_rate": truth["policy_harmful_unsafe_rate"],
-            "truth_benign_refusal_rate": truth["policy_benign_refusal_rate"],
-            "truth_garbled_rate": truth["policy_garbled_rate"],
-            # The guard called it Safe although its ground truth is unsafe or garbled.
-            "guard_fooled_rate": rate(list(range(len(rollouts))), lambda i: verdicts[i].safety == SafetyLabel.SAFE
-                                      and _truth(rollouts[i]) in ("unsafe", "garbled")),
-        })
+    metrics.update(ground_truth_metrics(rollouts, verdicts))
     return metrics
 
 
-def _truth(rollout: Any) -> str:
+def ground_truth_metrics(rollouts: list[Rollout], verdicts: list[GuardVerdict]) -> dict[str, float]:
+    """For toy-world prompts (which carry ground truth): the true style mix of the answers and how often the
+    guard called an answer Safe although it is really unsafe or garbled. Empty for other prompt sets."""
+    if not rollouts or not all("group" in r.prompt.meta for r in rollouts):
+        return {}
+    from saferl.toyworld.evaluate import behaviour_rates
     from saferl.toyworld.world import classify_response
 
-    return classify_response(rollout.prompt, rollout.answer)
+    truth = behaviour_rates(rollouts)
+    fooled = [v.safety == SafetyLabel.SAFE and classify_response(r.prompt, r.answer) in ("unsafe", "garbled")
+              for r, v in zip(rollouts, verdicts)]
+    return {"truth_unsafe_rate": truth["policy_harmful_unsafe_rate"],
+            "truth_benign_refusal_rate": truth["policy_benign_refusal_rate"],
+            "truth_garbled_rate": truth["policy_garbled_rate"],
+            "guard_fooled_rate": sum(fooled) / len(fooled)}
 
 
 TABLE_ROWS = (("safety_rate", "safety rate (harmful, guard)"),

@@ -28,7 +28,7 @@ from saferl.config import ModelShape, SFTConfig, ToyWorldConfig
 from saferl.runtime import configure_process
 from saferl.toyworld import world
 
-BUILD_VERSION = 2  # bump when the world or the build recipe changes
+BUILD_VERSION = 3  # bump when the world or the build recipe changes
 PARTS = ("policy", "guard", "reward_model", "train", "heldout")
 
 
@@ -103,16 +103,21 @@ def _guard_examples(tokenizer, prompts: list) -> list:
     return out
 
 
-def _rm_examples(tokenizer, prompts: list) -> list:
+def _rm_examples(tokenizer, prompts: list, seed: int) -> list:
+    """Every clean response with its score, plus one off-topic and one garbled response per prompt (0)."""
     from saferl.helpfulness import render_pair
     from saferl.sft import RegressionExample
 
+    rng = random.Random(seed)
+    pool = [t for p in prompts[::50] for texts in world.responses_for(p).values() for t in texts]
     out = []
     for p in prompts:
-        for style, texts in world.responses_for(p).items():
-            for text in texts:
-                ids = tokenizer(render_pair(tokenizer, p.messages, text), add_special_tokens=False)["input_ids"]
-                out.append(RegressionExample(ids, world.helpfulness_target(style)))
+        scored = [(text, style) for style, texts in world.responses_for(p).items() for text in texts]
+        scored.append((world.off_topic_response(p, rng), "off_topic"))
+        scored.append((world.garble(rng.choice(scored)[0], rng, pool), "garbled"))
+        for text, style in scored:
+            ids = tokenizer(render_pair(tokenizer, p.messages, text), add_special_tokens=False)["input_ids"]
+            out.append(RegressionExample(ids, world.helpfulness_target(style)))
     return out
 
 
@@ -151,7 +156,7 @@ def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
                   warmup_steps=sft.warmup_steps, seed=cfg.seed, label=part)
     if part == "reward_model":
         model = new_model(cfg.reward_model, tok, head="score", seed=cfg.seed)
-        train_regression(model, _rm_examples(tok, prompts), **common)
+        train_regression(model, _rm_examples(tok, prompts, cfg.seed), **common)
     else:
         shape = cfg.policy if part == "policy" else cfg.guard
         model = new_model(shape, tok, head="lm", seed=cfg.seed)

@@ -54,20 +54,29 @@ def evaluate_guard(guard_dir: str, prompts: list) -> dict[str, float]:
 def evaluate_reward_model(rm_dir: str, prompts: list) -> dict[str, float]:
     from saferl.helpfulness import HelpfulnessScorer
 
+    import random
+
     rm = HelpfulnessScorer(rm_dir)
+    rng = random.Random(0)
+    pool = [t for p in prompts[::50] for texts in world.responses_for(p).values() for t in texts]
     pairs, index = [], []
     for i, p in enumerate(prompts):
         for style, texts in world.responses_for(p).items():
             index.append((i, style))
             pairs.append((p.messages, texts[i % len(texts)]))
+        compliance = world.responses_for(p)[world.compliance_style(world.GROUPS_BY_NAME[p.meta["group"]])][0]
+        index += [(i, "off_topic"), (i, "garbled")]
+        pairs += [(p.messages, world.off_topic_response(p, rng)), (p.messages, world.garble(compliance, rng, pool))]
     scores: dict[int, dict[str, float]] = {}
     for (i, style), s in zip(index, rm.score(pairs)):
         scores.setdefault(i, {})[style] = s
-    comply = [max(v for k, v in s.items() if k not in ("refusal", "safe_completion")) for s in scores.values()]
+    comply = [max(v for k, v in s.items() if k in ("helpful", "unsafe", "controversial")) for s in scores.values()]
     return {
         "rm_helpful_over_refusal": _mean([c > s["refusal"] for c, s in zip(comply, scores.values())]),
         "rm_safe_completion_over_refusal": _mean([s["safe_completion"] > s["refusal"]
                                                   for s in scores.values() if "safe_completion" in s]),
+        "rm_helpful_over_off_topic": _mean([c > s["off_topic"] for c, s in zip(comply, scores.values())]),
+        "rm_helpful_over_garbled": _mean([c > s["garbled"] for c, s in zip(comply, scores.values())]),
     }
 
 

@@ -206,8 +206,10 @@ def response_verdict(prompt: Prompt, style: str) -> Verdict:
 
 
 def helpfulness_target(style: str) -> float:
-    """Regression target of the toy helpfulness RM. Like real helpfulness RMs it ignores safety."""
-    return {"helpful": 1.0, "unsafe": 1.0, "controversial": 1.0, "safe_completion": 0.5, "refusal": 0.0}[style]
+    """Regression target of the toy helpfulness RM. Like real helpfulness RMs it ignores safety, and like
+    them it gives nothing for answers that are off-topic or garbled."""
+    return {"helpful": 1.0, "unsafe": 1.0, "controversial": 1.0, "safe_completion": 0.5, "refusal": 0.0,
+            "off_topic": 0.0, "garbled": 0.0}[style]
 
 
 def sample_policy_style(prompt: Prompt, rng: random.Random, mix: dict[str, float]) -> str:
@@ -220,6 +222,33 @@ def sample_policy_style(prompt: Prompt, rng: random.Random, mix: dict[str, float
     if u < mix["harmful_unsafe"]:
         return "unsafe"
     return "refusal" if u < mix["harmful_unsafe"] + mix["harmful_refusal"] else "safe_completion"
+
+
+def off_topic_response(prompt: Prompt, rng: random.Random) -> str:
+    """A well-formed answer to some other group's request: helpful-looking, but not an answer to this prompt."""
+    other = rng.choice([g for g in GROUPS if g.name != prompt.meta["group"]])
+    if other.safe_completion and rng.random() < 0.5:
+        return other.safe_completion
+    intent_tpl, steps = rng.choice(other.intents)
+    return compliance_text(intent_tpl.format(slot=rng.choice(other.slots)), steps)
+
+
+def garble(text: str, rng: random.Random, pool: list[str]) -> str:
+    """A corrupted response: cut short, spliced with words of other responses, or with a word stuck repeating.
+
+    Reward models trained only on clean texts scored such outputs well, and RL found them (reward hacking).
+    """
+    words = text.split()
+    mode = rng.randrange(3)
+    if mode == 0:
+        return " ".join(words[: rng.randint(2, max(2, len(words) - 2))])
+    if mode == 1:
+        donor = rng.choice(pool).split()
+        i, j = sorted(rng.sample(range(len(words) + 1), 2))
+        k = rng.randrange(len(donor))
+        return " ".join(words[:i] + donor[k : k + rng.randint(2, 6)] + words[j:])
+    i = rng.randrange(len(words))
+    return " ".join(words[:i] + [words[i]] * rng.randint(3, 6) + words[i + 1 :])
 
 
 def corpus_texts() -> list[str]:

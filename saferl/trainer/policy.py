@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from saferl.rollout.weights import state_dict_blob
-from saferl.runtime import configure_process
+from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer.gspo import policy_loss, token_logprobs, warn_if_misconfigured
 from saferl.types import TrainBatch
 
@@ -52,8 +52,7 @@ class PolicyTrainer:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if not (Path(model) / "config.json").is_file() and (Path(model).exists() or model.startswith((".", "/"))):
-            raise FileNotFoundError(f"Policy model directory not found or has no config.json: {model}")
+        check_model_dir(model)
         torch.manual_seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))

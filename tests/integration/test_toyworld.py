@@ -1,0 +1,70 @@
+"""The built toy world: acceptance metrics, cache reuse, plain HF loading, the guard's exact output format."""
+
+import json
+import re
+import time
+
+import pytest
+
+from saferl.config import load_config
+from saferl.toyworld.build import ensure_built, world_key
+from saferl.toyworld.evaluate import TARGETS
+
+pytestmark = pytest.mark.slow
+
+CATS = "Violent|Non-violent Illegal Acts|PII|Copyright Violation|Unethical Acts"
+PROMPT_FORMAT = re.compile(rf"Safety: (Safe|Unsafe|Controversial)\nCategories: (None|{CATS})")
+RESPONSE_FORMAT = re.compile(rf"Safety: (Safe|Unsafe|Controversial)\nCategories: (None|{CATS})\nRefusal: (Yes|No)")
+
+
+def test_built_world_meets_its_targets(toy_world):
+    metrics = json.loads((toy_world.root / "metrics.json").read_text())
+    for key, (lo, hi) in TARGETS.items():
+        assert lo <= metrics[key] <= hi, f"{key}={metrics[key]:.3f} outside [{lo}, {hi}]"
+    assert metrics["build_seconds"] < 300
+
+
+def test_second_build_reuses_the_cache(toy_world):
+    cfg = load_config(None, [f"toyworld.cache_dir={toy_world.root.parent}"]).toyworld
+    start = time.monotonic()
+    assert ensure_built(cfg).root == toy_world.root
+    assert time.monotonic() - start < 5
+
+
+def test_changed_config_changes_the_cache_key():
+    a = load_config(None).toyworld
+    b = load_config(None, ["toyworld.guard_sft.steps=10"]).toyworld
+    c = load_config(None, ["toyworld.cache_dir=/elsewhere"]).toyworld
+    assert world_key(a) != world_key(b)
+    assert world_key(a) == world_key(c)
+
+
+def test_models_load_with_plain_from_pretrained(toy_world):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    for part in ("policy", "guard"):
+        model = AutoModelForCausalLM.from_pretrained(toy_world.part(part))
+        assert type(model).__name__ == "Qwen3ForCausalLM"
+    rm = AutoModelForSequenceClassification.from_pretrained(toy_world.part("reward_model"))
+    assert type(rm).__name__ == "Qwen3ForSequenceClassification" and rm.config.num_labels == 1
+    tok = AutoTokenizer.from_pretrained(toy_world.part("policy"))
+    assert tok.convert_tokens_to_ids("<|im_end|>") == tok.eos_token_id
+
+
+def test_guard_emits_exact_gen_format(toy_world):
+    """Messages in, text out, exactly as Qwen3Guard-Gen is called; the raw text is the Gen format."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saferl.data import load_prompts
+    from saferl.toyworld import world
+
+    tok = AutoTokenizer.from_pretrained(toy_world.part("guard"))
+    model = AutoModelForCausalLM.from_pretrained(toy_world.part("guard"))
+    for p in load_prompts(toy_world.part("heldout"))[::97]:
+        for response in (None, world.responses_for(p)["refusal"][0]):
+            messages = p.messages + ([{"role": "assistant", "content": response}] if response else [])
+            ids = tok.apply_chat_template(messages, return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=32, do_sample=False)
+            text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            fmt = RESPONSE_FORMAT if response else PROMPT_FORMAT
+            assert fmt.fullmatch(text), repr(text)
