@@ -172,6 +172,8 @@ class TrainerConfig:
     clip_low: float = 3e-4
     clip_high: float = 4e-4
     aggregation: str = "seq-mean-token-mean"
+    # k3 KL to the frozen starting policy (0 = off, the GSPO paper's setting; >0 loads a reference copy).
+    kl_coef: float = 0.0
     dtype: str = "float32"
     gpus: float = 0.0
     cpus: float = 0.5

@@ -81,7 +81,9 @@ def memory_gib(role: RolePlan, cfg: SafeRLConfig) -> str:
     dtype = {"trainer": cfg.trainer.dtype, "rollout": cfg.policy.dtype, "guard": cfg.guard.dtype,
              "helpfulness": cfg.helpfulness.dtype}[role.role]
     b = BYTES.get(dtype, 4)
-    total = params * (b + 4 + 8 + 4) if role.role == "trainer" else params * b  # + fp32 grads, Adam m/v
+    # Trainer: weights + fp32 grads + Adam m and v, plus a frozen reference copy when a KL penalty is on.
+    trainer_bytes = b + 4 + 8 + 4 + (b if cfg.trainer.kl_coef > 0 else 0)
+    total = params * (trainer_bytes if role.role == "trainer" else b)
     total /= max(1, role.tensor_parallel)
     return f"{total / 2**30:.2f} GiB ({params / 1e6:.1f}M params{', +KV cache' if role.engine == 'vllm' else ''})"
 

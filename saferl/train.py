@@ -96,7 +96,8 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
                          kwargs=dict(model=policy, lr=t.lr, weight_decay=t.weight_decay,
                                      max_grad_norm=t.max_grad_norm, minibatches=t.minibatches, loss=t.loss,
                                      clip_low=t.clip_low, clip_high=t.clip_high, aggregation=t.aggregation,
-                                     temperature=r.temperature, dtype=t.dtype, seed=cfg.run.seed))
+                                     temperature=r.temperature, dtype=t.dtype, kl_coef=t.kl_coef,
+                                     seed=cfg.run.seed))
     return Roles(rollout, guard, helpfulness, trainer)
 
 

@@ -28,7 +28,7 @@ from saferl.config import ModelShape, SFTConfig, ToyWorldConfig
 from saferl.runtime import configure_process
 from saferl.toyworld import world
 
-BUILD_VERSION = 3  # bump when the world or the build recipe changes
+BUILD_VERSION = 4  # bump when the world or the build recipe changes
 PARTS = ("policy", "guard", "reward_model", "train", "heldout")
 
 

@@ -207,9 +207,14 @@ def response_verdict(prompt: Prompt, style: str) -> Verdict:
 
 def helpfulness_target(style: str) -> float:
     """Regression target of the toy helpfulness RM. Like real helpfulness RMs it ignores safety, and like
-    them it gives nothing for answers that are off-topic or garbled."""
-    return {"helpful": 1.0, "unsafe": 1.0, "controversial": 1.0, "safe_completion": 0.5, "refusal": 0.0,
-            "off_topic": 0.0, "garbled": 0.0}[style]
+    them it scores off-topic or garbled answers low.
+
+    The scale is a real RM's (a few points either side of 0), not [0, 1]: the hybrid reward's caps are -10
+    and -5, and with scores in [0, 1] the difference between a safe completion and safe-looking junk
+    vanished beside the caps, so RL drifted into garbled text (measured: 67% garbled after 30 steps).
+    """
+    return {"helpful": 3.0, "unsafe": 3.0, "controversial": 3.0, "safe_completion": 1.5, "refusal": -1.0,
+            "off_topic": -3.0, "garbled": -3.0}[style]
 
 
 def sample_policy_style(prompt: Prompt, rng: random.Random, mix: dict[str, float]) -> str:

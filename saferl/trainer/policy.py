@@ -48,7 +48,7 @@ class PolicyTrainer:
     def __init__(self, model: str, *, lr: float = 3e-4, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
                  minibatches: int = 2, loss: str = "gspo", clip_low: float = 3e-4, clip_high: float = 4e-4,
                  aggregation: str = "seq-mean-token-mean", temperature: float = 1.0, dtype: str = "float32",
-                 seed: int = 0) -> None:
+                 kl_coef: float = 0.0, seed: int = 0) -> None:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,6 +59,12 @@ class PolicyTrainer:
         if torch.cuda.is_available():
             self.model.cuda()
         self.model.train()
+        # A frozen copy of the starting policy, only when a KL penalty asks for it (GSPO's default has none).
+        self.reference = None
+        if kl_coef > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            self.reference.to(self.model.device).eval().requires_grad_(False)
+        self.kl_coef = kl_coef
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
         self.minibatches = minibatches
@@ -70,10 +76,11 @@ class PolicyTrainer:
         if self.warning:
             print(f"[saferl] warning: {self.warning}", flush=True)
 
-    def _logprobs(self, ids: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs [N, L-1] of each next token and the logits they came from."""
+    def _logprobs(self, ids: torch.Tensor, attn: torch.Tensor, model: torch.nn.Module | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs [N, L-1] of each next token and the logits they came from (of `model`, default the policy)."""
         device = self.model.device
-        logits = self.model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+        logits = (model or self.model)(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
         return token_logprobs(logits, ids.to(device), self.temperature), logits
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -87,6 +94,7 @@ class PolicyTrainer:
             probs = torch.softmax(logits[:, :-1].float() / self.temperature, dim=-1)
             entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
             del logits, probs
+            ref = self._logprobs(ids, attn, self.reference)[0] if self.reference is not None else None
         metrics: dict[str, float] = {
             "entropy": float((entropy * mask).sum() / mask.sum()),
             "rollout_logprob_abs_diff": self._engine_mismatch(old, mask, batch),
@@ -95,7 +103,8 @@ class PolicyTrainer:
         chunks = torch.randperm(len(batch.input_ids), generator=self.generator).chunk(self.minibatches)
         for idx in chunks:
             lp, _ = self._logprobs(ids[idx], attn[idx])
-            loss, m = policy_loss(lp, old[idx], advantages[idx], mask[idx], **self.loss_kwargs)
+            loss, m = policy_loss(lp, old[idx], advantages[idx], mask[idx], **self.loss_kwargs,
+                                  ref_logprobs=None if ref is None else ref[idx], kl_coef=self.kl_coef)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
