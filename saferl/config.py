@@ -162,8 +162,8 @@ class RewardConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 30
-    lr: float = 3e-4
+    steps: int = 40
+    lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # Each rollout batch is split into this many optimizer steps; >1 makes later ones off-policy.

@@ -59,7 +59,7 @@ class Tracker:
             self.wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
         if self.bar is not None and advance:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/mean", "reward/unsafe_rate",
+            self.bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward/reward_mean", "reward/unsafe_rate",
                                                                     "reward/refusal_rate") if k in metrics})
 
     def write(self, message: str) -> None:

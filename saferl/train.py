@@ -121,6 +121,10 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
     from rewards.base import RewardRules
 
     run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and any(run_dir.iterdir()):  # never mix two runs' metrics or checkpoints
+        kept = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(kept)
+        print(f"[saferl] {run_dir} already held a run; moved it to {kept}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     recipe = load_recipe(cfg.reward.recipe)
@@ -175,7 +179,6 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
             sent = weight_sync.push()
         step_seconds, compute = time.monotonic() - step_start, roles.pop_compute_seconds()
         metrics = {**{f"reward/{k}": v for k, v in rewards.metrics.items()},
-                   "reward/mean": sum(rewards.total) / len(rewards.total),
                    **{f"train/{k}": v for k, v in train_metrics.items()}, **rollout_metrics(rollouts),
                    **{f"truth/{k}": v for k, v in ground_truth_metrics(rollouts, inputs.answer_verdicts).items()},
                    **timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,

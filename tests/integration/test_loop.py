@@ -12,7 +12,7 @@ from saferl.types import TrainBatch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.slow
 
-STEP_KEYS = {"reward/mean", "reward/unsafe_rate", "reward/controversial_rate", "reward/refusal_rate",
+STEP_KEYS = {"reward/reward_mean", "reward/unsafe_rate", "reward/controversial_rate", "reward/refusal_rate",
              "reward/helpfulness_mean", "reward/parse_failures", "train/clip_frac", "train/ratio_mean",
              "train/ratio_max", "train/entropy", "train/grad_norm", "train/tokens_per_s", "timing/rollout",
              "timing/guard", "timing/rm", "timing/train", "timing/sync", "timing/step"}
@@ -27,7 +27,7 @@ def _cfg(toy_world, tmp_path, *overrides):
 
 def _check_run(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in rows if "reward/mean" in r]
+    steps = [r for r in rows if "reward/reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
