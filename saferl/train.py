@@ -28,7 +28,7 @@ from saferl.guard.scorer import GuardScorer
 from saferl.helpfulness import HelpfulnessScorer
 from saferl.placement import format_plan, plan, requests
 from saferl.rollout.worker import RolloutWorker
-from saferl.runtime import configure_process
+from saferl.runtime import check_model_dir, configure_process
 from saferl.scoring import reward_inputs
 from saferl.tracking import PhaseTimer, Tracker
 from saferl.trainer.advantages import group_advantages
@@ -75,6 +75,9 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
     policy = resolve(cfg.policy.model, cfg)
     guard_model = resolve(g.model, cfg)
     rm_model = resolve(h.model, cfg) if h.model is not None else None
+    for path in (policy, guard_model, rm_model):  # before any actor starts
+        if path is not None:
+            check_model_dir(path)
     rollout = ActorGroup(RolloutWorker, r.num_engines, executor=ex, name="rollout", num_cpus=r.cpus_per_engine,
                          num_gpus=r.gpus_per_engine * r.tensor_parallel_size, kwargs=dict(
                              model=policy, backend=r.backend, dtype=cfg.policy.dtype, max_model_len=r.max_model_len,
@@ -122,7 +125,9 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and any(run_dir.iterdir()):  # never mix two runs' metrics or checkpoints
-        kept = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        kept = next(p for i in itertools.count() if not (p := run_dir.with_name(f"{run_dir.name}.{stamp}"
+                                                                                + (f"-{i}" if i else ""))).exists())
         run_dir.rename(kept)
         print(f"[saferl] {run_dir} already held a run; moved it to {kept}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)

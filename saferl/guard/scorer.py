@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from saferl.engines import Sampling, make_engine
 from saferl.guard.templates import moderation_messages, parse_verdict
-from saferl.runtime import configure_process
+from saferl.runtime import check_model_dir, configure_process
 from saferl.types import GuardVerdict
 
 
@@ -32,6 +32,7 @@ class GuardScorer:
                  dtype: str = "float32", gpu_memory_utilization: float = 0.3, kv_cache_mib: int = 64,
                  seed: int = 0) -> None:
         configure_process()
+        check_model_dir(model)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from saferl.engines import Sampling, make_engine
-from saferl.runtime import configure_process
+from saferl.runtime import check_model_dir, configure_process
 from saferl.types import Prompt, Rollout
 
 
@@ -28,6 +28,7 @@ class RolloutWorker:
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_mib: int = 64,
                  enable_thinking: bool = False, seed: int = 0) -> None:
         configure_process()
+        check_model_dir(model)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model)
