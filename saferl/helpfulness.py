@@ -44,8 +44,8 @@ class HelpfulnessScorer:
         texts = [render_pair(self.tokenizer, msgs, answer) for msgs, answer in pairs]
         scores: list[float] = []
         with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
+            for first in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[first : first + self.batch_size], return_tensors="pt", padding=True,
                                      truncation=True, max_length=self.max_length, add_special_tokens=False,
                                      padding_side="right")  # as in training: positions start at 0
                 enc = {k: v.to(self.model.device) for k, v in enc.items()}

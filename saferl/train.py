@@ -57,11 +57,13 @@ class Roles:
         return [g for g in (self.rollout, self.guard, self.helpfulness, self.trainer) if g is not None]
 
     def pop_compute_seconds(self) -> float:
-        """Model-compute seconds since the last call: per call the slowest actor (they run in parallel)."""
+        """Model-compute seconds since the last call. Ray actors of a group run a call in parallel (count the
+        slowest); local ones run one after another (count them all)."""
         total = 0.0
         for group in self.groups():
             per_actor = group.call("pop_compute")
-            total += sum(max(call) for call in itertools.zip_longest(*per_actor, fillvalue=0.0))
+            combine = max if group.executor == "ray" else sum
+            total += sum(combine(call) for call in itertools.zip_longest(*per_actor, fillvalue=0.0))
         return total
 
     def shutdown(self) -> None:

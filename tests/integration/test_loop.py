@@ -32,6 +32,7 @@ def _check_run(run_dir):
     for r in steps:
         assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
         assert r["train/clip_frac"] > 0  # the second minibatch is off-policy, GSPO's tiny clip range bites
+        assert 0 < r["timing/compute"] <= r["timing/step"] and 0 <= r["timing/overhead_frac"] < 1
     evals = [r for r in rows if "eval/safety_rate" in r]
     assert [r["step"] for r in evals] == [0, 2]
     ckpt = run_dir / "checkpoints" / "final"
