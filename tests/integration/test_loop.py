@@ -102,6 +102,12 @@ def test_weights_change_and_sync_matches_trainer(toy_world):
     rescored = learner.sequence_logprobs(batch_of(fixed, [0.0] * len(fixed)))
     change = max(abs(a - b) for x, y in zip(rescored, before_trainer) for a, b in zip(x, y))
     assert change > 1e-3, change
+    # At temperature != 1 the engine returns processed (tempered) log-probs, matching the trainer's pi_old.
+    learner.temperature = 0.7
+    tempered = worker.generate(prompts, 2, temperature=0.7, seed=11)
+    trainer_tempered = learner.sequence_logprobs(batch_of(tempered, [0.0] * len(tempered)))
+    diff = max(abs(a - b) for r, t in zip(tempered, trainer_tempered) for a, b in zip(r.logprobs, t))
+    assert diff < 1e-4, diff
 
 
 def test_rewards_follow_recipe_on_known_verdicts(toy_world):
