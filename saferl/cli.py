@@ -63,9 +63,9 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 
     from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
 
+    rows = load_chat_jsonl(args.data)  # validate the data before loading any weights
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
-    rows = load_chat_jsonl(args.data)
     examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
     print(f"[sft] {len(examples)} examples from {args.data}; {args.steps} steps of {args.batch_size}")
     train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=args.steps, batch_size=args.batch_size,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from saferl.types import Prompt
@@ -39,21 +40,24 @@ def _row_to_prompt(row: object, where: str) -> Prompt:
                   category=row.get("category"), meta=dict(row.get("meta") or {}))
 
 
-def load_prompts(path: str | Path) -> list[Prompt]:
-    """All prompts of a JSONL file; a missing, empty or malformed file raises ValueError naming it."""
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
+    """(`file:line`, parsed object) for each non-blank line; a missing file or bad JSON names file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Prompt file not found: {path}")
-    prompts = []
+        raise FileNotFoundError(f"File not found: {path}")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield f"{path}:{lineno}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            prompts.append(_row_to_prompt(row, f"{path}:{lineno}"))
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """All prompts of a JSONL file; a missing, empty or malformed file raises an error naming it."""
+    prompts = [_row_to_prompt(row, where) for where, row in read_jsonl(path)]
     if not prompts:
         raise ValueError(f"{path}: no prompts (the file is empty)")
     return prompts

@@ -11,7 +11,6 @@ Shortcuts: one process, one torch thread on CPU, AdamW with linear warm-up then 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -206,18 +205,13 @@ def train_regression(model: Any, examples: Sequence[RegressionExample], *, pad_i
 
 def load_chat_jsonl(path: str | Path) -> list[tuple[list[dict[str, str]], str]]:
     """Rows `{"messages": [...], "completion": str}`; errors name the file and line."""
+    from saferl.data import read_jsonl
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "messages" not in row or "completion" not in row:
-                raise ValueError(f"{path}:{lineno}: expected an object with 'messages' and 'completion'")
-            rows.append((row["messages"], row["completion"]))
+    for where, row in read_jsonl(path):
+        if not isinstance(row, dict) or "messages" not in row or "completion" not in row:
+            raise ValueError(f"{where}: expected an object with 'messages' and 'completion'")
+        rows.append((row["messages"], row["completion"]))
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows

@@ -77,3 +77,4 @@ def test_sft_jsonl_errors_name_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [], "completion": "x"}\n{"messages": []}\n')
     assert main(["sft", "--model", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "bad.jsonl:2: expected an object with 'messages' and 'completion'" in capsys.readouterr().err
