@@ -73,8 +73,8 @@ class ActorGroup:
         import ray
 
         remote_cls = ray.remote(cls)
-        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, name=f"{self.name}-{i}",
-                                          max_concurrency=1).remote(**kwargs) for i in range(n)]
+        # Unnamed actors: two experiments may share one cluster.
+        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(**kwargs) for _ in range(n)]
         refs = [a.ready.remote() for a in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
         ray.get(ready)  # re-raises a constructor error (missing model directory, ...) with its message

@@ -49,7 +49,8 @@ def plan(cfg: SafeRLConfig) -> list[RolePlan]:
 
 
 def requests(roles: list[RolePlan]) -> dict[str, tuple[int, float, float]]:
-    return {r.role: (r.actors, r.cpus, r.gpus) for r in roles}
+    """role -> (actors, CPUs per actor, GPUs per actor); a tensor-parallel engine holds `gpus x TP`."""
+    return {r.role: (r.actors, r.cpus, r.gpus * r.tensor_parallel) for r in roles}
 
 
 def count_params(config_path: Path) -> int | None:
