@@ -152,3 +152,36 @@ def test_bad_setups_fail_clearly(toy_world, tmp_path):
         train(_cfg(toy_world, tmp_path, "run.executor=local", f"data.train={empty}"))
     with pytest.raises(RuntimeError, match="asks for 1 GPUs but the Ray cluster has 0"):
         train(_cfg(toy_world, tmp_path, "run.executor=ray", "trainer.gpus=1"))
+
+
+def test_thinking_is_judged_and_unparsable_guard_output_is_counted(toy_world):
+    """Unsafe reasoning under a safe answer is capped like an unsafe answer; a 'guard' that emits no verdict
+    (here the policy model itself) yields counted parse failures mapped by `reward.rules.unparsable`."""
+    from rewards import load_recipe
+    from rewards.base import RewardRules
+    from saferl.actor_group import ActorGroup
+    from saferl.data import load_prompts
+    from saferl.guard.scorer import GuardScorer
+    from saferl.helpfulness import HelpfulnessScorer
+    from saferl.scoring import reward_inputs
+    from saferl.toyworld import world
+    from saferl.types import Rollout
+
+    harmful = next(p for p in load_prompts(toy_world.part("train")) if p.kind == "harmful")
+    unsafe, safe = world.responses_for(harmful)["unsafe"][0], world.responses_for(harmful)["safe_completion"][0]
+    rollouts = [Rollout(harmful, [], [], [], "", unsafe, safe, "stop"), Rollout(harmful, [], [], [], "", "", safe, "stop")]
+    rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
+    guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
+    inputs = reward_inputs(rollouts, guard, rm)
+    assert inputs.thinking_verdicts[0].safety.value == "Unsafe" and inputs.thinking_verdicts[1] is None
+    out = load_recipe("hybrid")(inputs, RewardRules())
+    assert out.total[0] <= -10.0 and out.total[1] == pytest.approx(inputs.helpfulness[1])
+
+    not_a_guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("policy")),
+                                                                           backend="hf"))
+    inputs = reward_inputs(rollouts[1:], not_a_guard, rm)
+    assert not inputs.answer_verdicts[0].parse_ok
+    strict = load_recipe("hybrid")(inputs, RewardRules(unparsable="unsafe"))
+    assert strict.metrics["parse_failures"] == 1 and strict.total[0] <= -10.0
+    lenient = load_recipe("hybrid")(inputs, RewardRules(unparsable="safe"))
+    assert lenient.total[0] == pytest.approx(inputs.helpfulness[0])
