@@ -98,10 +98,10 @@ class ActorGroup:
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """Call `method` on every actor with the same arguments; one result per actor."""
-        if self.executor == "ray" and args and isinstance(args[0], bytes) and len(self.actors) > 1:
+        if self.executor == "ray" and args and len(self.actors) > 1:
             import ray
 
-            args = (ray.put(args[0]), *args[1:])  # one copy in the object store, not one per actor
+            args = tuple(ray.put(a) for a in args)  # one copy in the object store, not one per actor
         return self._gather([self._invoke(a, method, *args, **kwargs) for a in self.actors])
 
     def map(self, method: str, items: list[Any], *args: Any, offset_kwarg: str | None = None,

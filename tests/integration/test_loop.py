@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from saferl.config import load_config
 from saferl.types import TrainBatch
