@@ -62,19 +62,21 @@ class ActorGroup:
     """`n` instances of `cls(**kwargs)`, hosted by Ray (`executor="ray"`) or in-process (`"local"`)."""
 
     def __init__(self, cls: type, n: int, *, executor: str, kwargs: dict[str, Any], num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, name: str = "") -> None:
+                 num_gpus: float = 0.0, name: str = "", rank_kwarg: str | None = None) -> None:
+        """`rank_kwarg` names a constructor keyword that receives each actor's index (its data-parallel rank)."""
         if n < 1:
             raise ValueError(f"{name or cls.__name__}: need at least one actor, got {n}")
         self.name = name or cls.__name__
         self.executor = executor
+        per_actor = [{**kwargs, **({rank_kwarg: i} if rank_kwarg else {})} for i in range(n)]
         if executor == "local":
-            self.actors = [cls(**kwargs) for _ in range(n)]
+            self.actors = [cls(**kw) for kw in per_actor]
             return
         import ray
 
         remote_cls = ray.remote(cls)
         # Unnamed actors: two experiments may share one cluster.
-        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(**kwargs) for _ in range(n)]
+        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(**kw) for kw in per_actor]
         refs = [a.ready.remote() for a in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
         ray.get(ready)  # re-raises a constructor error (missing model directory, ...) with its message

@@ -115,6 +115,8 @@ class RolloutConfig:
     cpus_per_engine: float = 0.5
     gpu_memory_utilization: float = 0.5
     kv_cache_mib: int = 64  # CPU only: vLLM otherwise reserves most of the NUMA node
+    # With trainer.drop_zero_variance_groups: extra generation rounds to refill the batch with informative groups.
+    refill_rounds: int = 0
 
 
 @dataclass
@@ -161,22 +163,49 @@ class RewardConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the policy through peft (rank 0 = full fine-tuning)."""
+
+    rank: int = 0
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
 class TrainerConfig:
     steps: int = 40
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine (to zero at the last step), after linear warm-up
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # Each rollout batch is split into this many optimizer steps; >1 makes later ones off-policy.
     minibatches: int = 2
+    # Sequences per forward/backward on one worker; a minibatch share above it accumulates gradients.
+    micro_batch_size: int = 16
     loss: str = "gspo"  # gspo | gspo-token | grpo
     clip_low: float = 3e-4
     clip_high: float = 4e-4
     aggregation: str = "seq-mean-token-mean"
-    # k3 KL to the frozen starting policy (0 = off, the GSPO paper's setting; >0 loads a reference copy).
+    # Advantages: divide by the group std (false: mean-centred only, as Dr.GRPO).
+    normalize_std: bool = True
+    # Leave out groups whose rewards are all equal (no signal); rollout.refill_rounds can top the batch up.
+    drop_zero_variance_groups: bool = False
+    # k3 KL to the frozen starting policy (0 = off, the GSPO paper's setting; >0 loads a reference copy,
+    # or switches the LoRA adapter off for it).
     kl_coef: float = 0.0
+    entropy_coef: float = 0.0
+    # Compute dtype; master weights and optimizer state stay float32 (bfloat16 on GPU: autocast / DeepSpeed).
     dtype: str = "float32"
-    gpus: float = 0.0
-    cpus: float = 0.5
+    # Data-parallel workers, one process group (gloo on CPU, NCCL on GPU).
+    workers: int = 1
+    strategy: str = "torch"  # torch (DDP across workers) | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (strategy=deepspeed)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    gpus: float = 0.0  # per worker
+    cpus: float = 0.5  # per worker
 
 
 @dataclass
@@ -190,8 +219,11 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only the final checkpoint
-    keep_last: int = 2
+    every: int = 0  # steps between resumable checkpoints; 0: only the final one
+    keep_last: int = 2  # step checkpoints kept besides the final one
+    # auto: an unfinished run in run.dir continues from its latest checkpoint; never: always start afresh
+    resume: str = "auto"
+    lora_export: str = "merged"  # with LoRA: merged full weights, or the peft adapter alone
 
 
 @dataclass
@@ -218,13 +250,19 @@ class SafeRLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# Values a string field may take, checked after merging (OmegaConf checks only the Python type).
+# Values a string or int field may take, checked after merging (OmegaConf checks only the Python type).
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.executor": ("ray", "local"),
     "rollout.backend": ("vllm", "hf"),
     "guard.backend": ("vllm", "hf"),
     "trainer.loss": ("gspo", "gspo-token", "grpo"),
     "trainer.aggregation": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
+    "trainer.lr_schedule": ("constant", "cosine"),
+    "trainer.strategy": ("torch", "deepspeed"),
+    "trainer.zero_stage": (0, 1, 2, 3),
+    "trainer.dtype": ("float32", "bfloat16", "float16"),
+    "checkpoint.resume": ("auto", "never"),
+    "checkpoint.lora_export": ("merged", "adapter"),
     "reward.rules.unparsable": ("unsafe", "safe"),
     "logging.wandb": ("disabled", "offline", "online"),
 }

@@ -83,6 +83,14 @@ class PromptSampler:
         random.Random(self.seed * 100_003 + epoch).shuffle(order)
         return order
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue where `state_dict()` was taken; at an epoch's end the next batch starts the next epoch."""
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled(self.epoch)
+
     def next_batch(self, n: int) -> list[Prompt]:
         batch = []
         while len(batch) < n:

@@ -44,7 +44,9 @@ def plan(cfg: SafeRLConfig) -> list[RolePlan]:
     if cfg.helpfulness.model is not None:
         roles.append(RolePlan("helpfulness", cfg.helpfulness.model, cfg.helpfulness.num_actors,
                               cfg.helpfulness.cpus_per_actor, cfg.helpfulness.gpus_per_actor, "hf"))
-    roles.append(RolePlan("trainer", cfg.policy.model, 1, cfg.trainer.cpus, cfg.trainer.gpus, "torch"))
+    t = cfg.trainer
+    engine = f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch"
+    roles.append(RolePlan("trainer", cfg.policy.model, t.workers, t.cpus, t.gpus, engine))
     return roles
 
 
@@ -82,11 +84,31 @@ def memory_gib(role: RolePlan, cfg: SafeRLConfig) -> str:
     dtype = {"trainer": cfg.trainer.dtype, "rollout": cfg.policy.dtype, "guard": cfg.guard.dtype,
              "helpfulness": cfg.helpfulness.dtype}[role.role]
     b = BYTES.get(dtype, 4)
-    # Trainer: weights + fp32 grads + Adam m and v, plus a frozen reference copy when a KL penalty is on.
-    trainer_bytes = b + 4 + 8 + 4 + (b if cfg.trainer.kl_coef > 0 else 0)
-    total = params * (trainer_bytes if role.role == "trainer" else b)
+    total = params * (trainer_bytes_per_param(cfg) if role.role == "trainer" else b)
     total /= max(1, role.tensor_parallel)
     return f"{total / 2**30:.2f} GiB ({params / 1e6:.1f}M params{', +KV cache' if role.engine == 'vllm' else ''})"
+
+
+def trainer_bytes_per_param(cfg: SafeRLConfig) -> float:
+    """Trainer memory per parameter on one worker: weights, gradients, AdamW state, master copy, reference.
+
+    torch: fp32 weights (autocast computes in bf16) + fp32 grads + Adam m, v. DeepSpeed: weights and grads in
+    the compute dtype plus fp32 master and Adam state, sharded over workers by ZeRO stage (1: optimizer state,
+    2: + gradients, 3: + weights). LoRA trains a negligible number of parameters.
+    """
+    t = cfg.trainer
+    w, b = max(1, t.workers), BYTES.get(t.dtype, 4)
+    reference = b if t.kl_coef > 0 and not t.lora.rank else 0
+    if t.lora.rank:
+        return (4 if t.strategy == "torch" else b) + reference
+    if t.strategy == "torch":
+        return 4 + 4 + 8 + reference
+    master = 0 if b == 4 else 4
+    stage = t.zero_stage
+    optim = (master + 8) / (w if stage >= 1 else 1)
+    grads = b / (w if stage >= 2 else 1)
+    weights = b / (w if stage >= 3 else 1)
+    return weights + grads + optim + reference
 
 
 def format_plan(cfg: SafeRLConfig) -> str:

@@ -6,8 +6,10 @@ W&B runs `disabled`, `offline` (no key needed; `wandb sync` later) or `online`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,22 +36,34 @@ class PhaseTimer:
 
 
 class Tracker:
-    """Writes metrics to `<run_dir>/metrics.jsonl`, to W&B (by mode) and to a tqdm bar with ETA."""
+    """Writes metrics to `<run_dir>/metrics.jsonl`, to W&B (by mode) and to a tqdm bar with ETA.
+
+    `start_step` > 0 continues a resumed run: rows logged after that step by the interrupted run are dropped,
+    so every step appears once.
+    """
 
     def __init__(self, run_dir: Path, *, total_steps: int, wandb_mode: str, project: str,
-                 config: dict[str, Any], progress: bool) -> None:
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+                 config: dict[str, Any], progress: bool, start_step: int = 0) -> None:
+        path = run_dir / "metrics.jsonl"
+        if start_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a", encoding="utf-8")
         self.wandb = None
         if wandb_mode != "disabled":
             import wandb
 
+            # A stable id per run directory lets a resumed run continue the same W&B run.
+            run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12]
             self.wandb = wandb.init(project=project, mode=wandb_mode, dir=str(run_dir), config=config,
-                                    name=run_dir.name)
+                                    name=run_dir.name, id=run_id, resume="allow")
         self.bar = None
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, float], *, advance: bool = True) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

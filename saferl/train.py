@@ -13,13 +13,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saferl import checkpoint
 from saferl.actor_group import ActorGroup, check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import PromptSampler, load_prompts
@@ -31,8 +31,8 @@ from saferl.rollout.worker import RolloutWorker
 from saferl.runtime import check_model_dir, configure_process
 from saferl.scoring import reward_inputs
 from saferl.tracking import PhaseTimer, Tracker
-from saferl.trainer.advantages import group_advantages
-from saferl.trainer.policy import PolicyTrainer
+from saferl.trainer.advantages import group_advantages, zero_variance_groups
+from saferl.trainer.policy import PolicyTrainer, connect_ranks, merge_rank_metrics
 from saferl.trainer.weight_sync import BlobWeightSync
 from saferl.types import Rollout, TrainBatch
 
@@ -97,12 +97,17 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
                                  num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor,
                                  kwargs=dict(model=rm_model, dtype=h.dtype, batch_size=h.batch_size,
                                              max_length=h.max_length))
-    trainer = ActorGroup(PolicyTrainer, 1, executor=ex, name="trainer", num_cpus=t.cpus, num_gpus=t.gpus,
-                         kwargs=dict(model=policy, lr=t.lr, weight_decay=t.weight_decay,
-                                     max_grad_norm=t.max_grad_norm, minibatches=t.minibatches, loss=t.loss,
-                                     clip_low=t.clip_low, clip_high=t.clip_high, aggregation=t.aggregation,
-                                     temperature=r.temperature, dtype=t.dtype, kl_coef=t.kl_coef,
-                                     seed=cfg.run.seed))
+    trainer = ActorGroup(PolicyTrainer, t.workers, executor=ex, name="trainer", num_cpus=t.cpus, num_gpus=t.gpus,
+                         rank_kwarg="rank", kwargs=dict(
+                             model=policy, world_size=t.workers, strategy=t.strategy, zero_stage=t.zero_stage,
+                             lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,
+                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, minibatches=t.minibatches,
+                             micro_batch_size=t.micro_batch_size, loss=t.loss, clip_low=t.clip_low,
+                             clip_high=t.clip_high, aggregation=t.aggregation, temperature=r.temperature,
+                             dtype=t.dtype, kl_coef=t.kl_coef, entropy_coef=t.entropy_coef, lora_rank=t.lora.rank,
+                             lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+                             lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed))
+    connect_ranks(trainer)
     return Roles(rollout, guard, helpfulness, trainer)
 
 
@@ -119,13 +124,25 @@ def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
             "rollout/tokens": float(sum(lengths))}
 
 
-def train(cfg: SafeRLConfig) -> dict[str, Any]:
-    """Run one experiment end to end; returns the before/after evaluation."""
-    configure_process()
-    from rewards import load_recipe
-    from rewards.base import RewardRules
+def prepare_run_dir(cfg: SafeRLConfig) -> Path | None:
+    """Create run.dir; returns the checkpoint to resume from, if any.
 
+    With checkpoint.resume=auto an unfinished run continues from its latest checkpoint (a run that reached
+    trainer.steps counts as finished). Any other existing run is moved aside, never overwritten.
+    """
     run_dir = Path(cfg.run.dir)
+    if cfg.checkpoint.resume == "auto" and (ckpt := checkpoint.latest(run_dir)) is not None:
+        state = checkpoint.read_state(ckpt)
+        if state["step"] < cfg.trainer.steps:
+            if state["workers"] != cfg.trainer.workers:
+                raise ValueError(f"{ckpt} was written by {state['workers']} trainer workers; resuming needs "
+                                 f"trainer.workers={state['workers']} (got {cfg.trainer.workers})")
+            saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
+            if saved and saved != to_yaml(cfg):
+                print(f"[saferl] warning: the config differs from {run_dir / 'config.yaml'}; resuming with the new "
+                      "one", flush=True)
+            print(f"[saferl] resuming {run_dir} from {ckpt} (step {state['step']})", flush=True)
+            return ckpt
     if run_dir.exists() and any(run_dir.iterdir()):  # never mix two runs' metrics or checkpoints
         stamp = time.strftime("%Y%m%d-%H%M%S")
         kept = next(p for i in itertools.count() if not (p := run_dir.with_name(f"{run_dir.name}.{stamp}"
@@ -134,28 +151,50 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
         print(f"[saferl] {run_dir} already held a run; moved it to {kept}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return None
+
+
+def train(cfg: SafeRLConfig) -> dict[str, Any]:
+    """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation."""
+    configure_process()
+    from rewards import load_recipe
+    from rewards.base import RewardRules
+
     recipe = load_recipe(cfg.reward.recipe)
     rules = RewardRules(**dataclasses.asdict(cfg.reward.rules))
     if cfg.helpfulness.model is None and cfg.reward.recipe in ("hybrid", "helpfulness_only"):
         raise ValueError(f"reward.recipe={cfg.reward.recipe} needs a helpfulness model, but helpfulness.model "
                          "is null")
+    if cfg.run.executor == "local" and cfg.trainer.workers > 1:
+        raise ValueError(f"trainer.workers={cfg.trainer.workers} needs run.executor=ray (data-parallel workers "
+                         "are separate processes)")
     train_prompts = load_prompts(resolve(cfg.data.train, cfg))
     eval_prompts = load_prompts(resolve(cfg.eval.prompts, cfg))
     if cfg.eval.max_prompts and len(eval_prompts) > cfg.eval.max_prompts:  # an even stride keeps every kind
         stride = len(eval_prompts) / cfg.eval.max_prompts
         eval_prompts = [eval_prompts[int(i * stride)] for i in range(cfg.eval.max_prompts)]
+    resume_from = prepare_run_dir(cfg)
     print(format_plan(cfg), flush=True)
     if cfg.run.executor == "ray":
         check_resources(requests(plan(cfg)), start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir))
     roles = build_roles(cfg)
     try:
-        return _loop(cfg, roles, recipe, rules, train_prompts, eval_prompts, run_dir)
+        return _loop(cfg, roles, recipe, rules, train_prompts, eval_prompts, Path(cfg.run.dir), resume_from)
     finally:
         roles.shutdown()
 
 
+@dataclasses.dataclass
+class Sampled:
+    """One generation round: rollouts of whole groups, their reward inputs and rewards."""
+
+    rollouts: list[Rollout]
+    inputs: Any
+    rewards: Any
+
+
 def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompts: list, eval_prompts: list,
-          run_dir: Path) -> dict[str, Any]:
+          run_dir: Path, resume_from: Path | None) -> dict[str, Any]:
     G, r = cfg.rollout.samples_per_prompt, cfg.rollout
     sampling = dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     sampler = PromptSampler(train_prompts, cfg.run.seed)
@@ -165,39 +204,65 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
         return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness,
                         samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling)
 
+    def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> Sampled:
+        with timer.phase("rollout"):
+            rollouts = roles.rollout.map("generate", prompts, G, offset_kwarg="first_group", **sampling,
+                                         seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
+        inputs = reward_inputs(rollouts, roles.guard, roles.helpfulness, timer=timer)
+        return Sampled(rollouts, inputs, recipe(inputs, rules))
+
+    def save(name: str, step: int, keep_last: int) -> Path:
+        state = {"step": step, "sampler": sampler.state_dict(), "workers": cfg.trainer.workers}
+        return checkpoint.save(run_dir, name, roles.trainer, state, keep_last, cfg.checkpoint.lora_export)
+
+    start = 0
+    if resume_from is not None:  # trainer state and data position from the checkpoint; engines get its weights
+        start = checkpoint.read_state(resume_from)["step"]
+        roles.trainer.call("load", str(resume_from))
+        sampler.load_state_dict(checkpoint.read_state(resume_from)["sampler"])
+        weight_sync.push()
     tracker = Tracker(run_dir, total_steps=cfg.trainer.steps, wandb_mode=cfg.logging.wandb,
                       project=cfg.logging.project, config=json.loads(json.dumps(dataclasses.asdict(cfg))),
-                      progress=cfg.logging.progress)
-    before = run_eval()
-    tracker.log(0, {f"eval/{k}": v for k, v in before.items()}, advance=False)
+                      progress=cfg.logging.progress, start_step=start)
+    before_file = run_dir / "eval_before.json"
+    if before_file.exists() and resume_from is not None:
+        before = json.loads(before_file.read_text())
+    else:
+        before = run_eval()
+        before_file.write_text(json.dumps(before, indent=2))
+        tracker.log(0, {f"eval/{k}": v for k, v in before.items()}, advance=False)
     roles.pop_compute_seconds()
-    for step in range(1, cfg.trainer.steps + 1):
+    for step in range(start + 1, cfg.trainer.steps + 1):
         timer, step_start = PhaseTimer(), time.monotonic()
-        prompts = sampler.next_batch(cfg.data.prompts_per_step)
-        with timer.phase("rollout"):
-            rollouts = roles.rollout.map("generate", prompts, G, seed=cfg.run.seed * 1_000_003 + step * 10_007,
-                                         offset_kwarg="first_group", **sampling)
-        inputs = reward_inputs(rollouts, roles.guard, roles.helpfulness, timer=timer)
-        rewards = recipe(inputs, rules)
-        advantages = group_advantages(torch.tensor(rewards.total), G).tolist()
-        with timer.phase("train"):
-            train_metrics = roles.trainer.call("train_step", make_train_batch(rollouts, advantages))[0]
-        with timer.phase("sync"):
-            sent = weight_sync.push()
+        rounds = [sample(sampler.next_batch(cfg.data.prompts_per_step), step, 0, timer)]
+        if cfg.trainer.drop_zero_variance_groups:  # refill with fresh prompts until the batch is informative
+            while len(rounds) <= r.refill_rounds and (missing := cfg.data.prompts_per_step - sum(
+                    n_informative(s, G) for s in rounds)) > 0:
+                rounds.append(sample(sampler.next_batch(missing), step, len(rounds), timer))
+        rollouts, rewards = select_groups(rounds, G, cfg.trainer.drop_zero_variance_groups,
+                                          cfg.data.prompts_per_step)
+        metrics = {**{f"reward/{k}": v for k, v in rounds[0].rewards.metrics.items()}, **rollout_metrics(rollouts),
+                   **{f"truth/{k}": v for k, v in ground_truth_metrics(rounds[0].rollouts,
+                                                                       rounds[0].inputs.answer_verdicts).items()},
+                   "batch/groups": len(rollouts) / G, "batch/rounds": float(len(rounds))}
+        if rollouts:  # every group may have been uninformative
+            advantages = group_advantages(torch.tensor(rewards), G, normalize_std=cfg.trainer.normalize_std)
+            with timer.phase("train"):
+                per_rank = roles.trainer.call("train_step", make_train_batch(rollouts, advantages.tolist()))
+            metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
+            with timer.phase("sync"):
+                metrics["sync/bytes"] = float(weight_sync.push())
         step_seconds, compute = time.monotonic() - step_start, roles.pop_compute_seconds()
-        metrics = {**{f"reward/{k}": v for k, v in rewards.metrics.items()},
-                   **{f"train/{k}": v for k, v in train_metrics.items()}, **rollout_metrics(rollouts),
-                   **{f"truth/{k}": v for k, v in ground_truth_metrics(rollouts, inputs.answer_verdicts).items()},
-                   **timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
-                   "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds), "sync/bytes": float(sent)}
+        metrics.update({**timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
+                        "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds)})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:
             metrics.update({f"eval/{k}": v for k, v in run_eval().items()})
         tracker.log(step, metrics)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.trainer.steps:
-            save_checkpoint(roles, run_dir, f"step_{step}", cfg.checkpoint.keep_last)
+            save(f"step_{step}", step, cfg.checkpoint.keep_last)
     after = run_eval()
     tracker.log(cfg.trainer.steps, {f"eval/{k}": v for k, v in after.items()}, advance=False)
-    final = save_checkpoint(roles, run_dir, "final", keep_last=0)
+    final = save("final", cfg.trainer.steps, keep_last=0)
     tracker.close()
     table = before_after_table(before, after)
     (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
@@ -205,16 +270,26 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
     print(f"\nHeld-out evaluation ({len(eval_prompts)} prompts x {cfg.eval.samples_per_prompt} samples, "
           f"seed {cfg.eval.seed}):\n{table}\n\nfinal checkpoint: {final}\nmetrics: {run_dir / 'metrics.jsonl'}",
           flush=True)
-    return {"before": before, "after": after, "checkpoint": final}
+    return {"before": before, "after": after, "checkpoint": str(final)}
 
 
-def save_checkpoint(roles: Roles, run_dir: Path, name: str, keep_last: int) -> str:
-    """HF-format checkpoint under <run_dir>/checkpoints/<name>; keeps the newest `keep_last` step_* dirs."""
-    root = run_dir / "checkpoints"
-    root.mkdir(exist_ok=True)
-    path = roles.trainer.call("save", str((root / name).resolve()))[0]
-    if keep_last:
-        steps = sorted(root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-        for old in steps[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    return path
+def n_informative(sampled: Sampled, group_size: int) -> int:
+    return int((~zero_variance_groups(torch.tensor(sampled.rewards.total), group_size)).sum())
+
+
+def select_groups(rounds: list[Sampled], group_size: int, drop_zero_variance: bool, max_groups: int
+                  ) -> tuple[list[Rollout], list[float]]:
+    """The rollouts and rewards to train on: every group of the first round, or (dropping zero-variance
+    groups) the informative groups of all rounds, at most `max_groups`."""
+    if not drop_zero_variance:
+        return rounds[0].rollouts, list(rounds[0].rewards.total)
+    rollouts: list[Rollout] = []
+    rewards: list[float] = []
+    for s in rounds:
+        flat = zero_variance_groups(torch.tensor(s.rewards.total), group_size).tolist()
+        for g, uninformative in enumerate(flat):
+            if not uninformative and len(rollouts) < max_groups * group_size:
+                rollouts += s.rollouts[g * group_size:(g + 1) * group_size]
+                rewards += s.rewards.total[g * group_size:(g + 1) * group_size]
+    return rollouts, rewards
+

@@ -1,144 +1,231 @@
-"""PolicyTrainer: holds the policy and its optimizer; recomputes log-probs and applies the GSPO update.
+"""PolicyTrainer: one data-parallel rank of the policy update (model, optimizer, GSPO/GRPO step, state).
 
-One `train_step` per rollout batch: pi_old is recomputed by this model (no grad), then the batch is split
-into `minibatches` random chunks, one optimizer step each. Every chunk after the first is off-policy, which
-is where GSPO's sequence-ratio clip acts (with one chunk the ratio is exactly 1 and nothing clips).
-The rollout engine's own log-probs are only compared against pi_old, as a health metric.
+One `train_step` per rollout batch. Every rank receives the whole batch and the same seeded permutation cuts
+it into `minibatches` optimizer steps, this rank's share of each, and micro-batches (`batching.assign`).
+pi_old is the policy before the step: for the first minibatch it is the live forward itself (so the ratio is
+exactly 1 there), for the later, off-policy ones it is recomputed without gradient before the first update.
+That is where GSPO's sequence-ratio clip acts. The rollout engine's own log-probs are only compared with
+pi_old, as a health metric.
 
-A plain class: Ray hosts it as an actor, `executor: local` instantiates it in-process.
+Lifecycle: `PolicyTrainer(...)` loads the model on every rank; with several ranks, `address()` on rank 0
+names a rendezvous and `connect(address)` on all joins the process group and builds the engine (plain
+torch/DDP or DeepSpeed ZeRO); `connect_ranks` does both. A single rank connects itself.
+A plain class: Ray hosts the ranks as actors, `executor: local` runs one rank in-process.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import math
+import random
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from saferl.rollout.weights import state_dict_blob
 from saferl.runtime import check_model_dir, configure_process
+from saferl.trainer import batching, distributed, lora
 from saferl.trainer.gspo import policy_loss, token_logprobs, warn_if_misconfigured
 from saferl.types import TrainBatch
 
+LR_SCHEDULES = ("constant", "cosine")
 
-def pad_batch(batch: TrainBatch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded tensors for a TrainBatch.
 
-    Returns:
-        input_ids [N, L], attention_mask [N, L], response_mask [N, L-1] where position t of the mask marks
-        that token t+1 is a response token (the layout of `token_logprobs`).
-    """
-    width = max(map(len, batch.input_ids))
-    n = len(batch.input_ids)
-    ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((n, width), dtype=torch.long)
-    resp = torch.zeros((n, width - 1), dtype=torch.float32)
-    for i, (seq, plen) in enumerate(zip(batch.input_ids, batch.prompt_lens)):
-        ids[i, : len(seq)] = torch.tensor(seq)
-        attn[i, : len(seq)] = 1
-        resp[i, plen - 1 : len(seq) - 1] = 1.0
-    return ids, attn, resp
+def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Learning rate for training step `step` (1-based): linear warm-up, then constant or cosine to zero."""
+    if warmup_steps and step <= warmup_steps:
+        return base_lr * step / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
 
 
 class PolicyTrainer:
-    """The policy being trained (HF causal LM), its AdamW optimizer and the GSPO/GRPO update."""
+    """The policy being trained (HF causal LM, optionally with LoRA), its optimizer and the GSPO/GRPO update."""
 
-    def __init__(self, model: str, *, lr: float = 3e-4, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                 minibatches: int = 2, loss: str = "gspo", clip_low: float = 3e-4, clip_high: float = 4e-4,
+    def __init__(self, model: str, *, rank: int = 0, world_size: int = 1, strategy: str = "torch",
+                 zero_stage: int = 2, lr: float = 1e-4, lr_schedule: str = "constant", warmup_steps: int = 0,
+                 total_steps: int = 1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, minibatches: int = 2,
+                 micro_batch_size: int = 16, loss: str = "gspo", clip_low: float = 3e-4, clip_high: float = 4e-4,
                  aggregation: str = "seq-mean-token-mean", temperature: float = 1.0, dtype: str = "float32",
-                 kl_coef: float = 0.0, seed: int = 0) -> None:
+                 kl_coef: float = 0.0, entropy_coef: float = 0.0, lora_rank: int = 0, lora_alpha: float = 32.0,
+                 lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj",
+                 "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0) -> None:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_model_dir(model)
+        if strategy not in ("torch", "deepspeed"):
+            raise ValueError(f"trainer.strategy must be 'torch' or 'deepspeed', got {strategy!r}")
+        self.rank, self.world_size, self.strategy, self.zero_stage = rank, world_size, strategy, zero_stage
         torch.manual_seed(seed)
+        random.seed(seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-        if torch.cuda.is_available():
-            self.model.cuda()
-        self.model.train()
-        # A frozen copy of the starting policy, only when a KL penalty asks for it (GSPO's default has none).
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        # Master weights stay fp32; `dtype` is the compute dtype (autocast, or DeepSpeed's bf16 mode).
+        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        if device is not None:
+            policy.to(device)
+        self.compute_dtype = getattr(torch, dtype)
+        if lora_rank:
+            policy = lora.apply_lora(policy, lora_rank, lora_alpha, lora_dropout, list(lora_target_modules))
+        policy.train()
+        self.policy = policy
+        # The KL reference: the base model with the adapter off under LoRA, else a frozen copy of the start.
         self.reference = None
-        if kl_coef > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
-            self.reference.to(self.model.device).eval().requires_grad_(False)
-        self.kl_coef = kl_coef
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.max_grad_norm = max_grad_norm
-        self.minibatches = minibatches
+        if kl_coef > 0 and not lora_rank:
+            self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=self.compute_dtype)
+            self.reference.to(policy.device).eval().requires_grad_(False)
+        self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
+        self.lr_args = dict(base_lr=lr, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+        lr_at(1, **self.lr_args)  # an unknown schedule fails here, at start-up
+        self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
+        self.minibatches, self.micro_batch_size = minibatches, micro_batch_size
         self.loss_kwargs = dict(mode=loss, clip_low=clip_low, clip_high=clip_high, aggregation=aggregation)
         self.temperature = temperature
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # the same on every rank: one permutation
+        self.steps_done = 0
+        self.engine: distributed.Engine | None = None
         self.compute_seconds: list[float] = []
         self.warning = warn_if_misconfigured(loss, aggregation)
-        if self.warning:
+        if self.warning and rank == 0:
             print(f"[saferl] warning: {self.warning}", flush=True)
+        if world_size == 1:  # nothing to rendezvous with: ready at once
+            self.connect()
 
-    def _logprobs(self, ids: torch.Tensor, attn: torch.Tensor, model: torch.nn.Module | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probs [N, L-1] of each next token and the logits they came from (of `model`, default the policy)."""
-        device = self.model.device
-        logits = (model or self.model)(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
-        return token_logprobs(logits, ids.to(device), self.temperature), logits
+    # ---- set-up -------------------------------------------------------------------------------------------
+
+    def address(self) -> tuple[str, int]:
+        """A rendezvous address on this rank's node (asked of rank 0)."""
+        return distributed.rendezvous_address()
+
+    def connect(self, address: tuple[str, int] | None = None) -> None:
+        """Join the trainers' process group (when there is more than one rank, or under DeepSpeed), build the
+        optimizer and the engine. A single rank calls it itself."""
+        if self.world_size > 1 or self.strategy == "deepspeed":
+            distributed.init_process_group(self.rank, self.world_size, tuple(address or self.address()))
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr_args["base_lr"], weight_decay=self.weight_decay,
+                                      fused=self.policy.device.type == "cuda")
+        if self.strategy == "deepspeed":
+            self.engine = distributed.DeepSpeedEngine(self.policy, optimizer, self.max_grad_norm, self.compute_dtype,
+                                                      self.zero_stage, self.micro_batch_size)
+        else:
+            self.engine = distributed.TorchEngine(self.policy, optimizer, self.max_grad_norm, self.compute_dtype,
+                                                  self.world_size)
+
+    def ready(self) -> bool:
+        return True
+
+    # ---- the update ---------------------------------------------------------------------------------------
+
+    def _forward(self, batch: TrainBatch, micro: batching.MicroBatch, model: Any = None, last: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Response-token log-probs [b, C], response mask [b, C] and logits [b, C, V] of one micro-batch.
+
+        `model=None` is the trained policy through its engine (gradient-synchronising on the `last`
+        micro-batch); otherwise that module is called directly (no-grad passes).
+        """
+        padded = batching.pad_batch(batch, micro.rows, self.tokenizer.pad_token_id, micro.empty)
+        device = self.policy.device
+        width = padded.response_width
+        inputs = dict(input_ids=padded.input_ids.to(device), attention_mask=padded.attention_mask.to(device),
+                      position_ids=padded.position_ids.to(device), logits_to_keep=width + 1)
+        with self.engine.autocast():
+            logits = (self.engine.forward(last=last, **inputs) if model is None else model(**inputs)).logits
+        # Logit column j (of width + 1) predicts response token j; `token_logprobs` pairs column j with
+        # target j + 1, so the targets get one leading placeholder.
+        response_ids = padded.input_ids[:, -width:].to(device)
+        lp = token_logprobs(logits, torch.cat([response_ids[:, :1], response_ids], 1), self.temperature)
+        return lp, padded.response_mask.to(device), logits[:, :-1]
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: TrainBatch, micro: batching.MicroBatch) -> torch.Tensor | None:
+        if self.kl_coef <= 0:
+            return None
+        if self.reference is not None:
+            return self._forward(batch, micro, model=self.reference)[0]
+        with self.policy.disable_adapter():  # LoRA: the base model is the reference
+            return self._forward(batch, micro, model=self.policy)[0]
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One GSPO update over a rollout batch; returns loss, clip, ratio, entropy and timing metrics."""
+        """One GSPO/GRPO update over a rollout batch (every rank gets the whole batch).
+
+        Returns this rank's metrics: loss terms, clip fractions, ratio mean/max, entropy, KL, gradient norm,
+        learning rate, tokens and tokens/s.
+        """
+        if self.engine is None:
+            raise RuntimeError("PolicyTrainer.connect() must run before train_step()")
         start = time.monotonic()
-        ids, attn, mask = pad_batch(batch, self.tokenizer.pad_token_id)
-        mask = mask.to(self.model.device)
-        advantages = torch.tensor(batch.advantages, dtype=torch.float32, device=self.model.device)
+        self.steps_done += 1
+        lr = lr_at(self.steps_done, **self.lr_args)
+        mode, aggregation = self.loss_kwargs["mode"], self.loss_kwargs["aggregation"]
+        steps = batching.assign(len(batch.input_ids), self.minibatches, self.world_size, self.rank,
+                                self.micro_batch_size, self.generator)
+        advantages = torch.tensor(batch.advantages, dtype=torch.float32)
+        # pi_old of the off-policy minibatches, before any weight changes (the first one uses its own forward).
         with torch.no_grad():
-            old, logits = self._logprobs(ids, attn)
-            probs = torch.softmax(logits[:, :-1].float() / self.temperature, dim=-1)
-            entropy = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
-            del logits, probs
-            ref = self._logprobs(ids, attn, self.reference)[0] if self.reference is not None else None
-        metrics: dict[str, float] = {
-            "entropy": float((entropy * mask).sum() / mask.sum()),
-            "rollout_logprob_abs_diff": self._engine_mismatch(old, mask, batch),
-        }
+            old = {id(m): self._forward(batch, m, model=self._unwrapped())[0] for _, micros in steps[1:]
+                   for m in micros}
         sums: dict[str, float] = {}
-        chunks = torch.randperm(len(batch.input_ids), generator=self.generator).chunk(self.minibatches)
-        for idx in chunks:
-            lp, _ = self._logprobs(ids[idx], attn[idx])
-            loss, m = policy_loss(lp, old[idx], advantages[idx], mask[idx], **self.loss_kwargs,
-                                  ref_logprobs=None if ref is None else ref[idx], kl_coef=self.kl_coef)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            self.optimizer.step()
-            m.update(loss=loss.item(), grad_norm=grad_norm.item())
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
-        metrics.update({k: v / len(chunks) for k, v in sums.items()})
-        metrics["ratio_max"] = sums.get("ratio_max", 0.0) / len(chunks)
-        tokens = int(mask.sum())
-        metrics["tokens"] = float(tokens)
-        metrics["tokens_per_s"] = tokens / max(1e-9, time.monotonic() - start)
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        terms, grad_norms, ratio_max = 0, [], 1.0
+        tokens = entropy = mismatch = first_tokens = 0.0
+        for index, (rows, micros) in enumerate(steps):
+            global_count = max(1.0, batching.loss_count(
+                batching.pad_batch(batch, rows, self.tokenizer.pad_token_id).response_mask, mode, aggregation))
+            for k, micro in enumerate(micros):
+                last = k == len(micros) - 1
+                lp, mask, logits = self._forward(batch, micro, last=last)
+                old_lp = lp.detach() if index == 0 else old.pop(id(micro))
+                loss, m = policy_loss(lp, old_lp, advantages[micro.rows].to(lp.device), mask, **self.loss_kwargs,
+                                      kl_coef=self.kl_coef, ref_logprobs=self._reference_logprobs(batch, micro))
+                local_count = batching.loss_count(mask, mode, aggregation)
+                # Weighted by its share of the minibatch, summed over micro-batches and ranks (see batching.py).
+                self.engine.backward(loss * (local_count / global_count) * self.world_size, last)
+                with torch.no_grad():
+                    entropy += float((_entropy(logits, self.temperature) * mask).sum())
+                    tokens += float(mask.sum())
+                    if index == 0:
+                        mismatch += _engine_mismatch(old_lp, mask, batch, micro)
+                        first_tokens += float(mask.sum())
+                if local_count:
+                    ratio_max = max(ratio_max, m.pop("ratio_max"))
+                    for key, value in m.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    terms += 1
+                del logits, lp, loss
+            grad_norms.append(self.engine.step(lr))
+        metrics = {k: v / max(1, terms) for k, v in sums.items()}
+        metrics.update(ratio_max=ratio_max, grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, tokens=tokens,
+                       entropy=entropy / max(1.0, tokens), rollout_logprob_abs_diff=mismatch / max(1.0, first_tokens),
+                       tokens_per_s=tokens / max(1e-9, time.monotonic() - start))
         self.compute_seconds.append(time.monotonic() - start)
         return metrics
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.engine.module if self.engine is not None else self.policy
 
     @torch.no_grad()
     def sequence_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probs of each response token under the current weights (at the sampling temperature)."""
-        ids, attn, mask = pad_batch(batch, self.tokenizer.pad_token_id)
-        lp, _ = self._logprobs(ids, attn)
+        micro = batching.MicroBatch(list(range(len(batch.input_ids))), [False] * len(batch.input_ids))
+        lp, mask, _ = self._forward(batch, micro, model=self._unwrapped())
         return [lp[i][mask[i].bool()].tolist() for i in range(len(batch.input_ids))]
 
-    def _engine_mismatch(self, old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch) -> float:
-        """Mean |trainer log-prob - rollout engine log-prob| over response tokens (0 when none given)."""
-        behaviour = torch.zeros_like(old)
-        for i, (plen, lps) in enumerate(zip(batch.prompt_lens, batch.old_logprobs)):
-            behaviour[i, plen - 1 : plen - 1 + len(lps)] = torch.tensor(lps, dtype=old.dtype)
-        return float(((old - behaviour).abs() * mask).sum() / mask.sum())
+    # ---- weights and state --------------------------------------------------------------------------------
 
     def state_blob(self) -> bytes:
-        """The current weights as a safetensors blob (HF names) for the rollout engines."""
+        """The current full weights (adapters merged) as a safetensors blob with HF names; b"" off rank 0.
+
+        Every rank must call it: under ZeRO-3 gathering the weights is collective.
+        """
         start = time.monotonic()
-        blob = state_dict_blob(self.model.state_dict())
+        with self.engine.full_weights():
+            blob = state_dict_blob(lora.merged_state_dict(self._unwrapped())) if self.rank == 0 else b""
         self.compute_seconds.append(time.monotonic() - start)
         return blob
 
@@ -147,16 +234,77 @@ class PolicyTrainer:
         out, self.compute_seconds = self.compute_seconds, []
         return out
 
-    def save(self, path: str) -> str:
-        """Write an HF checkpoint (model, tokenizer, chat template) atomically: temp dir, then rename."""
-        final = Path(path)
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        return str(final)
+    def save(self, directory: str, export: str = "merged") -> None:
+        """Write this rank's part of a resumable checkpoint into `directory` (every rank must call it).
 
-    def ready(self) -> bool:
-        return True
+        Rank 0 writes the HF export at the top level (`export`: `merged` full weights, or `adapter` for the
+        peft adapter alone) with the tokenizer; `trainer/` holds the engine state (model, optimizer) and each
+        rank's RNG and step counter. The caller makes the directory's appearance atomic.
+        """
+        root = Path(directory)
+        state_dir = root / "trainer"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.engine.save(str(state_dir))
+        torch.save({"steps_done": self.steps_done, "generator": self.generator.get_state(),
+                    "torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   state_dir / f"rank{self.rank}.pt")
+        with self.engine.full_weights():
+            if self.rank == 0:
+                model = self._unwrapped()
+                if export == "adapter" and lora.is_lora(model):
+                    model.save_pretrained(root)
+                else:
+                    base = model.get_base_model() if lora.is_lora(model) else model
+                    base.save_pretrained(root, state_dict=lora.merged_state_dict(model))
+                self.tokenizer.save_pretrained(root)
+
+    def load(self, directory: str) -> int:
+        """Restore the state `save` wrote (same world size); returns the step counter."""
+        state_dir = Path(directory) / "trainer"
+        rank_file = state_dir / f"rank{self.rank}.pt"
+        if not rank_file.exists():
+            raise FileNotFoundError(f"{rank_file} is missing: the checkpoint was written by a different number "
+                                    f"of trainer workers than trainer.workers={self.world_size}")
+        self.engine.load(str(state_dir))
+        state = torch.load(rank_file, weights_only=False)
+        self.steps_done = state["steps_done"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        if state["cuda"]:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return self.steps_done
+
+
+def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-position entropy [b, C] of the tempered distribution from logits [b, C, V]."""
+    logp = torch.log_softmax(logits.detach().float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _engine_mismatch(old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch, micro: batching.MicroBatch) -> float:
+    """Sum over response tokens of |trainer log-prob - rollout engine log-prob| (0 where none was given)."""
+    behaviour = torch.zeros_like(old)
+    for b, row in enumerate(micro.rows):
+        lps = batch.old_logprobs[row][: old.shape[1]]
+        behaviour[b, : len(lps)] = torch.tensor(lps, dtype=old.dtype)
+    return float(((old - behaviour).abs() * mask).sum())
+
+
+def connect_ranks(group: Any) -> None:
+    """Rendezvous every PolicyTrainer rank of an ActorGroup at rank 0's address (a single rank is ready)."""
+    if len(group) == 1:
+        return
+    address = group.call("address")[0]
+    group.call("connect", address)
+
+
+def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One value per metric across data-parallel ranks: summed counts, the max of maxima, else the mean."""
+    merged = {}
+    for key in per_rank[0]:
+        values = [m[key] for m in per_rank]
+        merged[key] = (sum(values) if key in ("tokens", "tokens_per_s") else max(values) if key.endswith("_max")
+                       else sum(values) / len(values))
+    return merged

@@ -1,0 +1,260 @@
+"""Time SafeRL's GSPO optimisation step against TRL's GRPOTrainer on the same model, batch and completions.
+
+One batch is sampled once (HF `generate`, seeded) from the tiny toy-world policy: `--prompts` training prompts
+x `--group` completions each, up to `--max-new-tokens` tokens, with group-normalised random rewards as
+advantages. Both sides then run full optimisation steps on exactly that batch, from the same weights:
+
+  SafeRL  `PolicyTrainer(loss="gspo", minibatches=1, micro_batch_size=B).train_step(TrainBatch)`: whatever
+          it computes (forward(s), GSPO loss, entropy and health metrics), backward, clip, AdamW step.
+  TRL     `GRPOTrainer(importance_sampling_level="sequence", loss_type="grpo", beta=0)`: `training_step` with
+          `_prepare_inputs` bypassed so the pre-made completions go straight in (no generation, no reward
+          call, old log-probs = the detached current ones as TRL itself does here), then what the HF Trainer
+          loop does after it: `accelerator.clip_grad_norm_`, `optimizer.step()` (TRL's default optimizer).
+
+Warm-up steps, then timed steps interleaved (ours, TRL, ours, TRL, ...) so machine drift hits both. The
+first step of each side starts from identical weights, so after it the losses and weights are compared: the
+two implement the same maths and should agree to float32 rounding. One torch thread everywhere.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trainer_vs_trl.py [--steps 10] [--random-qwen3-vocab]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+for _k, _v in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}.items():
+    os.environ.setdefault(_k, _v)
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3_VOCAB = 151_936
+
+
+def toyworld_part(name: str) -> str:
+    """A toy-world part (policy, train, ...) of the default config, built first when missing (as `train.resolve`)."""
+    from saferl.config import SafeRLConfig
+    from saferl.toyworld.build import ensure_built
+
+    cfg = SafeRLConfig().toyworld
+    cfg = dataclasses.replace(cfg, cache_dir=str(ROOT / cfg.cache_dir))  # independent of the working directory
+    return str(ensure_built(cfg).part(name))
+
+
+def random_qwen3(src: str, out: str) -> str:
+    """A randomly initialised copy of `src`'s architecture with Qwen3's real 151,936-token vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
+
+    config = AutoConfig.from_pretrained(src)
+    config.vocab_size = QWEN3_VOCAB
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(config).to(torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)  # toy token ids are valid in the larger vocab
+    return out
+
+
+def make_batch(model_path: str, prompts_path: str, n_prompts: int, group: int, max_new: int, seed: int
+               ) -> tuple[list[list[int]], list[list[int]], list[float]]:
+    """Prompt ids (one per sequence), completion ids (ending at EOS when sampled) and advantages."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    rows = [json.loads(line) for line in Path(prompts_path).read_text().splitlines()[:: 97][:n_prompts]]
+    prompts, completions = [], []
+    torch.manual_seed(seed)
+    for row in rows:
+        text = tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True,
+                                       enable_thinking=False)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                 max_new_tokens=max_new, num_return_sequences=group,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for seq in out[:, len(ids):].tolist():
+            end = seq.index(tok.eos_token_id) + 1 if tok.eos_token_id in seq else len(seq)
+            prompts.append(ids)
+            completions.append(seq[:end])
+    rewards = torch.rand(len(rows), group, generator=torch.Generator().manual_seed(seed))
+    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
+    return prompts, completions, adv.flatten().tolist()
+
+
+def trl_inputs(prompts: list[list[int]], completions: list[list[int]], advantages: list[float], pad: int
+               ) -> dict[str, torch.Tensor]:
+    """The dict `GRPOTrainer._generate_and_score_completions` returns: prompts left-, completions right-padded."""
+    p_len, c_len = max(map(len, prompts)), max(map(len, completions))
+    p_ids = torch.tensor([[pad] * (p_len - len(p)) + p for p in prompts])
+    p_mask = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompts])
+    c_ids = torch.tensor([c + [pad] * (c_len - len(c)) for c in completions])
+    c_mask = torch.tensor([[1] * len(c) + [0] * (c_len - len(c)) for c in completions])
+    return {"prompt_ids": p_ids, "prompt_mask": p_mask, "completion_ids": c_ids, "completion_mask": c_mask,
+            "advantages": torch.tensor(advantages), "num_items_in_batch": c_mask.sum()}
+
+
+def build_trl(model_path: str, batch: int, group: int, max_new: int, out_dir: str):  # -> trl.GRPOTrainer
+    """A GRPOTrainer set up for GSPO, its optimizer created, with generation bypassed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    def zero_reward(completions: list, **_: object) -> list[float]:
+        return [0.0] * len(completions)
+
+    args = GRPOConfig(output_dir=out_dir, importance_sampling_level="sequence", loss_type="grpo", beta=0.0,
+                      epsilon=3e-4, epsilon_high=4e-4, num_generations=group, per_device_train_batch_size=batch,
+                      gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
+                      learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0,
+                      max_completion_length=max_new, use_cpu=True, bf16=False, report_to=[], logging_steps=10**9,
+                      save_strategy="no", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * batch)
+    trainer = GRPOTrainer(model=model, reward_funcs=zero_reward, args=args, train_dataset=data,
+                          processing_class=AutoTokenizer.from_pretrained(model_path))
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which we do not run
+    trainer._prepare_inputs = lambda inputs: inputs  # the batch is already "generated and scored"
+    torch.set_num_threads(1)
+    return trainer
+
+
+def trl_step(trainer, inputs: dict[str, torch.Tensor]) -> float:
+    """`training_step` (loss + backward) and the HF loop's clip / optimizer step; returns the loss."""
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.training_step(trainer.model, inputs, inputs["num_items_in_batch"])
+    trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    return float(loss)
+
+
+def build_ours(model_path: str, batch: int, seed: int):  # -> PolicyTrainer
+    """SafeRL's trainer for one GSPO step per batch, the whole batch in one micro-batch (as TRL's side)."""
+    from saferl.trainer.policy import PolicyTrainer
+
+    kwargs = dict(model=model_path, lr=1e-6, minibatches=1, loss="gspo", clip_low=3e-4, clip_high=4e-4,
+                  aggregation="seq-mean-token-mean", temperature=1.0, dtype="float32", seed=seed)
+    if "micro_batch_size" in inspect.signature(PolicyTrainer).parameters:
+        kwargs["micro_batch_size"] = batch
+    trainer = PolicyTrainer(**kwargs)
+    if hasattr(trainer, "connect"):  # the data-parallel trainer builds its optimizer/engine here
+        trainer.connect(trainer.address())
+    return trainer
+
+
+def ours_parts(trainer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The trained module and its optimizer, across PolicyTrainer versions."""
+    engine = getattr(trainer, "engine", None)
+    if engine is not None:
+        return engine.module, getattr(engine, "optimizer", None)
+    return trainer.model, trainer.optimizer
+
+
+def capture_grads(opt: torch.optim.Optimizer) -> tuple[dict[int, torch.Tensor], object]:
+    """Record each parameter's (clipped) gradient as `opt.step` is entered; returns (grads by id, hook handle)."""
+    grads: dict[int, torch.Tensor] = {}
+
+    def hook(optimizer: torch.optim.Optimizer, *_: object) -> None:
+        grads.update({id(p): p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]
+                      if p.grad is not None})
+    return grads, opt.register_step_pre_hook(hook)
+
+
+def differences(ours: torch.nn.Module, theirs: torch.nn.Module, g_ours: dict[int, torch.Tensor],
+                g_theirs: dict[int, torch.Tensor]) -> tuple[float, float, float]:
+    """Max |grad difference|, max |grad| and max |weight difference|, parameters matched by name."""
+    theirs_by_name = dict(theirs.named_parameters())
+    dg = g = dw = 0.0
+    for name, a in ours.named_parameters():
+        b = theirs_by_name[name]
+        dw = max(dw, float((a.detach() - b.detach()).abs().max()))
+        if id(a) in g_ours and id(b) in g_theirs:
+            dg = max(dg, float((g_ours[id(a)] - g_theirs[id(b)]).abs().max()))
+            g = max(g, float(g_ours[id(a)].abs().max()))
+    return dg, g, dw
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF causal LM directory (default: the toy-world policy, built if missing)")
+    ap.add_argument("--prompts-file", help="prompt jsonl with `messages` (default: the toy-world train split)")
+    ap.add_argument("--random-qwen3-vocab", action="store_true",
+                    help="time a random init of the model's architecture with Qwen3's 151,936-token vocab instead")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8, help="completions per prompt (TRL num_generations)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    from saferl.types import TrainBatch
+
+    tmp = tempfile.mkdtemp(prefix="trainer-vs-trl-")
+    sample_path = a.model or toyworld_part("policy")
+    model_path = random_qwen3(sample_path, f"{tmp}/model") if a.random_qwen3_vocab else sample_path
+    prompts, completions, adv = make_batch(sample_path, a.prompts_file or toyworld_part("train"), a.prompts,
+                                           a.group, a.max_new_tokens, a.seed)
+    n = len(prompts)
+    batch = TrainBatch(input_ids=[p + c for p, c in zip(prompts, completions)], prompt_lens=list(map(len, prompts)),
+                       old_logprobs=[[0.0] * len(c) for c in completions], advantages=adv)
+    ours = build_ours(model_path, n, a.seed)
+    trl = build_trl(model_path, n, a.group, a.max_new_tokens, f"{tmp}/trl")
+    inputs = trl_inputs(prompts, completions, adv, ours.tokenizer.pad_token_id)
+    torch.set_num_threads(1)
+
+    # Step 1 of each side, from identical weights: the correctness check (and the first warm-up step).
+    our_model, our_opt = ours_parts(ours)
+    (g_ours, h_ours), (g_trl, h_trl) = capture_grads(our_opt), capture_grads(trl.optimizer)
+    metrics = ours.train_step(batch)
+    loss_ours = metrics.get("loss", metrics.get("pg_loss", float("nan")))
+    loss_trl = trl_step(trl, inputs)
+    h_ours.remove(), h_trl.remove()
+    dg, g, dw = differences(our_model, trl.model, g_ours, g_trl)
+    for _ in range(a.warmup - 1):
+        ours.train_step(batch), trl_step(trl, inputs)
+    times: dict[str, list[float]] = {"SafeRL": [], "TRL GRPOTrainer": []}
+    for _ in range(a.steps):
+        for name, step in (("SafeRL", lambda: ours.train_step(batch)), ("TRL GRPOTrainer", lambda: trl_step(trl, inputs))):
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+
+    tokens = sum(map(len, completions))
+    params = sum(p.numel() for p in our_model.parameters())
+    opt = trl.optimizer
+    label = "random Qwen3-vocab model" if a.random_qwen3_vocab else "toy policy"
+    print(f"\nGSPO optimisation step, {label} ({params / 1e6:.2f}M params, vocab {our_model.config.vocab_size}), "
+          f"B={n} ({a.prompts}x{a.group}), mean completion {tokens / n:.1f} tokens "
+          f"(max {max(map(len, completions))}), mean prompt {sum(map(len, prompts)) / n:.1f}, {a.steps} timed steps")
+    print(f"TRL optimizer: {type(opt).__name__} (optim={trl.args.optim}, fused={opt.defaults.get('fused')}); "
+          f"ours: {type(our_opt).__name__} (fused={our_opt.defaults.get('fused') if our_opt else '?'}); "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'':17}{'median s':>10}{'mean s':>10}{'tokens/s':>10}")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:17}{med:10.4f}{statistics.mean(ts):10.4f}{tokens / med:10.0f}")
+    ratio = statistics.median(times["SafeRL"]) / statistics.median(times["TRL GRPOTrainer"])
+    print(f"ratio SafeRL/TRL (median): {ratio:.2f}x (goal <= 1.0)")
+    print(f"loss of the first step (same weights): SafeRL {loss_ours:.3e}  TRL {loss_trl:.3e}")
+    print(f"max |d grad| (clipped, as AdamW sees it) after one identical step: {dg:.3e} (max |grad| {g:.3e})")
+    print(f"max |dW| after one identical step: {dw:.3e} (AdamW's first update is ~lr = 1e-6 per weight)")
+
+
+if __name__ == "__main__":
+    main()
