@@ -38,6 +38,8 @@ def init_process_group(rank: int, world_size: int, address: tuple[str, int]) -> 
     """Join the trainers' torch.distributed group (NCCL with CUDA, else gloo)."""
     import torch.distributed as dist
 
+    if dist.is_initialized() and world_size == 1 == dist.get_world_size():
+        return  # a second single-process trainer in this process (a notebook, a test) shares the group
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     # What torchrun would set; DeepSpeed reads them. Ray gives each actor its own GPU, so the local rank is 0.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", MASTER_ADDR=address[0],

@@ -65,8 +65,10 @@ def test_two_gspo_steps_in_one_process(toy_world, tmp_path):
     _check_run(tmp_path / "run")
 
 
-def test_weights_change_and_sync_matches_trainer(toy_world):
-    """After a GSPO step and a sync, vLLM's log-probs of fresh samples equal the trainer's within 1e-4."""
+@pytest.mark.parametrize("lora_rank", [0, 8], ids=["full", "lora"])
+def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank):
+    """After a GSPO step and a sync, vLLM's log-probs of fresh samples equal the trainer's within 1e-4
+    (with LoRA: the merged weights reach the engine)."""
     from saferl.data import load_prompts
     from saferl.rollout.worker import RolloutWorker
     from saferl.trainer.policy import PolicyTrainer
@@ -76,7 +78,8 @@ def test_weights_change_and_sync_matches_trainer(toy_world):
     policy = str(toy_world.part("policy"))
     prompts = load_prompts(toy_world.part("heldout"))[::80]
     rollout = ActorGroup(RolloutWorker, 1, executor="local", kwargs=dict(model=policy))
-    trainer = ActorGroup(PolicyTrainer, 1, executor="local", kwargs=dict(model=policy, lr=1e-2, minibatches=2))
+    trainer = ActorGroup(PolicyTrainer, 1, executor="local", kwargs=dict(model=policy, lr=1e-2, minibatches=2,
+                                                                             lora_rank=lora_rank))
     worker, learner = rollout.actors[0], trainer.actors[0]
 
     def batch_of(rollouts, adv):

@@ -219,3 +219,93 @@ def test_token_logprobs_matches_log_softmax_and_keeps_grad():
     ref = torch.log_softmax(logits[:, :-1] / 0.8, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(out, ref)
     assert out.requires_grad
+
+
+def _grpo_padded_example():
+    # Row 0 has 3 response tokens, row 1 has 2 and one padding position with junk values (4.0 vs -6.0: a
+    # log-ratio of 10 that would dominate every mean if it were counted).
+    lp = torch.tensor([[-1.0, -0.5, -2.0], [-0.2, -1.5, 4.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -0.5, -1.8], [-0.2, -1.2, -6.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([2.0, -1.0])
+    return lp, old, mask, adv
+
+
+# Hand computation for _grpo_padded_example, clip range [1 - 0.2, 1 + 0.28] = [0.8, 1.28]:
+# row 0 (A = +2): log-ratios 0.1, 0.0, -0.2 -> ratios 1.1051709, 1.0, 0.8187308, all inside the range
+#   per-token L = -2 * r = -2.2103418, -2.0, -1.6374615; sum = -5.8478033; mean = -5.8478033 / 3 = -1.9492678
+# row 1 (A = -1): log-ratios 0.0, -0.3 -> ratios 1.0, 0.7408182
+#   t0: -(1.0 * -1) = 1.0
+#   t1: r = 0.7408 < 0.8 with A < 0: unclipped -0.7408182, clipped -0.8; min = -0.8 (clipped, low side) -> L = 0.8
+#   sum = 1.8; mean = 0.9
+# seq-mean-token-mean = (-1.9492678 + 0.9) / 2 = -0.5246339
+# seq-mean-token-sum  = (-5.8478033 + 1.8) / 2 = -2.0239017
+# (token-mean would be (-5.8478033 + 1.8) / 5 = -0.8095607: a different value again)
+# clip_frac: 1 of 5 response tokens, on the low side.
+
+
+def test_grpo_seq_mean_token_mean_hand_value_with_padding():
+    """GRPO seq-mean-token-mean on a [2, 3] batch with one padded row: value, clip fractions and gradient."""
+    lp, old, mask, adv = _grpo_padded_example()
+    loss, m = policy_loss(lp, old, adv, mask, mode="grpo", clip_low=0.2, clip_high=0.28,
+                          aggregation="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(-0.5246339, abs=1e-6)
+    assert m["pg_loss"] == pytest.approx(-0.5246339, abs=1e-6)
+    assert m["clip_frac"] == pytest.approx(0.2) and m["clip_frac_low"] == pytest.approx(0.2)
+    assert m["clip_frac_high"] == 0.0
+    # ratios of the 5 real tokens: 1.1051709 + 1 + 0.8187308 + 1 + 0.7408182 = 4.6647199 -> mean 0.9329440
+    assert m["ratio_mean"] == pytest.approx(0.9329440, abs=1e-6)
+    assert m["ratio_max"] == pytest.approx(1.1051709, abs=1e-6)
+    # d/dlp of an unclipped token = -A * r, weighted 1 / (len_i * B):
+    #   row 0 (weight 1/6): -2 * 1.1051709 / 6 = -0.3683903, -2 / 6 = -0.3333333, -2 * 0.8187308 / 6 = -0.2729103
+    #   row 1 (weight 1/4): t0 = +1 * 1.0 / 4 = 0.25; t1 clipped -> 0; padding -> 0
+    expected = torch.tensor([[-0.3683903, -0.3333333, -0.2729103], [0.25, 0.0, 0.0]])
+    torch.testing.assert_close(_grad(loss, lp), expected, atol=1e-6, rtol=0)
+
+
+def test_grpo_seq_mean_token_sum_hand_value_with_padding():
+    """GRPO seq-mean-token-sum on the same batch: per-sequence sums, averaged over the 2 sequences."""
+    lp, old, mask, adv = _grpo_padded_example()
+    loss, m = policy_loss(lp, old, adv, mask, mode="grpo", clip_low=0.2, clip_high=0.28,
+                          aggregation="seq-mean-token-sum")
+    assert loss.item() == pytest.approx(-2.0239017, abs=1e-6)
+    assert m["clip_frac"] == pytest.approx(0.2) and m["clip_frac_low"] == pytest.approx(0.2)
+    # Weight 1/B = 1/2 per token: row 0: -2 * r / 2 = -1.1051709, -1.0, -0.8187308; row 1: 1 / 2 = 0.5, 0, 0
+    expected = torch.tensor([[-1.1051709, -1.0, -0.8187308], [0.5, 0.0, 0.0]])
+    torch.testing.assert_close(_grad(loss, lp), expected, atol=1e-6, rtol=0)
+    # The aggregations really differ on this batch (a length-weighting bug would make two of them coincide).
+    token_mean, _ = policy_loss(lp, old, adv, mask, mode="grpo", clip_low=0.2, clip_high=0.28,
+                                aggregation="token-mean")
+    assert token_mean.item() == pytest.approx(-0.8095607, abs=1e-6)
+
+
+def test_gspo_token_per_token_advantages_hand_value():
+    """GSPO-token with [B, T] advantages: every token's ratio is its sequence's s_i, the min-of-two is taken per
+    token with that token's advantage, then seq-mean-token-mean; padding (advantage 9) is ignored."""
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.4, -0.9, 7.0]], requires_grad=True)
+    old = torch.tensor([[-1.3, -2.0, -0.5], [-0.3, -0.9, -4.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv = torch.tensor([[1.0, -1.0, 2.0], [0.5, -0.5, 9.0]])
+    # Clip range [1 - 0.05, 1 + 0.05] = [0.95, 1.05].
+    # row 0: log-ratios 0.3, 0, 0 -> mean 0.1 -> s0 = exp(0.1) = 1.1051709 (> 1.05)
+    #   A = +1: min(1.1051709, 1.05) = 1.05 (clipped, high)     -> L = -1.05
+    #   A = -1: min(-1.1051709, -1.05) = -1.1051709 (unclipped) -> L = +1.1051709
+    #   A = +2: min(2.2103418, 2.1) = 2.1 (clipped, high)       -> L = -2.1
+    #   token mean = (-1.05 + 1.1051709 - 2.1) / 3 = -2.0448291 / 3 = -0.6816097
+    # row 1: log-ratios -0.1, 0 (padding excluded) -> mean -0.05 -> s1 = exp(-0.05) = 0.9512294 (inside)
+    #   A = +0.5 -> L = -0.4756147; A = -0.5 -> L = +0.4756147; token mean = 0
+    # loss = (-0.6816097 + 0) / 2 = -0.3408048
+    loss, m = policy_loss(lp, old, adv, mask, mode="gspo-token", clip_low=0.05, clip_high=0.05,
+                          aggregation="seq-mean-token-mean")
+    assert loss.item() == pytest.approx(-0.3408048, abs=1e-6)
+    # clip fractions over the 5 response tokens: 2 clipped high, none low
+    assert m["clip_frac"] == pytest.approx(0.4) and m["clip_frac_high"] == pytest.approx(0.4)
+    assert m["clip_frac_low"] == 0.0
+    # ratio_mean = (3 * 1.1051709 + 2 * 0.9512294) / 5 = (3.3155128 + 1.9024588) / 5 = 1.0435943
+    assert m["ratio_mean"] == pytest.approx(1.0435943, abs=1e-6)
+    assert m["ratio_max"] == pytest.approx(1.1051709, abs=1e-6)
+    # Gradient: d s_it / d lp_it = s_i (own token only); clipped tokens get 0.
+    #   row 0 (weight 1/6): t1: -A * s0 / 6 = 1.1051709 / 6 = 0.1841952; t0, t2 clipped -> 0
+    #   row 1 (weight 1/4): t0: -0.5 * 0.9512294 / 4 = -0.1189037; t1: +0.1189037; padding -> 0
+    expected = torch.tensor([[0.0, 0.1841952, 0.0], [-0.1189037, 0.1189037, 0.0]])
+    torch.testing.assert_close(_grad(loss, lp), expected, atol=1e-6, rtol=0)
