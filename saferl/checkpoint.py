@@ -41,8 +41,9 @@ def save(run_dir: Path, name: str, trainer: Any, state: dict[str, Any], keep_las
     """
     root = checkpoints_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(".*.incomplete"):  # from saves a kill interrupted
+        shutil.rmtree(leftover, ignore_errors=True)
     partial = root / f".{name}.incomplete"
-    shutil.rmtree(partial, ignore_errors=True)
     trainer.call("save", str(partial.resolve()), export)
     (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
     final = root / name

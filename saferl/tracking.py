@@ -35,6 +35,14 @@ class PhaseTimer:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
 
 
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl row; a line torn by a kill mid-write counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 class Tracker:
     """Writes metrics to `<run_dir>/metrics.jsonl`, to W&B (by mode) and to a tqdm bar with ETA.
 
@@ -46,7 +54,7 @@ class Tracker:
                  config: dict[str, Any], progress: bool, start_step: int = 0) -> None:
         path = run_dir / "metrics.jsonl"
         if start_step and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= start_step]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, path)

@@ -34,14 +34,15 @@ LR_SCHEDULES = ("constant", "cosine")
 
 def lr_at(step: int, base_lr: float, schedule: str, warmup_steps: int, total_steps: int) -> float:
     """Learning rate for training step `step` (1-based): linear warm-up, then constant or cosine to zero."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
     if warmup_steps and step <= warmup_steps:
         return base_lr * step / warmup_steps
     if schedule == "constant":
         return base_lr
-    if schedule == "cosine":
-        span = max(1, total_steps - warmup_steps)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
-    raise ValueError(f"unknown lr schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    # Cosine: the first step after warm-up runs at base_lr; the rate would reach 0 one step past the end.
+    span = max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps - 1) / span)))
 
 
 class PolicyTrainer:
@@ -301,10 +302,13 @@ def connect_ranks(group: Any) -> None:
 
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """One value per metric across data-parallel ranks: summed counts, the max of maxima, else the mean."""
+    """One value per metric across data-parallel ranks: summed counts, the max of maxima, else the mean.
+
+    A rank whose share was only dummy rows reports no loss terms; the others' values stand for them.
+    """
     merged = {}
-    for key in per_rank[0]:
-        values = [m[key] for m in per_rank]
+    for key in dict.fromkeys(k for m in per_rank for k in m):
+        values = [m[key] for m in per_rank if key in m]
         merged[key] = (sum(values) if key in ("tokens", "tokens_per_s") else max(values) if key.endswith("_max")
                        else sum(values) / len(values))
     return merged

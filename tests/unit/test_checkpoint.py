@@ -147,11 +147,6 @@ def test_resaving_an_existing_name_replaces_it(tmp_path):
     assert sorted(p.name for p in _root(tmp_path).iterdir()) == ["final", "latest"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "saferl/checkpoint.py save() only clears `.<name>.incomplete` for the name being saved (line "
-    "`shutil.rmtree(partial, ...)`), but the module docstring promises a leftover .incomplete directory is "
-    "'cleared by the next save'; a failed step_20 followed by a save of step_30 leaves .step_20.incomplete "
-    "(a partial model) on disk forever"))
 def test_leftover_incomplete_dir_of_another_name_is_cleared_by_next_save(tmp_path):
     """The module docstring: a leftover `.incomplete` directory is cleared by the next save."""
     checkpoint.save(tmp_path, "step_10", FakeTrainer(), {"step": 10}, keep_last=0, export="merged")
@@ -277,10 +272,6 @@ def test_tracker_resume_without_metrics_file_starts_one(tmp_path):
     assert _read_steps(tmp_path / "metrics.jsonl") == [5]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "saferl/tracking.py Tracker.__init__ parses every line of metrics.jsonl with json.loads when start_step > 0; "
-    "a run killed or out of disk space while writing leaves a torn last line, and the resume then dies with "
-    "JSONDecodeError instead of dropping it (expected: torn line dropped, complete rows <= start_step kept)"))
 def test_tracker_resume_tolerates_a_torn_last_line(tmp_path):
     """A crash while writing a row leaves a partial last line; resuming drops it and keeps the complete rows."""
     path = tmp_path / "metrics.jsonl"

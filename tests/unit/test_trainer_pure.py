@@ -1,6 +1,7 @@
 """Pure helpers of the trainer and driver: the LR schedule, merging per-rank metrics, choosing the groups to train
 on, and the trainer's memory-per-parameter estimate (no model, no Ray)."""
 
+import itertools
 import math
 import types
 
@@ -30,25 +31,25 @@ def test_lr_linear_warmup_then_constant():
 
 
 def test_lr_cosine_after_warmup_hand_values():
-    """Cosine: base * 0.5 * (1 + cos(pi * (step - warmup) / (total - warmup))), reaching 0 at the last step."""
+    """Cosine: base * 0.5 * (1 + cos(pi * (step - warmup - 1) / (total - warmup))): the first step after
+    warm-up runs at the base rate, and the rate decays towards 0 (reached only past the last step)."""
     # base 1.0, warmup 2, total 6 -> span 4.
     # step 1, 2: warm-up 0.5, 1.0
-    # step 3: 0.5 * (1 + cos(pi/4))  = 0.5 * 1.7071068 = 0.8535534
-    # step 4: 0.5 * (1 + cos(pi/2))  = 0.5
-    # step 5: 0.5 * (1 + cos(3pi/4)) = 0.5 * 0.2928932 = 0.1464466
-    # step 6: 0.5 * (1 + cos(pi))    = 0
+    # step 3: progress 0   -> 1.0
+    # step 4: progress 1/4 -> 0.5 * (1 + cos(pi/4))  = 0.8535534
+    # step 5: progress 2/4 -> 0.5 * (1 + cos(pi/2))  = 0.5
+    # step 6: progress 3/4 -> 0.5 * (1 + cos(3pi/4)) = 0.1464466
     # step 8 (past the end): progress clamped at 1 -> 0, never negative or rising again
-    expected = {1: 0.5, 2: 1.0, 3: 0.8535534, 4: 0.5, 5: 0.1464466, 6: 0.0, 8: 0.0}
+    expected = {1: 0.5, 2: 1.0, 3: 1.0, 4: 0.8535534, 5: 0.5, 6: 0.1464466, 8: 0.0}
     for step, value in expected.items():
         assert lr_at(step, 1.0, "cosine", 2, 6) == pytest.approx(value, abs=1e-7), step
 
 
-def test_lr_cosine_without_warmup_is_monotone_to_zero():
-    """No warm-up: step 1 of 4 is already decayed (0.5 * (1 + cos(pi/4)) = 0.8535534) and step 4 is 0."""
+def test_lr_cosine_without_warmup_is_monotone():
+    """No warm-up: step 1 of 4 runs at the base rate, then 0.8535534, 0.5, 0.1464466 of it."""
     values = [lr_at(step, 2.0, "cosine", 0, 4) for step in range(1, 5)]
-    # 2 * [0.8535534, 0.5, 0.1464466, 0]
-    assert values == pytest.approx([1.7071068, 1.0, 0.2928932, 0.0], abs=1e-7)
-    assert all(a > b for a, b in zip(values, values[1:]))
+    assert values == pytest.approx([2.0, 1.7071068, 1.0, 0.2928932], abs=1e-7)
+    assert all(a > b for a, b in itertools.pairwise(values))
 
 
 def test_lr_unknown_schedule_raises():
@@ -57,11 +58,6 @@ def test_lr_unknown_schedule_raises():
         lr_at(1, 1e-4, "linear", 0, 10)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "saferl/trainer/policy.py: PolicyTrainer.__init__ calls `lr_at(1, **self.lr_args)` with the comment 'an "
-    "unknown schedule fails here, at start-up', but lr_at returns the warm-up value for step <= warmup_steps "
-    "before looking at `schedule`, so lr_at(1, 1e-4, 'linear', warmup_steps=5, total_steps=10) returns 2e-05 "
-    "instead of raising; the bad schedule only fails at step 6 (config validation hides it for YAML runs)"))
 def test_lr_unknown_schedule_raises_even_during_warmup():
     """The start-up check in PolicyTrainer relies on lr_at(1, ...) raising for an unknown schedule."""
     with pytest.raises(ValueError):
@@ -98,12 +94,6 @@ def test_merge_rank_metrics_single_rank_is_identity():
     assert merge_rank_metrics([one]) == one
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "saferl/trainer/policy.py merge_rank_metrics reads every rank's value for each key of rank 0 "
-    "(`values = [m[key] for m in per_rank]`), but PolicyTrainer.train_step only adds the loss metrics "
-    "(pg_loss, clip_frac*, ratio_mean, kl) when a micro-batch had real rows (`if local_count:`). A rank that "
-    "only ran dummy rows - e.g. 2 samples on 4 workers, which drop_zero_variance_groups can produce - returns "
-    "no pg_loss, and the merge raises KeyError('pg_loss'). Expected: the mean over the ranks that report it"))
 def test_merge_rank_metrics_with_a_rank_that_only_ran_dummy_rows():
     """Ranks whose whole share was dummy rows report no loss terms; the merge averages over those that do."""
     # 2 samples over 4 ranks: ranks 2 and 3 get only a dummy row (nothing to train on) in their one step.
@@ -234,6 +224,6 @@ def test_bytes_per_param_sharding_never_increases_memory():
         for workers in (1, 2, 8):
             by_stage = [_bytes("trainer.strategy=deepspeed", f"trainer.dtype={dtype}", f"trainer.workers={workers}",
                                f"trainer.zero_stage={s}") for s in range(4)]
-            assert all(a >= b for a, b in zip(by_stage, by_stage[1:])), (dtype, workers, by_stage)
+            assert all(a >= b for a, b in itertools.pairwise(by_stage)), (dtype, workers, by_stage)
     assert math.isclose(_bytes("trainer.strategy=deepspeed", "trainer.dtype=bfloat16", "trainer.workers=8",
                                "trainer.zero_stage=3"), 16 / 8)  # everything sharded 8 ways: (2 + 2 + 12) / 8
