@@ -21,10 +21,12 @@ two implement the same maths and should agree to float32 rounding. One torch thr
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import inspect
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -42,12 +44,12 @@ QWEN3_VOCAB = 151_936
 
 
 def toyworld_part(name: str) -> str:
-    """A toy-world part (policy, train, ...) of the default config, built first when missing (as `train.resolve`)."""
+    """A part (policy, train, ...) of the default toy world, built when missing (as `saferl.train.resolve`)."""
     from saferl.config import SafeRLConfig
     from saferl.toyworld.build import ensure_built
 
     cfg = SafeRLConfig().toyworld
-    cfg = dataclasses.replace(cfg, cache_dir=str(ROOT / cfg.cache_dir))  # independent of the working directory
+    cfg = dataclasses.replace(cfg, cache_dir=str(ROOT / cfg.cache_dir))  # whatever the working directory
     return str(ensure_built(cfg).part(name))
 
 
@@ -70,7 +72,8 @@ def make_batch(model_path: str, prompts_path: str, n_prompts: int, group: int, m
 
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    rows = [json.loads(line) for line in Path(prompts_path).read_text().splitlines()[:: 97][:n_prompts]]
+    lines = Path(prompts_path).read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:: max(1, len(lines) // n_prompts)][:n_prompts]]  # spread out
     prompts, completions = [], []
     torch.manual_seed(seed)
     for row in rows:
@@ -92,7 +95,7 @@ def make_batch(model_path: str, prompts_path: str, n_prompts: int, group: int, m
 
 def trl_inputs(prompts: list[list[int]], completions: list[list[int]], advantages: list[float], pad: int
                ) -> dict[str, torch.Tensor]:
-    """The dict `GRPOTrainer._generate_and_score_completions` returns: prompts left-, completions right-padded."""
+    """What `GRPOTrainer._generate_and_score_completions` returns: prompts left-, completions right-padded."""
     p_len, c_len = max(map(len, prompts)), max(map(len, completions))
     p_ids = torch.tensor([[pad] * (p_len - len(p)) + p for p in prompts])
     p_mask = torch.tensor([[0] * (p_len - len(p)) + [1] * len(p) for p in prompts])
@@ -115,8 +118,8 @@ def build_trl(model_path: str, batch: int, group: int, max_new: int, out_dir: st
                       epsilon=3e-4, epsilon_high=4e-4, num_generations=group, per_device_train_batch_size=batch,
                       gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
                       learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0,
-                      max_completion_length=max_new, use_cpu=True, bf16=False, report_to=[], logging_steps=10**9,
-                      save_strategy="no", seed=0)
+                      max_completion_length=max_new, use_cpu=True, bf16=False, report_to=[],
+                      logging_steps=10**9, save_strategy="no", seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * batch)
     trainer = GRPOTrainer(model=model, reward_funcs=zero_reward, args=args, train_dataset=data,
@@ -152,15 +155,13 @@ def build_ours(model_path: str, batch: int, seed: int):  # -> PolicyTrainer
 
 
 def ours_parts(trainer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The trained module and its optimizer, across PolicyTrainer versions."""
+    """The trained module and its optimizer (the torch engine's, or the older trainer's own)."""
     engine = getattr(trainer, "engine", None)
-    if engine is not None:
-        return engine.module, getattr(engine, "optimizer", None)
-    return trainer.model, trainer.optimizer
+    return (engine.module, engine.optimizer) if engine is not None else (trainer.model, trainer.optimizer)
 
 
 def capture_grads(opt: torch.optim.Optimizer) -> tuple[dict[int, torch.Tensor], object]:
-    """Record each parameter's (clipped) gradient as `opt.step` is entered; returns (grads by id, hook handle)."""
+    """Record each parameter's (clipped) gradient when `opt.step` starts; returns (grads by id, hook handle)."""
     grads: dict[int, torch.Tensor] = {}
 
     def hook(optimizer: torch.optim.Optimizer, *_: object) -> None:
@@ -189,11 +190,12 @@ def main() -> None:
     ap.add_argument("--model", help="HF causal LM directory (default: the toy-world policy, built if missing)")
     ap.add_argument("--prompts-file", help="prompt jsonl with `messages` (default: the toy-world train split)")
     ap.add_argument("--random-qwen3-vocab", action="store_true",
-                    help="time a random init of the model's architecture with Qwen3's 151,936-token vocab instead")
-    ap.add_argument("--prompts", type=int, default=4)
+                    help="time a random init of the model's architecture with Qwen3's 151,936-token vocab "
+                         "(same sampled token ids); shows the cost of a realistic LM head")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts in the batch")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (TRL num_generations)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side, the checked first one included")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -206,13 +208,15 @@ def main() -> None:
     from saferl.types import TrainBatch
 
     tmp = tempfile.mkdtemp(prefix="trainer-vs-trl-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     sample_path = a.model or toyworld_part("policy")
     model_path = random_qwen3(sample_path, f"{tmp}/model") if a.random_qwen3_vocab else sample_path
     prompts, completions, adv = make_batch(sample_path, a.prompts_file or toyworld_part("train"), a.prompts,
                                            a.group, a.max_new_tokens, a.seed)
     n = len(prompts)
-    batch = TrainBatch(input_ids=[p + c for p, c in zip(prompts, completions)], prompt_lens=list(map(len, prompts)),
-                       old_logprobs=[[0.0] * len(c) for c in completions], advantages=adv)
+    batch = TrainBatch(input_ids=[p + c for p, c in zip(prompts, completions)],
+                       prompt_lens=list(map(len, prompts)), old_logprobs=[[0.0] * len(c) for c in completions],
+                       advantages=adv)
     ours = build_ours(model_path, n, a.seed)
     trl = build_trl(model_path, n, a.group, a.max_new_tokens, f"{tmp}/trl")
     inputs = trl_inputs(prompts, completions, adv, ours.tokenizer.pad_token_id)
@@ -226,11 +230,13 @@ def main() -> None:
     loss_trl = trl_step(trl, inputs)
     h_ours.remove(), h_trl.remove()
     dg, g, dw = differences(our_model, trl.model, g_ours, g_trl)
+    sides = {"SafeRL": lambda: ours.train_step(batch), "TRL GRPOTrainer": lambda: trl_step(trl, inputs)}
     for _ in range(a.warmup - 1):
-        ours.train_step(batch), trl_step(trl, inputs)
-    times: dict[str, list[float]] = {"SafeRL": [], "TRL GRPOTrainer": []}
-    for _ in range(a.steps):
-        for name, step in (("SafeRL", lambda: ours.train_step(batch)), ("TRL GRPOTrainer", lambda: trl_step(trl, inputs))):
+        for step in sides.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(a.steps):  # interleaved: ours, TRL, ours, TRL, ...
+        for name, step in sides.items():
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
@@ -240,11 +246,11 @@ def main() -> None:
     opt = trl.optimizer
     label = "random Qwen3-vocab model" if a.random_qwen3_vocab else "toy policy"
     print(f"\nGSPO optimisation step, {label} ({params / 1e6:.2f}M params, vocab {our_model.config.vocab_size}), "
-          f"B={n} ({a.prompts}x{a.group}), mean completion {tokens / n:.1f} tokens "
-          f"(max {max(map(len, completions))}), mean prompt {sum(map(len, prompts)) / n:.1f}, {a.steps} timed steps")
-    print(f"TRL optimizer: {type(opt).__name__} (optim={trl.args.optim}, fused={opt.defaults.get('fused')}); "
-          f"ours: {type(our_opt).__name__} (fused={our_opt.defaults.get('fused') if our_opt else '?'}); "
-          f"torch threads {torch.get_num_threads()}")
+          f"B={n} ({a.prompts}x{a.group}), mean completion {tokens / n:.1f} tokens (max "
+          f"{max(map(len, completions))}), mean prompt {sum(map(len, prompts)) / n:.1f}, {a.steps} timed steps")
+    print(f"optimizers: TRL {type(opt).__name__} (optim={trl.args.optim}, fused={opt.defaults.get('fused')}), "
+          f"SafeRL {type(our_opt).__name__} (fused={our_opt.defaults.get('fused')}); "
+          f"torch threads {torch.get_num_threads()}; tokens/s = response tokens / median s")
     print(f"{'':17}{'median s':>10}{'mean s':>10}{'tokens/s':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -252,7 +258,7 @@ def main() -> None:
     ratio = statistics.median(times["SafeRL"]) / statistics.median(times["TRL GRPOTrainer"])
     print(f"ratio SafeRL/TRL (median): {ratio:.2f}x (goal <= 1.0)")
     print(f"loss of the first step (same weights): SafeRL {loss_ours:.3e}  TRL {loss_trl:.3e}")
-    print(f"max |d grad| (clipped, as AdamW sees it) after one identical step: {dg:.3e} (max |grad| {g:.3e})")
+    print(f"max |d grad| (clipped, as AdamW gets it) in one identical step: {dg:.3e} (max |grad| {g:.3e})")
     print(f"max |dW| after one identical step: {dw:.3e} (AdamW's first update is ~lr = 1e-6 per weight)")
 
 

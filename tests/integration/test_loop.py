@@ -46,9 +46,12 @@ def _check_run(run_dir):
 def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
     from saferl.train import train
 
-    cfg = _cfg(toy_world, tmp_path, "run.executor=ray", "rollout.num_engines=2")
+    # Two data-parallel DeepSpeed ZeRO-2 trainer workers over gloo, two rollout engines.
+    cfg = _cfg(toy_world, tmp_path, "run.executor=ray", "rollout.num_engines=2", "ray.num_cpus=4",
+               "trainer.workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.micro_batch_size=4")
     result = train(cfg)
     ckpt = _check_run(tmp_path / "run")
+    assert {"deepspeed", "rank0.pt", "rank1.pt"} <= {p.name for p in (ckpt / "trainer").iterdir()}
     assert set(result["before"]) == set(result["after"])
     # The final checkpoint serves with vLLM.
     from saferl.engines import Sampling, VLLMEngine
@@ -61,8 +64,15 @@ def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
 def test_two_gspo_steps_in_one_process(toy_world, tmp_path):
     from saferl.train import train
 
-    train(_cfg(toy_world, tmp_path, "run.executor=local", "rollout.num_engines=2"))
+    # Groups with equal rewards are dropped and one refill round tops the batch up; a checkpoint every step.
+    train(_cfg(toy_world, tmp_path, "run.executor=local", "rollout.num_engines=2",
+               "trainer.drop_zero_variance_groups=true", "rollout.refill_rounds=1", "checkpoint.every=1"))
     _check_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in (r for r in rows if "batch/groups" in r):
+        assert 1 <= r["batch/rounds"] <= 2 and r["batch/groups"] <= 4
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "final"
+    assert (tmp_path / "run" / "checkpoints" / "step_1" / "saferl_state.json").is_file()
 
 
 @pytest.mark.parametrize("lora_rank", [0, 8], ids=["full", "lora"])
