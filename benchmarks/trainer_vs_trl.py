@@ -44,7 +44,7 @@ QWEN3_VOCAB = 151_936
 
 
 def toyworld_part(name: str) -> str:
-    """A part (policy, train, ...) of the default toy world, built when missing (as `saferl.train.resolve`)."""
+    """A part (policy, train, ...) of the default toy world, built when missing (as `train.resolve`)."""
     from saferl.config import SafeRLConfig
     from saferl.toyworld.build import ensure_built
 
@@ -115,11 +115,11 @@ def build_trl(model_path: str, batch: int, group: int, max_new: int, out_dir: st
         return [0.0] * len(completions)
 
     args = GRPOConfig(output_dir=out_dir, importance_sampling_level="sequence", loss_type="grpo", beta=0.0,
-                      epsilon=3e-4, epsilon_high=4e-4, num_generations=group, per_device_train_batch_size=batch,
-                      gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1,
-                      learning_rate=1e-6, weight_decay=0.0, max_grad_norm=1.0, temperature=1.0,
-                      max_completion_length=max_new, use_cpu=True, bf16=False, report_to=[],
-                      logging_steps=10**9, save_strategy="no", seed=0)
+                      epsilon=3e-4, epsilon_high=4e-4, num_generations=group,
+                      per_device_train_batch_size=batch, gradient_accumulation_steps=1,
+                      steps_per_generation=1, num_iterations=1, learning_rate=1e-6, weight_decay=0.0,
+                      max_grad_norm=1.0, temperature=1.0, max_completion_length=max_new, use_cpu=True,
+                      bf16=False, report_to=[], logging_steps=10**9, save_strategy="no", seed=0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": "hi"}]}] * batch)
     trainer = GRPOTrainer(model=model, reward_funcs=zero_reward, args=args, train_dataset=data,
@@ -161,7 +161,7 @@ def ours_parts(trainer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 
 def capture_grads(opt: torch.optim.Optimizer) -> tuple[dict[int, torch.Tensor], object]:
-    """Record each parameter's (clipped) gradient when `opt.step` starts; returns (grads by id, hook handle)."""
+    """Record each parameter's (clipped) gradient when `opt.step` starts; returns (grads, hook)."""
     grads: dict[int, torch.Tensor] = {}
 
     def hook(optimizer: torch.optim.Optimizer, *_: object) -> None:
@@ -187,15 +187,15 @@ def differences(ours: torch.nn.Module, theirs: torch.nn.Module, g_ours: dict[int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="HF causal LM directory (default: the toy-world policy, built if missing)")
-    ap.add_argument("--prompts-file", help="prompt jsonl with `messages` (default: the toy-world train split)")
+    ap.add_argument("--model", help="HF causal LM dir (default: the toy-world policy, built if missing)")
+    ap.add_argument("--prompts-file", help="jsonl with `messages` (default: the toy-world train split)")
     ap.add_argument("--random-qwen3-vocab", action="store_true",
                     help="time a random init of the model's architecture with Qwen3's 151,936-token vocab "
                          "(same sampled token ids); shows the cost of a realistic LM head")
     ap.add_argument("--prompts", type=int, default=4, help="prompts in the batch")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt (TRL num_generations)")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side, the checked first one included")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side (incl. the checked first)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -215,8 +215,8 @@ def main() -> None:
                                            a.group, a.max_new_tokens, a.seed)
     n = len(prompts)
     batch = TrainBatch(input_ids=[p + c for p, c in zip(prompts, completions)],
-                       prompt_lens=list(map(len, prompts)), old_logprobs=[[0.0] * len(c) for c in completions],
-                       advantages=adv)
+                       prompt_lens=list(map(len, prompts)),
+                       old_logprobs=[[0.0] * len(c) for c in completions], advantages=adv)
     ours = build_ours(model_path, n, a.seed)
     trl = build_trl(model_path, n, a.group, a.max_new_tokens, f"{tmp}/trl")
     inputs = trl_inputs(prompts, completions, adv, ours.tokenizer.pad_token_id)
@@ -245,11 +245,12 @@ def main() -> None:
     params = sum(p.numel() for p in our_model.parameters())
     opt = trl.optimizer
     label = "random Qwen3-vocab model" if a.random_qwen3_vocab else "toy policy"
-    print(f"\nGSPO optimisation step, {label} ({params / 1e6:.2f}M params, vocab {our_model.config.vocab_size}), "
-          f"B={n} ({a.prompts}x{a.group}), mean completion {tokens / n:.1f} tokens (max "
-          f"{max(map(len, completions))}), mean prompt {sum(map(len, prompts)) / n:.1f}, {a.steps} timed steps")
-    print(f"optimizers: TRL {type(opt).__name__} (optim={trl.args.optim}, fused={opt.defaults.get('fused')}), "
-          f"SafeRL {type(our_opt).__name__} (fused={our_opt.defaults.get('fused')}); "
+    vocab, longest = our_model.config.vocab_size, max(map(len, completions))
+    print(f"\nGSPO optimisation step, {label} ({params / 1e6:.2f}M params, vocab {vocab}), B={n} "
+          f"({a.prompts}x{a.group}), mean completion {tokens / n:.1f} tokens (max {longest}), "
+          f"mean prompt {sum(map(len, prompts)) / n:.1f}, {a.steps} timed steps")
+    print(f"optimizers: TRL {type(opt).__name__} (optim={trl.args.optim}, fused={opt.defaults.get('fused')}),"
+          f" SafeRL {type(our_opt).__name__} (fused={our_opt.defaults.get('fused')}); "
           f"torch threads {torch.get_num_threads()}; tokens/s = response tokens / median s")
     print(f"{'':17}{'median s':>10}{'mean s':>10}{'tokens/s':>10}")
     for name, ts in times.items():
