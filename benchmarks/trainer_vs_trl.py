@@ -12,8 +12,10 @@ advantages. Both sides then run full optimisation steps on exactly that batch, f
           loop does after it: `accelerator.clip_grad_norm_`, `optimizer.step()` (TRL's default optimizer).
 
 Warm-up steps, then timed steps interleaved (ours, TRL, ours, TRL, ...) so machine drift hits both. The
-first step of each side starts from identical weights, so after it the losses and weights are compared: the
-two implement the same maths and should agree to float32 rounding. One torch thread everywhere.
+first step of each side starts from identical weights, so its losses, clipped gradients (caught by an
+optimizer step pre-hook) and the weights after it are compared: the two implement the same maths and should
+agree to float32 rounding (the loss is ~0: the ratio is exactly 1 and group-normalised advantages average to
+0). One torch thread everywhere.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trainer_vs_trl.py [--steps 10] [--random-qwen3-vocab]
 """
@@ -228,7 +230,8 @@ def main() -> None:
     metrics = ours.train_step(batch)
     loss_ours = metrics.get("loss", metrics.get("pg_loss", float("nan")))
     loss_trl = trl_step(trl, inputs)
-    h_ours.remove(), h_trl.remove()
+    h_ours.remove()
+    h_trl.remove()
     dg, g, dw = differences(our_model, trl.model, g_ours, g_trl)
     sides = {"SafeRL": lambda: ours.train_step(batch), "TRL GRPOTrainer": lambda: trl_step(trl, inputs)}
     for _ in range(a.warmup - 1):

@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run an RL experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run a SafeRL experiment: rollouts on vLLM, guard + helpfulness rewards, GSPO "
                        "updates, weight sync, held-out evaluation before and after, HF checkpoints in "
-                       "<run.dir>/checkpoints/.", epilog=EPILOG_OVERRIDES)
+                       "<run.dir>/checkpoints/. Running the same command again continues an interrupted run "
+                       "from its latest checkpoint (checkpoint.resume=auto; 'never' starts afresh). "
+                       "Data-parallel trainers: trainer.workers=N trainer.strategy=torch|deepspeed "
+                       "trainer.zero_stage=0-3; LoRA: trainer.lora.rank=R.", epilog=EPILOG_OVERRIDES)
     _config_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the placement plan without loading any weights")
