@@ -231,7 +231,7 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     # One row at a time, upcast to float32: peak extra memory is one [T, V] slab instead of [B, T, V], and
     # bf16 logits do not lose precision in the logsumexp.
     for row_logits, row_targets in zip(logits[:, :-1], targets, strict=True):
-        row = row_logits.float() / temperature  # [T-1, V]
+        row = row_logits.float() if temperature == 1.0 else row_logits.float() / temperature  # [T-1, V]
         picked = row.gather(-1, row_targets).squeeze(-1)  # [T-1]
         rows.append(picked - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)

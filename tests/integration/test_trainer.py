@@ -101,3 +101,16 @@ def test_lora_trains_adapters_and_exports_merged_or_adapter(toy_world, tmp_path)
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy), tmp_path / "adapter")
     with torch.no_grad():
         assert torch.allclose(full(ids).logits, adapted(ids).logits, atol=1e-4)
+
+
+def test_entropy_bonus_alone_raises_entropy(toy_world):
+    """With all advantages 0 the policy term has no gradient; an entropy bonus alone must raise the entropy."""
+    from saferl.trainer.policy import PolicyTrainer
+
+    batch = _batch(8)
+    batch.advantages = [0.0] * 8
+    trainer = PolicyTrainer(str(toy_world.part("policy")), entropy_coef=1.0, lr=1e-3, minibatches=1)
+    first = trainer.train_step(batch)
+    second = trainer.train_step(batch)
+    assert first["pg_loss"] == 0.0
+    assert second["entropy"] > first["entropy"] + 1e-3, (first["entropy"], second["entropy"])
