@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
-import inspect
 import json
 import os
 import shutil
@@ -146,20 +145,14 @@ def build_ours(model_path: str, batch: int, seed: int):  # -> PolicyTrainer
     """SafeRL's trainer for one GSPO step per batch, the whole batch in one micro-batch (as TRL's side)."""
     from saferl.trainer.policy import PolicyTrainer
 
-    kwargs = dict(model=model_path, lr=1e-6, minibatches=1, loss="gspo", clip_low=3e-4, clip_high=4e-4,
-                  aggregation="seq-mean-token-mean", temperature=1.0, dtype="float32", seed=seed)
-    if "micro_batch_size" in inspect.signature(PolicyTrainer).parameters:
-        kwargs["micro_batch_size"] = batch
-    trainer = PolicyTrainer(**kwargs)
-    if hasattr(trainer, "connect"):  # the data-parallel trainer builds its optimizer/engine here
-        trainer.connect(trainer.address())
-    return trainer
+    return PolicyTrainer(model=model_path, lr=1e-6, minibatches=1, micro_batch_size=batch, loss="gspo",
+                         clip_low=3e-4, clip_high=4e-4, aggregation="seq-mean-token-mean", temperature=1.0,
+                         dtype="float32", seed=seed)
 
 
 def ours_parts(trainer) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """The trained module and its optimizer (the torch engine's, or the older trainer's own)."""
-    engine = getattr(trainer, "engine", None)
-    return (engine.module, engine.optimizer) if engine is not None else (trainer.model, trainer.optimizer)
+    """The trained module and its optimizer (a single rank's plain-torch engine)."""
+    return trainer.engine.module, trainer.engine.optimizer
 
 
 def capture_grads(opt: torch.optim.Optimizer) -> tuple[dict[int, torch.Tensor], object]:
