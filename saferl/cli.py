@@ -76,6 +76,39 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from saferl.serving.server import build_app, check_bind
+
+    token = os.environ.get("SAFERL_SERVE_TOKEN")
+    if args.token_file:
+        token = open(args.token_file, encoding="utf-8").read().strip()
+        if not token:
+            raise ValueError(f"{args.token_file}: the token file is empty")
+    check_bind(args.host, token)  # before any weights load
+    from saferl.runtime import configure_process
+
+    configure_process()
+    if args.kind == "guard":
+        from saferl.guard.scorer import GuardScorer
+
+        scorer = GuardScorer(args.model, backend=args.backend, max_new_tokens=args.max_new_tokens,
+                             max_model_len=args.max_model_len, dtype=args.dtype)
+    else:
+        from saferl.helpfulness import HelpfulnessScorer
+
+        scorer = HelpfulnessScorer(args.model, dtype=args.dtype, max_length=args.max_model_len)
+    app = build_app(args.kind, scorer, model=args.model, token=token, max_body_bytes=args.max_body_mib << 20,
+                    max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+    import uvicorn
+
+    print(f"[saferl] serving {args.kind} {args.model} on http://{args.host}:{args.port} "
+          f"(auth: {'bearer token' if token else 'none, loopback only'})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saferl", description="Safety RL for chat models against a "
                                      "Qwen3Guard-style guard (Ray + vLLM rollouts, hybrid reward, GSPO).")
@@ -117,6 +150,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-prefix", action="store_true",
                    help="compute a batch's common prompt prefix once (guards: the moderation instruction)")
     p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("serve", help="serve a guard or helpfulness RM over HTTP (JSON) for training or eval",
+                       description="An HTTP reward server: POST /v1/moderate (guard) or /v1/score (rm), GET "
+                       "/health, OpenAPI at /openapi.json. Binds 127.0.0.1 by default; any other address "
+                       "needs a bearer token (--token-file or SAFERL_SERVE_TOKEN). Concurrent requests are "
+                       "batched together.")
+    p.add_argument("kind", choices=("guard", "rm"), help="guard: Qwen3Guard-Gen-format model; rm: reward model")
+    p.add_argument("-m", "--model", required=True, help="model directory (or hub id on a machine with access)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None, help="file holding the bearer token clients must send")
+    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help="guard inference engine")
+    from saferl.config import GuardConfig
+
+    p.add_argument("--dtype", default=GuardConfig.dtype)
+    p.add_argument("--max-model-len", type=int, default=GuardConfig.max_model_len,
+                   help="guard context / RM max input tokens (default: %(default)s, as guard.max_model_len)")
+    p.add_argument("--max-new-tokens", type=int, default=GuardConfig.max_new_tokens,
+                   help="guard output tokens for Safety/Categories/Refusal (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64, help="items per model call when requests coalesce")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
+    p.add_argument("--max-body-mib", type=int, default=8, help="larger request bodies get 413")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

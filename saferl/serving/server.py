@@ -1,0 +1,140 @@
+"""The HTTP reward server behind `saferl serve guard|rm`: a GuardScorer or HelpfulnessScorer over JSON.
+
+Safe by default, unlike the reward servers users of the peers complain about:
+- binds 127.0.0.1 unless told otherwise, and refuses any other address without a bearer token;
+- speaks JSON only (pydantic-validated; no pickle), with its OpenAPI schema at /openapi.json and docs at /docs;
+- rejects bodies over `max_body_bytes` (413) or without a length (411), bad JSON or missing fields (422), a wrong or missing token (401),
+  each with a message, and keeps serving;
+- coalesces concurrent requests into model batches (`DynamicBatcher`).
+
+Endpoints: GET /health, POST /v1/moderate (guard), POST /v1/score (helpfulness RM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from saferl.serving.batcher import DynamicBatcher
+
+LOOPBACK = "127.0.0.1"
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ModerateItem(BaseModel):
+    messages: list[Message] = Field(min_length=1)
+    response: str | None = Field(None, description="the response to judge; null judges the last user turn")
+
+
+class ModerateRequest(BaseModel):
+    items: list[ModerateItem] = Field(min_length=1)
+
+
+class Verdict(BaseModel):
+    safety: str | None = Field(description="Safe | Unsafe | Controversial; null when the output did not parse")
+    categories: list[str]
+    refusal: bool | None
+    parse_ok: bool
+    raw: str
+
+
+class ModerateResponse(BaseModel):
+    verdicts: list[Verdict]
+
+
+class ScoreItem(BaseModel):
+    messages: list[Message] = Field(min_length=1)
+    response: str
+
+
+class ScoreRequest(BaseModel):
+    items: list[ScoreItem] = Field(min_length=1)
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse to expose a scorer beyond this machine without authentication."""
+    if not is_loopback(host) and not token:
+        raise ValueError(f"refusing to bind {host} without a bearer token: pass --token-file (or set "
+                         "SAFERL_SERVE_TOKEN), or bind 127.0.0.1")
+
+
+def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body_bytes: int = 8 << 20,
+              max_batch: int = 64, max_wait_s: float = 0.005) -> Any:
+    """A FastAPI app serving `scorer` (GuardScorer for kind='guard', HelpfulnessScorer for kind='rm')."""
+    from fastapi import Depends, FastAPI, HTTPException, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+    if kind not in ("guard", "rm"):
+        raise ValueError(f"kind must be 'guard' or 'rm', got {kind!r}")
+    app = FastAPI(title=f"SafeRL {kind} reward server", version="1",
+                  description=f"Scores with {model}. JSON only; bearer token when configured.")
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length is None:  # a streamed body could be any size
+            return JSONResponse(status_code=411, content={"detail": "a Content-Length header is required"})
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return JSONResponse(status_code=413, content={"detail": f"body larger than {max_body_bytes} bytes"})
+        return await call_next(request)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "kind": kind, "model": model, **batcher.stats()}
+
+    if kind == "guard":
+        from saferl.guard.scorer import ModerationItem
+
+        batcher = DynamicBatcher(scorer.moderate, max_batch=max_batch, max_wait_s=max_wait_s)
+
+        @app.post("/v1/moderate", response_model=ModerateResponse, dependencies=[Depends(authorised)])
+        def moderate(request: ModerateRequest) -> ModerateResponse:
+            items = [ModerationItem([m.model_dump() for m in it.messages], it.response) for it in request.items]
+            return ModerateResponse(verdicts=[verdict_json(v) for v in batcher(items)])
+    else:
+        batcher = DynamicBatcher(scorer.score, max_batch=max_batch, max_wait_s=max_wait_s)
+
+        @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorised)])
+        def score(request: ScoreRequest) -> ScoreResponse:
+            pairs = [([m.model_dump() for m in it.messages], it.response) for it in request.items]
+            return ScoreResponse(scores=batcher(pairs))
+
+    app.router.on_shutdown.append(batcher.close)
+    return app
+
+
+def verdict_json(verdict: Any) -> Verdict:
+    fields = dataclasses.asdict(verdict)
+    safety = verdict.safety.value if verdict.safety is not None else None
+    return Verdict(safety=safety, categories=list(fields["categories"]), refusal=fields["refusal"],
+                   parse_ok=fields["parse_ok"], raw=fields["raw"])

@@ -1,0 +1,148 @@
+"""`saferl serve guard|rm`: the HTTP reward server against the in-process scorers, bad requests, batching."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "test-token-123"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(kind: str, model: Path, tmp_path: Path, *extra: str):
+    """Start `saferl serve` as a subprocess; yield (base URL, process); stop it at the end."""
+    import httpx
+
+    port = _free_port()
+    token_file = tmp_path / f"{kind}.token"
+    token_file.write_text(TOKEN + "\n")
+    log = open(tmp_path / f"{kind}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "saferl.cli", "serve", kind, "-m", str(model), "--port",
+                             str(port), "--token-file", str(token_file), *extra], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (tmp_path / f"{kind}.log").read_text()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    return url, proc
+
+
+@pytest.fixture(scope="module")
+def servers(toy_world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    guard = _serve("guard", toy_world.part("guard"), tmp, "--max-body-mib", "1")
+    rm = _serve("rm", toy_world.part("reward_model"), tmp)
+    yield {"guard": guard[0], "rm": rm[0]}
+    for _, proc in (guard, rm):
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _cases(toy_world):
+    from saferl.data import load_prompts
+    from saferl.toyworld import world
+
+    prompts = load_prompts(toy_world.part("heldout"))
+    cases = []
+    for p in prompts[::97][:6]:
+        for style, texts in sorted(world.responses_for(p).items()):
+            cases.append((p.messages, texts[0]))
+        cases.append((p.messages, None))  # prompt moderation
+    return cases
+
+
+def _auth():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_server_matches_in_process_scorers(toy_world, servers):
+    """Same verdicts (every field) and the same RM scores (1e-5) as GuardScorer / HelpfulnessScorer in-process."""
+    import httpx
+
+    from saferl.guard.scorer import GuardScorer, ModerationItem
+    from saferl.helpfulness import HelpfulnessScorer
+    from saferl.serving.server import verdict_json
+
+    cases = _cases(toy_world)
+    body = {"items": [{"messages": m, "response": r} for m, r in cases]}
+    remote = httpx.post(servers["guard"] + "/v1/moderate", json=body, headers=_auth(), timeout=120).json()
+    local = GuardScorer(str(toy_world.part("guard"))).moderate(
+        [ModerationItem(m, r) for m, r in cases])
+    assert remote["verdicts"] == [verdict_json(v).model_dump() for v in local]
+    assert {v["safety"] for v in remote["verdicts"]} >= {"Safe", "Unsafe"}
+
+    pairs = [(m, r) for m, r in cases if r is not None]
+    body = {"items": [{"messages": m, "response": r} for m, r in pairs]}
+    scores = httpx.post(servers["rm"] + "/v1/score", json=body, headers=_auth(), timeout=120).json()["scores"]
+    expected = HelpfulnessScorer(str(toy_world.part("reward_model")), max_length=1024).score(pairs)
+    assert scores == pytest.approx(expected, abs=1e-5)
+
+
+def test_bad_requests_get_4xx_and_the_server_stays_up(servers):
+    import httpx
+
+    url = servers["guard"] + "/v1/moderate"
+    good = {"items": [{"messages": [{"role": "user", "content": "hi"}], "response": "hello"}]}
+    checks = [
+        (httpx.post(url, content=b"{not json", headers={**_auth(), "content-type": "application/json"}), 422,
+         "JSON decode error"),
+        (httpx.post(url, json={"items": [{"response": "x"}]}, headers=_auth()), 422, "messages"),
+        (httpx.post(url, json={}, headers=_auth()), 422, "items"),
+        (httpx.post(url, json=good), 401, "bearer token"),
+        (httpx.post(url, json=good, headers={"Authorization": "Bearer wrong"}), 401, "bearer token"),
+        (httpx.post(url, content=b"x" * (2 << 20), headers=_auth()), 413, "larger than"),
+    ]
+    for response, status, message in checks:
+        assert response.status_code == status, (response.status_code, response.text)
+        assert message in response.text
+    assert httpx.get(servers["guard"] + "/health").json()["status"] == "ok"
+    ok = httpx.post(url, json=good, headers=_auth(), timeout=60)
+    assert ok.status_code == 200 and len(ok.json()["verdicts"]) == 1
+    schema = httpx.get(servers["guard"] + "/openapi.json").json()
+    assert "/v1/moderate" in schema["paths"] and "/health" in schema["paths"]
+
+
+def test_concurrent_requests_are_batched(toy_world, servers):
+    """32 one-item requests at once come back in order and share model calls (mean batch > 1)."""
+    import httpx
+
+    cases = [c for c in _cases(toy_world) if c[1] is not None][:32]
+    before = httpx.get(servers["guard"] + "/health").json()
+
+    def one(case):
+        body = {"items": [{"messages": case[0], "response": case[1]}]}
+        return httpx.post(servers["guard"] + "/v1/moderate", json=body, headers=_auth(), timeout=120).json()
+
+    with ThreadPoolExecutor(32) as pool:
+        singles = list(pool.map(one, cases))
+    together = httpx.post(servers["guard"] + "/v1/moderate", headers=_auth(), timeout=120,
+                          json={"items": [{"messages": m, "response": r} for m, r in cases]}).json()
+    assert [s["verdicts"][0] for s in singles] == together["verdicts"]
+    after = httpx.get(servers["guard"] + "/health").json()
+    calls, items = after["batches"] - before["batches"] - 1, after["items"] - before["items"] - len(cases)
+    assert items == len(cases) and calls < len(cases), (calls, items)
+
+
+def test_refuses_public_bind_without_token(toy_world):
+    out = subprocess.run([sys.executable, "-m", "saferl.cli", "serve", "guard", "-m", str(toy_world.part("guard")),
+                          "--host", "0.0.0.0"], cwd=ROOT, capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "SAFERL_SERVE_TOKEN"})
+    assert out.returncode == 2 and "without a bearer token" in out.stderr
