@@ -122,7 +122,15 @@ class RolloutConfig:
 @dataclass
 class GuardConfig:
     model: str = "toyworld:guard"
-    backend: str = "vllm"  # vllm | hf
+    # vllm | hf: a GuardScorer actor hosts the model. http: `saferl serve guard` endpoints; openai: any
+    # OpenAI-compatible chat endpoint serving the guard (e.g. `vllm serve Qwen/Qwen3Guard-Gen-4B`).
+    backend: str = "vllm"
+    urls: list[str] = field(default_factory=list)  # http/openai: endpoint pool, e.g. ["http://10.0.0.5:8000"]
+    served_model_name: str = "guard"  # openai: the `model` field of each request
+    token_env: str = "SAFERL_GUARD_TOKEN"  # http/openai: environment variable holding the bearer token
+    timeout_s: float = 60.0  # http/openai: per request
+    retries: int = 3  # http/openai: further tries, with exponential back-off, each on the next endpoint
+    fallback: str = "unsafe"  # http/openai: verdict when every try failed (unsafe | safe | error)
     num_actors: int = 1
     max_new_tokens: int = 32
     max_model_len: int = 1024
@@ -254,7 +262,8 @@ class SafeRLConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.executor": ("ray", "local"),
     "rollout.backend": ("vllm", "hf"),
-    "guard.backend": ("vllm", "hf"),
+    "guard.backend": ("vllm", "hf", "http", "openai"),
+    "guard.fallback": ("unsafe", "safe", "error"),
     "trainer.loss": ("gspo", "gspo-token", "grpo"),
     "trainer.aggregation": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
     "trainer.lr_schedule": ("constant", "cosine"),

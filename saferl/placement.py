@@ -39,7 +39,9 @@ def plan(cfg: SafeRLConfig) -> list[RolePlan]:
         RolePlan("rollout", cfg.policy.model, cfg.rollout.num_engines, cfg.rollout.cpus_per_engine,
                  cfg.rollout.gpus_per_engine, cfg.rollout.backend, cfg.rollout.tensor_parallel_size),
         RolePlan("guard", cfg.guard.model, cfg.guard.num_actors, cfg.guard.cpus_per_actor,
-                 cfg.guard.gpus_per_actor, cfg.guard.backend),
+                 cfg.guard.gpus_per_actor, cfg.guard.backend)
+        if cfg.guard.backend in ("vllm", "hf") else
+        RolePlan("guard", ", ".join(cfg.guard.urls) or "(guard.urls is empty)", 1, 0.0, 0.0, cfg.guard.backend),
     ]
     if cfg.helpfulness.model is not None:
         roles.append(RolePlan("helpfulness", cfg.helpfulness.model, cfg.helpfulness.num_actors,
@@ -75,6 +77,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 def memory_gib(role: RolePlan, cfg: SafeRLConfig) -> str:
     """Weights (+ grads and AdamW states for the trainer) per GPU, when the model's config is local."""
+    if role.engine in ("http", "openai"):
+        return "served elsewhere"
     path = model_path(role.model, cfg)
     if path is None or not (Path(path) / "config.json").is_file():
         return "n/a (config not local)"

@@ -24,6 +24,7 @@ from saferl.actor_group import ActorGroup, check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import PromptSampler, load_prompts
 from saferl.eval.policy_eval import before_after_table, evaluate, ground_truth_metrics
+from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import GuardScorer
 from saferl.helpfulness import HelpfulnessScorer
 from saferl.placement import format_plan, plan, requests
@@ -75,7 +76,8 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
     """Create every role's actors (or local objects) from config; all model paths are resolved first."""
     ex, r, g, h, t = cfg.run.executor, cfg.rollout, cfg.guard, cfg.helpfulness, cfg.trainer
     policy = resolve(cfg.policy.model, cfg)
-    guard_model = resolve(g.model, cfg)
+    remote_guard = g.backend in ("http", "openai")
+    guard_model = None if remote_guard else resolve(g.model, cfg)
     rm_model = resolve(h.model, cfg) if h.model is not None else None
     for path in (policy, guard_model, rm_model):  # before any actor starts
         if path is not None:
@@ -86,11 +88,17 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
                              tensor_parallel_size=r.tensor_parallel_size, kv_cache_mib=r.kv_cache_mib,
                              gpu_memory_utilization=r.gpu_memory_utilization, enable_thinking=r.enable_thinking,
                              seed=cfg.run.seed))
-    guard = ActorGroup(GuardScorer, g.num_actors, executor=ex, name="guard", num_cpus=g.cpus_per_actor,
-                       num_gpus=g.gpus_per_actor, kwargs=dict(
-                           model=guard_model, backend=g.backend, max_new_tokens=g.max_new_tokens,
-                           max_model_len=g.max_model_len, dtype=g.dtype, kv_cache_mib=g.kv_cache_mib,
-                           gpu_memory_utilization=g.gpu_memory_utilization))
+    if remote_guard:  # a client in this process; the model is served elsewhere
+        guard = ActorGroup(RemoteGuardScorer, 1, executor="local", name="guard", kwargs=dict(
+            urls=list(g.urls), protocol="saferl" if g.backend == "http" else "openai",
+            served_model_name=g.served_model_name, token_env=g.token_env, timeout_s=g.timeout_s,
+            retries=g.retries, fallback=g.fallback, max_new_tokens=g.max_new_tokens))
+    else:
+        guard = ActorGroup(GuardScorer, g.num_actors, executor=ex, name="guard", num_cpus=g.cpus_per_actor,
+                           num_gpus=g.gpus_per_actor, kwargs=dict(
+                               model=guard_model, backend=g.backend, max_new_tokens=g.max_new_tokens,
+                               max_model_len=g.max_model_len, dtype=g.dtype, kv_cache_mib=g.kv_cache_mib,
+                               gpu_memory_utilization=g.gpu_memory_utilization))
     helpfulness = None
     if rm_model is not None:
         helpfulness = ActorGroup(HelpfulnessScorer, h.num_actors, executor=ex, name="helpfulness",
@@ -253,6 +261,8 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
         step_seconds, compute = time.monotonic() - step_start, roles.pop_compute_seconds()
+        guard_stats = roles.guard.call("stats")  # cumulative counters (truncations; timeouts, retries, ...)
+        metrics.update({f"guard/{k}": float(sum(s[k] for s in guard_stats)) for k in guard_stats[0]})
         metrics.update({**timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
                         "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds)})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:

@@ -193,3 +193,23 @@ def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server,
     assert got == expected
     assert remote.stats() == {"timeouts": 0, "errors": 0, "retries": 0, "fallbacks": 0, "parse_failures": 0,
                               "truncated": 0}
+
+
+def test_training_with_the_guard_behind_http(toy_world, servers, tmp_path, monkeypatch):
+    """guard.backend=http: a 2-step run scores through `saferl serve guard`, with no failures counted."""
+    from saferl.config import load_config
+    from saferl.train import train
+
+    monkeypatch.setenv("SAFERL_GUARD_TOKEN", TOKEN)
+    cfg = load_config(ROOT / "configs" / "toy.yaml", [
+        f"toyworld.cache_dir={toy_world.root.parent}", f"run.dir={tmp_path / 'run'}", "run.executor=local",
+        "rollout.num_engines=1", "trainer.steps=2", "data.prompts_per_step=4", "rollout.samples_per_prompt=4",
+        "eval.max_prompts=8", "eval.samples_per_prompt=1", "logging.progress=false", "guard.backend=http",
+        f"guard.urls=[{servers['guard']}]"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["guard/fallbacks"] == 0 and r["guard/timeouts"] == 0 and r["guard/parse_failures"] == 0
+        assert 0 <= r["reward/unsafe_rate"] <= 1 and r["timing/guard"] > 0
