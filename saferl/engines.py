@@ -33,6 +33,7 @@ class Sampling:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     max_tokens: int = 48
+    logprobs: bool = True  # the policy needs its behaviour log-probs; a guard's verdict does not
 
 
 class Engine(Protocol):
@@ -69,8 +70,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                 max_tokens=sampling.max_tokens, logprobs=0, seed=seed,
-                                 stop_token_ids=self.stop_token_ids, skip_special_tokens=True)
+                                 max_tokens=sampling.max_tokens, logprobs=0 if sampling.logprobs else None,
+                                 seed=seed, stop_token_ids=self.stop_token_ids, skip_special_tokens=True)
                   for seed in seeds]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []

@@ -65,7 +65,8 @@ class GuardScorer:
             return []
         prompts = [self._render(it) for it in items]
         start = time.monotonic()
-        outs = self.engine.generate(prompts, Sampling(n=1, temperature=0.0, max_tokens=self.max_new_tokens),
+        outs = self.engine.generate(prompts, Sampling(n=1, temperature=0.0, max_tokens=self.max_new_tokens,
+                                                      logprobs=False),
                                     seeds=[0] * len(prompts))
         self.compute_seconds.append(time.monotonic() - start)
         texts = [self.tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]

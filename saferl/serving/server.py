@@ -12,6 +12,7 @@ Endpoints: GET /health, POST /v1/moderate (guard), POST /v1/score (helpfulness R
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import ipaddress
@@ -117,17 +118,19 @@ def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body
 
         batcher = DynamicBatcher(scorer.moderate, max_batch=max_batch, max_wait_s=max_wait_s)
 
+        # Async handlers: waiting requests hold no worker thread, so all of them can join one batch.
         @app.post("/v1/moderate", response_model=ModerateResponse, dependencies=[Depends(authorised)])
-        def moderate(request: ModerateRequest) -> ModerateResponse:
+        async def moderate(request: ModerateRequest) -> ModerateResponse:
             items = [ModerationItem([m.model_dump() for m in it.messages], it.response) for it in request.items]
-            return ModerateResponse(verdicts=[verdict_json(v) for v in batcher(items)])
+            verdicts = await asyncio.wrap_future(batcher.submit(items))
+            return ModerateResponse(verdicts=[verdict_json(v) for v in verdicts])
     else:
         batcher = DynamicBatcher(scorer.score, max_batch=max_batch, max_wait_s=max_wait_s)
 
         @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorised)])
-        def score(request: ScoreRequest) -> ScoreResponse:
+        async def score(request: ScoreRequest) -> ScoreResponse:
             pairs = [([m.model_dump() for m in it.messages], it.response) for it in request.items]
-            return ScoreResponse(scores=batcher(pairs))
+            return ScoreResponse(scores=await asyncio.wrap_future(batcher.submit(pairs)))
 
     app.router.on_shutdown.append(batcher.close)
     return app

@@ -1,0 +1,170 @@
+"""Guard-scoring throughput over HTTP: dynamic batching against one request at a time, in one run.
+
+Starts `saferl serve guard` twice on loopback with the same model and engine: once with dynamic batching
+(`--max-batch 64`), once with batches of one (`--max-batch 1`, every request its own model call, as a
+naive reward server does). A client then sends the same N one-item moderation requests from C concurrent
+threads to each and prints requests/s and the ratio. Defaults: the toy guard on vLLM, N=256, C=64.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guard_batching.py [--requests 256] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, backend: str, max_batch: int, max_wait_ms: float, log: Path
+                 ) -> tuple[str, subprocess.Popen]:
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "saferl.cli", "serve", "guard", "-m", model, "--backend", backend,
+                             "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
+                            cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise TimeoutError(f"server not up; see {log}")
+
+
+def requests_for(n: int) -> list[dict]:
+    """n one-item bodies over the toy world's held-out prompts and their response styles."""
+    from saferl.config import SafeRLConfig
+    from saferl.data import load_prompts
+    from saferl.toyworld import world
+    from saferl.toyworld.build import ensure_built
+
+    prompts = load_prompts(ensure_built(SafeRLConfig().toyworld).part("heldout"))
+    bodies = []
+    for i in range(n):
+        prompt = prompts[(i * 37) % len(prompts)]
+        styles = sorted(world.responses_for(prompt).items())
+        response = styles[i % len(styles)][1][0]
+        bodies.append({"items": [{"messages": prompt.messages, "response": response}]})
+    return bodies
+
+
+def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list]:
+    """Send every body with at most `concurrency` in flight (one asyncio client, no thread per request)."""
+    import asyncio
+
+    import httpx
+
+    async def go() -> tuple[float, list]:
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(body: dict) -> dict:
+                async with gate:
+                    response = await client.post(url + "/v1/moderate", json=body)
+                    response.raise_for_status()
+                    return response.json()["verdicts"][0]
+
+            await one(bodies[0])  # warm-up
+            start = time.monotonic()
+            verdicts = await asyncio.gather(*(one(b) for b in bodies))
+            return time.monotonic() - start, list(verdicts)
+
+    return asyncio.run(go())
+
+
+def in_process(model: str, backend: str, bodies: list[dict], concurrency: int, max_wait_ms: float
+               ) -> dict[str, tuple[float, list, float]]:
+    """The same load without HTTP: threads calling a DynamicBatcher around one GuardScorer, against the same
+    scorer called one request at a time (a lock around it)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from saferl.guard.scorer import GuardScorer, ModerationItem
+    from saferl.serving.batcher import DynamicBatcher
+
+    scorer = GuardScorer(model, backend=backend)
+    items = [ModerationItem(b["items"][0]["messages"], b["items"][0]["response"]) for b in bodies]
+    scorer.moderate(items[:1])  # warm-up
+    lock = threading.Lock()
+
+    def single(item: ModerationItem) -> object:
+        with lock:
+            return scorer.moderate([item])[0]
+
+    out = {}
+    for name, max_batch in (("dynamic batching (max 64)", 64), ("one request at a time", 1)):
+        batcher = DynamicBatcher(scorer.moderate, max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
+        call = (lambda it: batcher([it])[0]) if max_batch > 1 else single
+        start = time.monotonic()
+        with ThreadPoolExecutor(concurrency) as pool:
+            verdicts = list(pool.map(call, items))
+        out[name] = (time.monotonic() - start, verdicts, batcher.stats()["batches"] if max_batch > 1 else len(items))
+        batcher.close()
+    return out
+
+
+def report(title: str, results: dict[str, tuple[float, list, float]], n: int) -> None:
+    (fast_s, fast_v, _), (slow_s, slow_v, _) = results.values()
+    print(f"\n{title}")
+    print(f"{'':28s} {'seconds':>8s} {'req/s':>8s} {'model calls':>12s}")
+    for name, (seconds, _, calls) in results.items():
+        print(f"{name:28s} {seconds:8.2f} {n / seconds:8.1f} {calls:12.0f}")
+    print(f"throughput ratio (batched / one at a time): {slow_s / fast_s:.1f}x (goal >= 8x); "
+          f"identical verdicts: {fast_v == slow_v}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="guard model dir (default: the toy guard, built if missing)")
+    parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0, help="the batching server's wait for company")
+    args = parser.parse_args()
+    from saferl.config import SafeRLConfig
+    from saferl.toyworld.build import ensure_built
+
+    model = args.model or str(ensure_built(SafeRLConfig().toyworld).part("guard"))
+    bodies = requests_for(args.requests)
+    logs = ROOT / ".cache" / "bench"
+    logs.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name, max_batch in (("dynamic batching (max 64)", 64), ("one request at a time", 1)):
+        url, proc = start_server(model, args.backend, max_batch, args.max_wait_ms,
+                                 logs / f"guard_batch{max_batch}.log")
+        try:
+            import httpx
+
+            before = httpx.get(url + "/health").json()
+            seconds, verdicts = run_load(url, bodies, args.concurrency)
+            after = httpx.get(url + "/health").json()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        calls = after["batches"] - before["batches"]
+        results[name] = (seconds, verdicts, calls)
+    report(f"guard scoring over HTTP: {args.requests} one-item requests, {args.concurrency} concurrent, "
+           f"{args.backend} backend, {Path(model).name}", results, args.requests)
+    report("the same load in-process (no HTTP): threads -> DynamicBatcher -> GuardScorer",
+           in_process(model, args.backend, bodies, args.concurrency, args.max_wait_ms), args.requests)
+
+if __name__ == "__main__":
+    main()
