@@ -62,8 +62,12 @@ class ActorGroup:
     """`n` instances of `cls(**kwargs)`, hosted by Ray (`executor="ray"`) or in-process (`"local"`)."""
 
     def __init__(self, cls: type, n: int, *, executor: str, kwargs: dict[str, Any], num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, name: str = "", rank_kwarg: str | None = None) -> None:
-        """`rank_kwarg` names a constructor keyword that receives each actor's index (its data-parallel rank)."""
+                 num_gpus: float = 0.0, name: str = "", rank_kwarg: str | None = None, max_restarts: int = 0) -> None:
+        """`rank_kwarg` names a constructor keyword that receives each actor's index (its data-parallel rank).
+
+        `max_restarts` > 0 (stateless roles only, e.g. scorers): Ray restarts a dead actor and re-runs the
+        calls it had in flight, so a crash costs time, not samples.
+        """
         if n < 1:
             raise ValueError(f"{name or cls.__name__}: need at least one actor, got {n}")
         self.name = name or cls.__name__
@@ -76,7 +80,8 @@ class ActorGroup:
 
         remote_cls = ray.remote(cls)
         # Unnamed actors: two experiments may share one cluster.
-        self.actors = [remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus).remote(**kw) for kw in per_actor]
+        options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_restarts)
+        self.actors = [remote_cls.options(**options).remote(**kw) for kw in per_actor]
         refs = [a.ready.remote() for a in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
         ray.get(ready)  # re-raises a constructor error (missing model directory, ...) with its message

@@ -131,6 +131,7 @@ class GuardConfig:
     timeout_s: float = 60.0  # http/openai: per request
     retries: int = 3  # http/openai: further tries, with exponential back-off, each on the next endpoint
     fallback: str = "unsafe"  # http/openai: verdict when every try failed (unsafe | safe | error)
+    max_restarts: int = 3  # vllm/hf on Ray: a crashed guard actor is restarted and its calls re-run
     num_actors: int = 1
     max_new_tokens: int = 32
     max_model_len: int = 1024
@@ -151,6 +152,7 @@ class HelpfulnessConfig:
     dtype: str = "float32"
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.25
+    max_restarts: int = 3  # on Ray: a crashed RM actor is restarted and its calls re-run
 
 
 @dataclass

@@ -95,14 +95,14 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
             retries=g.retries, fallback=g.fallback, max_new_tokens=g.max_new_tokens))
     else:
         guard = ActorGroup(GuardScorer, g.num_actors, executor=ex, name="guard", num_cpus=g.cpus_per_actor,
-                           num_gpus=g.gpus_per_actor, kwargs=dict(
+                           num_gpus=g.gpus_per_actor, max_restarts=g.max_restarts, kwargs=dict(
                                model=guard_model, backend=g.backend, max_new_tokens=g.max_new_tokens,
                                max_model_len=g.max_model_len, dtype=g.dtype, kv_cache_mib=g.kv_cache_mib,
                                gpu_memory_utilization=g.gpu_memory_utilization))
     helpfulness = None
     if rm_model is not None:
         helpfulness = ActorGroup(HelpfulnessScorer, h.num_actors, executor=ex, name="helpfulness",
-                                 num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor,
+                                 num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor, max_restarts=h.max_restarts,
                                  kwargs=dict(model=rm_model, dtype=h.dtype, batch_size=h.batch_size,
                                              max_length=h.max_length))
     trainer = ActorGroup(PolicyTrainer, t.workers, executor=ex, name="trainer", num_cpus=t.cpus, num_gpus=t.gpus,

@@ -3,8 +3,8 @@
 Safe by default, unlike the reward servers users of the peers complain about:
 - binds 127.0.0.1 unless told otherwise, and refuses any other address without a bearer token;
 - speaks JSON only (pydantic-validated; no pickle), with its OpenAPI schema at /openapi.json and docs at /docs;
-- rejects bodies over `max_body_bytes` (413) or without a length (411), bad JSON or missing fields (422), a wrong or missing token (401),
-  each with a message, and keeps serving;
+- rejects bodies over `max_body_bytes` (413) or without a length (411), bad JSON or missing fields (422)
+  and a wrong or missing token (401), each with a message, and keeps serving;
 - coalesces concurrent requests into model batches (`DynamicBatcher`).
 
 Endpoints: GET /health, POST /v1/moderate (guard), POST /v1/score (helpfulness RM).

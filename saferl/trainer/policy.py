@@ -192,7 +192,8 @@ class PolicyTrainer:
                 # Weighted by its share of the minibatch, summed over micro-batches and ranks (see batching.py).
                 self.engine.backward(loss * (local_count / global_count) * self.world_size, last)
                 with torch.no_grad():
-                    entropy += float(((bonus if bonus is not None else _entropy(logits, self.temperature)) * mask).sum())
+                    per_token = bonus if bonus is not None else _entropy(logits, self.temperature)
+                    entropy += float((per_token * mask).sum())
                     tokens += float(mask.sum())
                     if index == 0:
                         mismatch += _engine_mismatch(old_lp, mask, batch, micro)

@@ -181,7 +181,8 @@ def test_thinking_is_judged_and_unparsable_guard_output_is_counted(toy_world):
 
     harmful = next(p for p in load_prompts(toy_world.part("train")) if p.kind == "harmful")
     unsafe, safe = world.responses_for(harmful)["unsafe"][0], world.responses_for(harmful)["safe_completion"][0]
-    rollouts = [Rollout(harmful, [], [], [], "", unsafe, safe, "stop"), Rollout(harmful, [], [], [], "", "", safe, "stop")]
+    rollouts = [Rollout(harmful, [], [], [], "", unsafe, safe, "stop"),
+                Rollout(harmful, [], [], [], "", "", safe, "stop")]
     rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
     guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
     inputs = reward_inputs(rollouts, guard, rm)
