@@ -7,7 +7,7 @@ metrics are computed here once so every recipe reports the same components and m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from saferl.types import GuardVerdict, RewardInputs, RewardOutput, SafetyLabel
@@ -25,16 +25,25 @@ class RewardRules:
         controversial_is_unsafe: count `Controversial` as unsafe (strict mode, as the guard-only reward and
             eval_gen.py do; unconfirmed for the hybrid reward).
         unparsable: how a verdict with parse_ok False counts, "unsafe" (conservative) or "safe".
+        category_caps: per-category caps for unsafe rollouts, e.g. {"Violent": -10, "Copyright Violation": -4};
+            an unsafe rollout is capped at the lowest cap among the categories its verdicts name, and at
+            `unsafe_cap` when none of them is listed.
     """
 
     unsafe_cap: float = -10.0
     refusal_cap: float = -5.0
     controversial_is_unsafe: bool = True
     unparsable: str = "unsafe"
+    category_caps: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from saferl.guard.templates import CATEGORIES
+
         if self.unparsable not in UNPARSABLE_CHOICES:
             raise ValueError(f"unparsable must be one of {UNPARSABLE_CHOICES}, got {self.unparsable!r}")
+        unknown = sorted(set(self.category_caps) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"reward.rules.category_caps: unknown categories {unknown}; valid: {list(CATEGORIES)}")
 
 
 class RewardRecipe(Protocol):
@@ -68,6 +77,17 @@ def rollout_unsafe(inputs: RewardInputs, rules: RewardRules) -> list[bool]:
         is_unsafe(answer, rules) or (thinking is not None and is_unsafe(thinking, rules))
         for answer, thinking in zip(inputs.answer_verdicts, inputs.thinking_verdicts, strict=True)
     ]
+
+
+def unsafe_caps(inputs: RewardInputs, rules: RewardRules) -> list[float]:
+    """Per rollout, the cap an unsafe verdict imposes: the lowest `category_caps` entry among the categories
+    of its answer and thinking verdicts, else `unsafe_cap`."""
+    caps = []
+    for pair in zip(inputs.answer_verdicts, inputs.thinking_verdicts, strict=True):
+        named = {c for v in pair if v is not None for c in v.categories}
+        caps.append(min([rules.unsafe_cap] * (not named & rules.category_caps.keys())
+                        + [rules.category_caps[c] for c in named & rules.category_caps.keys()]))
+    return caps
 
 
 def require_helpfulness(inputs: RewardInputs, recipe: str) -> list[float]:

@@ -1,6 +1,6 @@
 """The Qwen3-4B-SafeRL hybrid reward (Qwen3Guard report §3.5).
 
-    r = min(unsafe_cap, H)    if unsafe(thinking) or unsafe(answer)
+    r = min(unsafe_cap, H)    if unsafe(thinking) or unsafe(answer)   (per-category caps: see RewardRules)
         min(refusal_cap, H)   elif refusal(answer)
         H                     otherwise
 
@@ -10,7 +10,7 @@ rollouts H still ranks them.
 
 from __future__ import annotations
 
-from rewards.base import RewardRules, finish, is_refusal, require_helpfulness, rollout_unsafe
+from rewards.base import RewardRules, finish, is_refusal, require_helpfulness, rollout_unsafe, unsafe_caps
 from saferl.types import RewardInputs, RewardOutput
 
 
@@ -19,9 +19,10 @@ def hybrid(inputs: RewardInputs, rules: RewardRules) -> RewardOutput:
     helpfulness = require_helpfulness(inputs, "hybrid")
     unsafe = rollout_unsafe(inputs, rules)
     total = []
-    for h, bad, answer in zip(helpfulness, unsafe, inputs.answer_verdicts, strict=True):
+    for h, bad, cap, answer in zip(helpfulness, unsafe, unsafe_caps(inputs, rules), inputs.answer_verdicts,
+                                   strict=True):
         if bad:
-            total.append(min(rules.unsafe_cap, h))
+            total.append(min(cap, h))
         elif is_refusal(answer):
             total.append(min(rules.refusal_cap, h))
         else:

@@ -163,6 +163,8 @@ class RewardRulesConfig:
     controversial_is_unsafe: bool = True
     # How an unparsable guard output counts: unsafe | safe.
     unparsable: str = "unsafe"
+    # Per-category caps for unsafe rollouts (exact Qwen3Guard category names), e.g. {"Violent": -10.0}.
+    category_caps: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -311,9 +313,15 @@ def _flatten(d: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def _inside_mapping(key: str) -> bool:
+    """True for `a.b.name` where `a.b` is a dict-typed field (its keys are data, not schema)."""
+    parts = key.split(".")
+    return any(str(SCHEMA_KEYS.get(".".join(parts[:i]), "")).startswith("dict") for i in range(1, len(parts)))
+
+
 def _check_keys(raw: dict[str, Any], source: str) -> None:
     for key in _flatten(raw):
-        if key in SCHEMA_KEYS:
+        if key in SCHEMA_KEYS or _inside_mapping(key):
             continue
         close = difflib.get_close_matches(key, LEAF_KEYS, n=3, cutoff=0.6)
         if not close:  # fall back to same-section keys, then to the last component alone
@@ -356,7 +364,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             merged = OmegaConf.merge(merged, raw)  # type: ignore[assignment]
         except ValidationError as e:
             key = e.full_key or "?"
-            expected = SCHEMA_KEYS.get(str(key), "?")
+            expected = SCHEMA_KEYS.get(str(key)) or SCHEMA_KEYS.get(str(key).rsplit(".", 1)[0], "?")
             raise ConfigError(
                 f"Config key '{key}' (from {source}) has the wrong type: expected {expected}, "
                 f"got {e.value!r}"

@@ -63,3 +63,11 @@ def test_every_config_dry_runs(path, capsys):
     assert main(["train", "--dry-run", "-c", path]) == 0
     out = capsys.readouterr().out
     assert "config OK" in out and "rollout" in out and "trainer" in out
+
+
+def test_mapping_fields_take_any_key_but_check_value_types():
+    """reward.rules.category_caps is a mapping: its keys are data (checked by RewardRules), values floats."""
+    cfg = load_config(None, ["reward.rules.category_caps={Violent: -12.0, PII: -3}"])
+    assert cfg.reward.rules.category_caps == {"Violent": -12.0, "PII": -3.0}
+    with pytest.raises(ConfigError, match=r"reward.rules.category_caps.Violent.*dict\[str, float\].*'abc'"):
+        load_config(None, ["reward.rules.category_caps={Violent: abc}"])

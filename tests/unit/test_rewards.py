@@ -135,3 +135,19 @@ def test_load_recipe_errors_name_the_string_and_builtins(bad):
     message = str(err.value)
     assert repr(bad) in message
     assert "guard_only, helpfulness_only, hybrid" in message
+
+
+def test_per_category_caps():
+    """An unsafe rollout is capped at the lowest listed cap among its verdicts' categories, else unsafe_cap."""
+    rules = RewardRules(unsafe_cap=-10.0, category_caps={"Copyright Violation": -4.0, "Violent": -12.0})
+    copyright_only = GuardVerdict(SafetyLabel.UNSAFE, ("Copyright Violation",), False)
+    both = GuardVerdict(SafetyLabel.UNSAFE, ("Copyright Violation", "Violent"), False)
+    unlisted = GuardVerdict(SafetyLabel.UNSAFE, ("PII",), False)
+    out = hybrid(_inputs([copyright_only, both, unlisted], helpfulness=[2.0, 2.0, 2.0]), rules)
+    assert out.total == [-4.0, -12.0, -10.0]
+    # A category named only in the thinking verdict counts too.
+    inputs = _inputs([unlisted], helpfulness=[0.0])
+    inputs.thinking_verdicts = [copyright_only]
+    assert hybrid(inputs, rules).total == [-4.0]
+    with pytest.raises(ValueError, match="Violence"):
+        RewardRules(category_caps={"Violence": -1.0})
