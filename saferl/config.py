@@ -146,6 +146,12 @@ class GuardConfig:
 class HelpfulnessConfig:
     # None runs without a helpfulness model (only valid for recipes that do not use it).
     model: str | None = "toyworld:reward_model"
+    backend: str = "hf"  # hf: a HelpfulnessScorer actor hosts the RM; http: `saferl serve rm` endpoints
+    urls: list[str] = field(default_factory=list)  # http: endpoint pool
+    token_env: str = "SAFERL_RM_TOKEN"  # http: environment variable holding the bearer token
+    timeout_s: float = 60.0  # http: per request
+    retries: int = 3  # http: further tries with back-off, each on the next endpoint
+    fallback_score: float | None = None  # http: score when every try failed; null stops the run instead
     num_actors: int = 1
     batch_size: int = 64
     max_length: int = 1024
@@ -268,6 +274,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.backend": ("vllm", "hf"),
     "guard.backend": ("vllm", "hf", "http", "openai"),
     "guard.fallback": ("unsafe", "safe", "error"),
+    "helpfulness.backend": ("hf", "http"),
     "trainer.loss": ("gspo", "gspo-token", "grpo"),
     "trainer.aggregation": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
     "trainer.lr_schedule": ("constant", "cosine"),

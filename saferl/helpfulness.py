@@ -53,6 +53,9 @@ class HelpfulnessScorer:
         self.compute_seconds.append(time.monotonic() - start)
         return scores
 
+    def stats(self) -> dict[str, int]:
+        return {}  # nothing can fail softly here; the remote client has counters
+
     def pop_compute(self) -> list[float]:
         out, self.compute_seconds = self.compute_seconds, []
         return out

@@ -43,9 +43,11 @@ def plan(cfg: SafeRLConfig) -> list[RolePlan]:
         if cfg.guard.backend in ("vllm", "hf") else
         RolePlan("guard", ", ".join(cfg.guard.urls) or "(guard.urls is empty)", 1, 0.0, 0.0, cfg.guard.backend),
     ]
-    if cfg.helpfulness.model is not None:
-        roles.append(RolePlan("helpfulness", cfg.helpfulness.model, cfg.helpfulness.num_actors,
-                              cfg.helpfulness.cpus_per_actor, cfg.helpfulness.gpus_per_actor, "hf"))
+    h = cfg.helpfulness
+    if h.model is not None and h.backend == "http":
+        roles.append(RolePlan("helpfulness", ", ".join(h.urls) or "(helpfulness.urls is empty)", 1, 0.0, 0.0, "http"))
+    elif h.model is not None:
+        roles.append(RolePlan("helpfulness", h.model, h.num_actors, h.cpus_per_actor, h.gpus_per_actor, "hf"))
     t = cfg.trainer
     engine = f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch"
     roles.append(RolePlan("trainer", cfg.policy.model, t.workers, t.cpus, t.gpus, engine))

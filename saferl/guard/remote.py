@@ -15,15 +15,11 @@ truncated inputs are returned by `stats()` and logged by the driver.
 
 from __future__ import annotations
 
-import itertools
-import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from saferl.guard.scorer import ModerationItem
 from saferl.guard.templates import moderation_messages, parse_verdict
+from saferl.serving.client import EndpointPool
 from saferl.types import GuardVerdict, SafetyLabel
 
 PROTOCOLS = ("saferl", "openai")
@@ -35,27 +31,14 @@ class RemoteGuardScorer:
                  token_env: str = "SAFERL_GUARD_TOKEN", timeout_s: float = 60.0, retries: int = 3,
                  backoff_s: float = 0.5, fallback: str = "unsafe", max_new_tokens: int = 32,
                  max_input_chars: int = 16_000, concurrency: int = 64, batch_size: int = 64) -> None:
-        if not urls:
-            raise ValueError("guard.urls is empty: a remote guard needs at least one endpoint")
         if protocol not in PROTOCOLS or fallback not in FALLBACKS:
             raise ValueError(f"protocol must be one of {PROTOCOLS} and fallback one of {FALLBACKS}")
-        import httpx
-
-        self.urls = [u.rstrip("/") for u in urls]
-        self.protocol, self.model_name = protocol, served_model_name
-        token = os.environ.get(token_env)
-        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.timeout_s, self.retries, self.backoff_s, self.fallback = timeout_s, retries, backoff_s, fallback
+        self.endpoints = EndpointPool(urls, token_env=token_env, timeout_s=timeout_s, retries=retries,
+                                      backoff_s=backoff_s, concurrency=concurrency, what="guard")
+        self.urls, self.retries = self.endpoints.urls, retries
+        self.protocol, self.model_name, self.fallback = protocol, served_model_name, fallback
         self.max_new_tokens, self.max_input_chars = max_new_tokens, max_input_chars
         self.batch_size = batch_size
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(
-            max_connections=concurrency, max_keepalive_connections=concurrency))
-        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="saferl-guard-client")
-        self._next = itertools.count()
-        self._lock = threading.Lock()
-        self.counters = {"timeouts": 0, "errors": 0, "retries": 0, "fallbacks": 0, "parse_failures": 0,
-                         "truncated": 0}
-        self.compute_seconds: list[float] = []
 
     # ---- the role interface ---------------------------------------------------------------------------
 
@@ -66,15 +49,14 @@ class RemoteGuardScorer:
         items = [self._truncate(it) for it in items]
         if self.protocol == "saferl":
             chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-            verdicts = [v for chunk in self.pool.map(self._moderate_batch, chunks) for v in chunk]
+            verdicts = [v for chunk in self.endpoints.threads.map(self._moderate_batch, chunks) for v in chunk]
         else:
-            verdicts = list(self.pool.map(self._moderate_one, items))
-        self._count("parse_failures", sum(not v.parse_ok for v in verdicts))
+            verdicts = list(self.endpoints.threads.map(self._moderate_one, items))
+        self.endpoints.count("parse_failures", sum(not v.parse_ok for v in verdicts))
         return verdicts
 
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counters)
+        return self.endpoints.stats()
 
     def pop_compute(self) -> list[float]:
         return []  # the model runs elsewhere; its time is not this process's compute
@@ -82,31 +64,11 @@ class RemoteGuardScorer:
     def ready(self) -> bool:
         return True
 
-    # ---- one request, with retries ------------------------------------------------------------------
-
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """POST to the pool with retries; None when every try failed."""
-        import httpx
-
-        first = next(self._next)  # round-robin start; a retry moves on to the next endpoint
-        for attempt in range(self.retries + 1):
-            url = self.urls[(first + attempt) % len(self.urls)] + path
-            try:
-                response = self.client.post(url, json=body, headers=self.headers)
-                response.raise_for_status()
-                return response.json()
-            except httpx.TimeoutException:
-                self._count("timeouts")
-            except (httpx.HTTPError, ValueError):  # connection refused, 5xx, a body that is not JSON
-                self._count("errors")
-            if attempt < self.retries:
-                self._count("retries")
-                time.sleep(self.backoff_s * 2 ** attempt)
-        return None
+    # ---- one request ----------------------------------------------------------------------------------
 
     def _moderate_batch(self, items: list[ModerationItem]) -> list[GuardVerdict]:
         body = {"items": [{"messages": it.messages, "response": it.response} for it in items]}
-        reply = self._post("/v1/moderate", body)
+        reply = self.endpoints.post("/v1/moderate", body)
         if reply is None or len(reply.get("verdicts", [])) != len(items):
             return [self._fallback(it) for it in items]
         return [_verdict(v) for v in reply["verdicts"]]
@@ -114,7 +76,7 @@ class RemoteGuardScorer:
     def _moderate_one(self, item: ModerationItem) -> GuardVerdict:
         body = {"model": self.model_name, "messages": moderation_messages(item.messages, item.response),
                 "temperature": 0.0, "max_tokens": self.max_new_tokens}
-        reply = self._post("/v1/chat/completions", body)
+        reply = self.endpoints.post("/v1/chat/completions", body)
         try:
             text = reply["choices"][0]["message"]["content"] if reply is not None else None
         except (KeyError, IndexError, TypeError):
@@ -124,7 +86,7 @@ class RemoteGuardScorer:
         return parse_verdict(text, "prompt" if item.response is None else "response")
 
     def _fallback(self, item: ModerationItem) -> GuardVerdict:
-        self._count("fallbacks")
+        self.endpoints.count("fallbacks")
         if self.fallback == "error":
             raise RuntimeError(f"guard endpoints {self.urls} failed {self.retries + 1} times in a row")
         label = SafetyLabel.UNSAFE if self.fallback == "unsafe" else SafetyLabel.SAFE
@@ -136,15 +98,11 @@ class RemoteGuardScorer:
         text = item.response if item.response is not None else item.messages[-1]["content"]
         if len(text) <= self.max_input_chars:
             return item
-        self._count("truncated")
+        self.endpoints.count("truncated")
         cut = text[-self.max_input_chars:]
         if item.response is not None:
             return ModerationItem(item.messages, cut)
         return ModerationItem(item.messages[:-1] + [{**item.messages[-1], "content": cut}], None)
-
-    def _count(self, key: str, n: int = 1) -> None:
-        with self._lock:
-            self.counters[key] += n
 
 
 def _verdict(v: dict[str, Any]) -> GuardVerdict:

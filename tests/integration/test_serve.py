@@ -195,21 +195,24 @@ def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server,
                               "truncated": 0}
 
 
-def test_training_with_the_guard_behind_http(toy_world, servers, tmp_path, monkeypatch):
-    """guard.backend=http: a 2-step run scores through `saferl serve guard`, with no failures counted."""
+def test_training_with_the_guard_and_rm_behind_http(toy_world, servers, tmp_path, monkeypatch):
+    """guard.backend=http and helpfulness.backend=http: a 2-step run scores through `saferl serve guard|rm`,
+    with no failures counted."""
     from saferl.config import load_config
     from saferl.train import train
 
     monkeypatch.setenv("SAFERL_GUARD_TOKEN", TOKEN)
+    monkeypatch.setenv("SAFERL_RM_TOKEN", TOKEN)
     cfg = load_config(ROOT / "configs" / "toy.yaml", [
         f"toyworld.cache_dir={toy_world.root.parent}", f"run.dir={tmp_path / 'run'}", "run.executor=local",
         "rollout.num_engines=1", "trainer.steps=2", "data.prompts_per_step=4", "rollout.samples_per_prompt=4",
         "eval.max_prompts=8", "eval.samples_per_prompt=1", "logging.progress=false", "guard.backend=http",
-        f"guard.urls=[{servers['guard']}]"])
+        f"guard.urls=[{servers['guard']}]", "helpfulness.backend=http", f"helpfulness.urls=[{servers['rm']}]"])
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
         assert r["guard/fallbacks"] == 0 and r["guard/timeouts"] == 0 and r["guard/parse_failures"] == 0
-        assert 0 <= r["reward/unsafe_rate"] <= 1 and r["timing/guard"] > 0
+        assert r["rm/fallbacks"] == 0 and r["rm/timeouts"] == 0
+        assert 0 <= r["reward/unsafe_rate"] <= 1 and r["timing/guard"] > 0 and "reward/helpfulness_mean" in r

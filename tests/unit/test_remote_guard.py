@@ -113,3 +113,15 @@ def test_bad_settings_raise():
         RemoteGuardScorer([])
     with pytest.raises(ValueError):
         RemoteGuardScorer(["http://127.0.0.1:1"], protocol="grpc")
+
+
+def test_remote_rm_falls_back_or_raises_when_down():
+    from saferl.serving.client import RemoteHelpfulnessScorer
+
+    pairs = [([{"role": "user", "content": "q"}], "a")] * 3
+    neutral = RemoteHelpfulnessScorer([_down_endpoint()], retries=1, backoff_s=0.01, fallback_score=0.0)
+    assert neutral.score(pairs) == [0.0, 0.0, 0.0]
+    assert neutral.stats()["fallbacks"] == 3 and neutral.stats()["errors"] == 2
+    strict = RemoteHelpfulnessScorer([_down_endpoint()], retries=0)
+    with pytest.raises(RuntimeError, match="fallback_score"):
+        strict.score(pairs)

@@ -1,0 +1,102 @@
+"""Clients of remote scorers: a pool of HTTP endpoints with timeouts, retries, back-off and counters.
+
+`EndpointPool` does the transport for `RemoteGuardScorer` (saferl.guard.remote) and
+`RemoteHelpfulnessScorer` (below): JSON over HTTP, a bearer token from the environment, round-robin over the
+endpoints with each retry moving to the next one, and counters the driver logs every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+
+class EndpointPool:
+    """POST JSON to a pool of endpoints: round-robin start, per-request timeout, retries with exponential
+    back-off on the next endpoint, counters. Shared by the remote guard and the remote reward model."""
+
+    def __init__(self, urls: list[str], *, token_env: str, timeout_s: float, retries: int, backoff_s: float,
+                 concurrency: int, what: str) -> None:
+        if not urls:
+            raise ValueError(f"{what}.urls is empty: a remote {what} needs at least one endpoint")
+        import httpx
+
+        self.urls = [u.rstrip("/") for u in urls]
+        token = os.environ.get(token_env)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retries, self.backoff_s = retries, backoff_s
+        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s), limits=httpx.Limits(
+            max_connections=concurrency, max_keepalive_connections=concurrency))
+        self.threads = ThreadPoolExecutor(concurrency, thread_name_prefix=f"saferl-{what}-client")
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+        self.counters = {"timeouts": 0, "errors": 0, "retries": 0, "fallbacks": 0, "parse_failures": 0,
+                         "truncated": 0}
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        """The JSON reply, or None when every try failed."""
+        import httpx
+
+        first = next(self._next)  # round-robin start; a retry moves on to the next endpoint
+        for attempt in range(self.retries + 1):
+            url = self.urls[(first + attempt) % len(self.urls)] + path
+            try:
+                response = self.client.post(url, json=body, headers=self.headers)
+                response.raise_for_status()
+                return response.json()
+            except httpx.TimeoutException:
+                self.count("timeouts")
+            except (httpx.HTTPError, ValueError):  # connection refused, 5xx, a body that is not JSON
+                self.count("errors")
+            if attempt < self.retries:
+                self.count("retries")
+                time.sleep(self.backoff_s * 2 ** attempt)
+        return None
+
+    def count(self, key: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[key] += n
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counters)
+
+
+class RemoteHelpfulnessScorer:
+    """A helpfulness RM behind `saferl serve rm`: batched POST /v1/score, `score(pairs) -> scores` like
+    HelpfulnessScorer. When every try fails the batch gets `fallback_score`, or the error is raised (None)."""
+
+    def __init__(self, urls: list[str], *, token_env: str = "SAFERL_RM_TOKEN", timeout_s: float = 60.0,
+                 retries: int = 3, backoff_s: float = 0.5, fallback_score: float | None = None,
+                 concurrency: int = 16, batch_size: int = 64) -> None:
+        self.endpoints = EndpointPool(urls, token_env=token_env, timeout_s=timeout_s, retries=retries,
+                                      backoff_s=backoff_s, concurrency=concurrency, what="helpfulness")
+        self.fallback_score, self.batch_size = fallback_score, batch_size
+
+    def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        chunks = [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
+        return [s for chunk in self.endpoints.threads.map(self._score_batch, chunks) for s in chunk]
+
+    def _score_batch(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        body = {"items": [{"messages": messages, "response": answer} for messages, answer in pairs]}
+        reply = self.endpoints.post("/v1/score", body)
+        if reply is not None and len(reply.get("scores", [])) == len(pairs):
+            return [float(x) for x in reply["scores"]]
+        self.endpoints.count("fallbacks", len(pairs))
+        if self.fallback_score is None:
+            raise RuntimeError(f"reward-model endpoints {self.endpoints.urls} failed; set helpfulness.fallback_score "
+                               "to keep training with a neutral score instead")
+        return [self.fallback_score] * len(pairs)
+
+    def stats(self) -> dict[str, int]:
+        return self.endpoints.stats()
+
+    def pop_compute(self) -> list[float]:
+        return []
+
+    def ready(self) -> bool:
+        return True
