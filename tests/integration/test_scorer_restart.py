@@ -20,7 +20,10 @@ def test_killed_guard_actor_restarts_and_the_call_completes(toy_world):
     from saferl.toyworld import world
 
     prompts = load_prompts(toy_world.part("heldout"))[::20][:32]
-    items = [ModerationItem(p.messages, text[0]) for p in prompts for text in world.responses_for(p).values()]
+    # ~512 items: a call of several seconds, so the kill surely lands while it runs.
+    items = [ModerationItem(p.messages, text[k]) for p in prompts for text in world.responses_for(p).values()
+             for k in range(min(4, len(text)))]
+    items = (items * 4)[:512]
     expected = GuardScorer(str(toy_world.part("guard"))).moderate(items)
 
     start_ray(None, 4, str(ROOT / ".cache" / "ray"))
@@ -34,7 +37,7 @@ def test_killed_guard_actor_restarts_and_the_call_completes(toy_world):
         result: dict = {}
         call = threading.Thread(target=lambda: result.update(verdicts=group.map("moderate", items)))
         call.start()
-        time.sleep(1.0)
+        time.sleep(0.5)
         assert call.is_alive()  # the kill lands while the call is in flight
         os.kill(first, 9)
         call.join(timeout=300)
