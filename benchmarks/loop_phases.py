@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("rollout", "guard", "rm", "train", "sync", "step")
+PHASES = ("rollout", "reward", "train", "sync", "step")
 
 
 class TreeMemory:

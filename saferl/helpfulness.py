@@ -1,13 +1,16 @@
 """HelpfulnessScorer: a sequence-classification reward model scoring (prompt, answer) pairs.
 
 Any one-label `AutoModelForSequenceClassification` checkpoint works (the toy RM, or a WorldPM-style RM on GPU
-nodes). The pair is rendered with the RM tokenizer's chat template as a user turn and an assistant turn.
+nodes), hosted on HF transformers or on vLLM's pooling runner (where vLLM supports the architecture). The pair is
+rendered with the RM tokenizer's chat template as a user turn and an assistant turn; the score is the raw logit.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+from saferl.engines import make_classifier
 from saferl.runtime import check_model_dir, configure_process
 
 
@@ -17,39 +20,27 @@ def render_pair(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> 
 
 
 class HelpfulnessScorer:
-    """Hosts one helpfulness reward model (HF transformers)."""
+    """Hosts one helpfulness reward model (`backend`: hf or vllm)."""
 
-    def __init__(self, model: str, *, dtype: str = "float32", batch_size: int = 64, max_length: int = 1024) -> None:
+    def __init__(self, model: str, *, backend: str = "hf", dtype: str = "float32", batch_size: int = 64,
+                 max_length: int = 1024, gpu_memory_utilization: float = 0.3, kv_cache_mib: int = 64) -> None:
         configure_process()
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         check_model_dir(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=getattr(torch, dtype))
-        self.model.eval()
-        if torch.cuda.is_available():
-            self.model.cuda()
-        self.batch_size = batch_size
         self.max_length = max_length
+        self.classifier = make_classifier(backend, model, dtype=dtype, batch_size=batch_size,
+                                          max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
+                                          kv_cache_mib=kv_cache_mib, pad_token_id=self.tokenizer.pad_token_id)
         self.compute_seconds: list[float] = []
 
     def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
-        """One scalar per (prompt messages, answer text)."""
-        import time
-
-        import torch
-
+        """One scalar per (prompt messages, answer text); inputs past `max_length` tokens keep their start."""
         start = time.monotonic()
-        texts = [render_pair(self.tokenizer, msgs, answer) for msgs, answer in pairs]
-        scores: list[float] = []
-        with torch.no_grad():
-            for first in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[first : first + self.batch_size], return_tensors="pt", padding=True,
-                                     truncation=True, max_length=self.max_length, add_special_tokens=False,
-                                     padding_side="right")  # as in training: positions start at 0
-                enc = {k: v.to(self.model.device) for k, v in enc.items()}
-                scores.extend(self.model(**enc).logits[:, 0].float().tolist())
+        ids = [self.tokenizer(render_pair(self.tokenizer, msgs, answer), add_special_tokens=False)["input_ids"]
+               [: self.max_length] for msgs, answer in pairs]
+        scores = self.classifier.classify(ids) if ids else []
         self.compute_seconds.append(time.monotonic() - start)
         return scores
 

@@ -62,7 +62,7 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
     policy = resolve(cfg.policy.model, cfg)
     remote_guard = g.backend in ("http", "openai")
     guard_model = None if remote_guard else resolve(g.model, cfg)
-    rm_model = resolve(h.model, cfg) if h.model is not None and h.backend == "hf" else None
+    rm_model = resolve(h.model, cfg) if h.model is not None and h.backend != "http" else None
     for path in (policy, guard_model, rm_model):  # before any actor starts
         if path is not None:
             check_model_dir(path)
@@ -91,8 +91,10 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
     elif rm_model is not None:
         helpfulness = ActorGroup(HelpfulnessScorer, h.num_actors, executor=ex, name="helpfulness",
                                  num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor, max_restarts=h.max_restarts,
-                                 kwargs=dict(model=rm_model, dtype=h.dtype, batch_size=h.batch_size,
-                                             max_length=h.max_length))
+                                 kwargs=dict(model=rm_model, backend=h.backend, dtype=h.dtype,
+                                             batch_size=h.batch_size, max_length=h.max_length,
+                                             gpu_memory_utilization=h.gpu_memory_utilization,
+                                             kv_cache_mib=h.kv_cache_mib))
     trainer = ActorGroup(PolicyTrainer, t.workers, executor=ex, name="trainer", num_cpus=t.cpus, num_gpus=t.gpus,
                          rank_kwarg="rank", kwargs=dict(
                              model=policy, world_size=t.workers, strategy=t.strategy, zero_stage=t.zero_stage,

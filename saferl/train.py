@@ -1,7 +1,8 @@
 """The SafeRL driver: build the roles from config, then run the step loop in plain sight.
 
-    prompts -> rollouts (vLLM) -> guard verdicts + helpfulness -> reward recipe -> group advantages
-            -> GSPO minibatch updates -> weight sync -> metrics -> periodic eval and checkpoint
+    prompts -> rollouts (vLLM) -> guard verdicts + helpfulness (each group as soon as it is generated)
+            -> reward recipe -> group advantages -> GSPO minibatch updates -> weight sync -> metrics
+            -> periodic eval and checkpoint
 
 Roles are plain classes (`RolloutWorker`, `GuardScorer`, `HelpfulnessScorer`, `PolicyTrainer`) built by
 `saferl.roles` and placed by `ActorGroup` as Ray actors (`run.executor: ray`) or in this process (`local`). The held-out evaluation runs
@@ -27,7 +28,7 @@ from saferl.eval.policy_eval import before_after_table, evaluate, ground_truth_m
 from saferl.placement import format_plan, plan, requests
 from saferl.roles import Roles, build_roles, resolve
 from saferl.runtime import configure_process
-from saferl.scoring import reward_inputs
+from saferl.scoring import generate_and_score
 from saferl.tracking import PhaseTimer, Tracker
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
@@ -129,10 +130,9 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
                         samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling)
 
     def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> Sampled:
-        with timer.phase("rollout"):
-            rollouts = roles.rollout.map("generate", prompts, G, offset_kwarg="first_group", **sampling,
-                                         seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
-        inputs = reward_inputs(rollouts, roles.guard, roles.helpfulness, timer=timer)
+        rollouts, inputs = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness,
+                                              timer=timer, **sampling,
+                                              seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
         return Sampled(rollouts, inputs, recipe(inputs, rules))
 
     def save(name: str, step: int, keep_last: int) -> Path:
@@ -178,8 +178,11 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
                 metrics["sync/bytes"] = float(weight_sync.push())
         step_seconds, compute = time.monotonic() - step_start, roles.pop_compute_seconds()
         for name, group in (("guard", roles.guard), ("rm", roles.helpfulness)):  # cumulative failure counters
-            stats = group.call("stats") if group is not None else [{}]
-            metrics.update({f"{name}/{k}": float(sum(s[k] for s in stats)) for k in stats[0]})
+            if group is not None:
+                stats = group.call("stats")
+                metrics.update({f"{name}/{k}": float(sum(s[k] for s in stats)) for k in stats[0]})
+                metrics[f"{name}/restarts"] = float(group.restarts())
+        # compute sums the roles' model time; scoring overlaps generation on Ray, so it can exceed the step.
         metrics.update({**timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
                         "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds)})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:

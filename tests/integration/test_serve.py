@@ -215,4 +215,4 @@ def test_training_with_the_guard_and_rm_behind_http(toy_world, servers, tmp_path
     for r in steps:
         assert r["guard/fallbacks"] == 0 and r["guard/timeouts"] == 0 and r["guard/parse_failures"] == 0
         assert r["rm/fallbacks"] == 0 and r["rm/timeouts"] == 0
-        assert 0 <= r["reward/unsafe_rate"] <= 1 and r["timing/guard"] > 0 and "reward/helpfulness_mean" in r
+        assert 0 <= r["reward/unsafe_rate"] <= 1 and r["timing/reward"] > 0 and "reward/helpfulness_mean" in r
