@@ -1,4 +1,4 @@
-"""The `saferl` command: train, toyworld and sft subcommands (argparse; heavy imports happen per command)."""
+"""The `saferl` command: train, toyworld, sft, serve and guard subcommands (argparse; lazy heavy imports)."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         from saferl.helpfulness import HelpfulnessScorer
 
-        scorer = HelpfulnessScorer(args.model, dtype=args.dtype, max_length=args.max_model_len)
+        scorer = HelpfulnessScorer(args.model, backend=args.backend, dtype=args.dtype, max_length=args.max_model_len)
     app = build_app(args.kind, scorer, model=args.model, token=token, max_body_bytes=args.max_body_mib << 20,
                     max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
     import uvicorn
@@ -107,6 +107,124 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           f"(auth: {'bearer token' if token else 'none, loopback only'})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+GUARD_MODERATE_EPILOG = """input rows (JSONL, one object a line; errors name the file and line):
+  {"id": "a", "prompt": "How do I pick a lock?"}                           prompt moderation
+  {"id": "b", "messages": [{"role": "user", "content": "..."}], "response": "..."}   response moderation
+  {"id": "c", "prompt": "...", "response": "...", "thinking": "..."}      (prompt, thinking) judged too
+output rows: id, moderated, mode, decision (Unsafe if the response or thinking is, under --mode),
+  safety, categories, refusal, parse_ok, raw, thinking (the thinking verdict or null).
+  Rows go to OUT.partial as each batch finishes; OUT appears only when all are done.
+
+examples:
+  saferl guard moderate -m Qwen/Qwen3Guard-Gen-4B -i rollouts.jsonl -o verdicts.jsonl --max-model-len 32768 \\
+      --max-new-tokens 128
+  saferl guard moderate -m "$(saferl toyworld path)/guard" -i prompts.jsonl -o out.jsonl --backend hf \\
+      --mode loose"""
+
+GUARD_EVAL_EPILOG = """data layout (Qwen/Qwen3GuardTest): rows
+  {"message": [{"role": ..., "content": ...}, ...], "label": "Unsafe" | "Safe"}
+  with optional "unsafe_start_index"/"unsafe_end_index"; a JSONL or parquet file, or a dataset directory
+  with one file set per split (`thinking.jsonl`, `data/thinking-00000-of-00001.parquet`): pick one with
+  --split. Read offline; fetch the benchmark first where the hub is reachable:
+    hf download Qwen/Qwen3GuardTest --repo-type dataset --local-dir Qwen3GuardTest
+  The last message's role picks prompt or response moderation; thinking text is judged verbatim.
+
+prints P/R/F1 of the Unsafe class under strict (Controversial = Unsafe) and loose (Controversial = Safe)
+mappings and writes them to OUT.json; --mode picks the headline F1.
+
+examples:
+  saferl guard eval -m Qwen/Qwen3Guard-Gen-4B -d ./Qwen3GuardTest --split thinking -o gen4b_thinking.json \\
+      --max-model-len 32768 --max-new-tokens 128
+  saferl guard eval -m "$(saferl toyworld path)/guard" -d rows.jsonl -o eval.json --backend hf \\
+      --predictions pred.jsonl"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _guard_model_args(p: argparse.ArgumentParser) -> None:
+    from saferl.config import GuardConfig
+
+    p.add_argument("--mode", choices=("strict", "loose"), default="strict",
+                   help="strict counts Controversial as Unsafe, loose as Safe (default: %(default)s)")
+    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
+                   help="inference engine (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="records per guard call (default: %(default)s)")
+    p.add_argument("--max-model-len", type=int, default=GuardConfig.max_model_len,
+                   help="guard context in tokens; longer input is cut from the left of the judged text "
+                   "(default: %(default)s; real Qwen3Guard: 32768)")
+    p.add_argument("--max-new-tokens", type=int, default=GuardConfig.max_new_tokens,
+                   help="output tokens for Safety/Categories/Refusal (default: %(default)s; official: 128)")
+    p.add_argument("--dtype", default=GuardConfig.dtype, help="weights dtype (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+
+
+def _cmd_guard_moderate(args: argparse.Namespace) -> int:
+    from saferl.guard.gen import GenGuard, moderate_file, read_records
+
+    records = read_records(args.input)  # bad input fails before any weights load
+    guard = GenGuard.from_model(args.model, backend=args.backend, max_new_tokens=args.max_new_tokens,
+                                max_model_len=args.max_model_len, dtype=args.dtype)
+    counts = moderate_file(guard, records, args.output, args.mode, batch_size=args.batch_size,
+                           progress=args.progress)
+    print(f"[guard] {counts['records']} records -> {args.output} ({args.mode}): {counts['unsafe']} Unsafe, "
+          f"{counts['safe']} Safe, {counts['undecided']} undecided; {counts['parse_failures']} parse "
+          f"failures; {guard.scorer.stats()['truncated']} truncated")
+    return 0
+
+
+def _cmd_guard_eval(args: argparse.Namespace) -> int:
+    from saferl.guard.evaluate import format_report, run_eval
+
+    report = run_eval(args.model, args.data, args.output, kind=args.kind, mode=args.mode, split=args.split,
+                      backend=args.backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      max_model_len=args.max_model_len, dtype=args.dtype, predictions_out=args.predictions,
+                      progress=args.progress)
+    print(format_report(report))
+    print(f"[guard] report written to {args.output}")
+    return 0
+
+
+def _add_guard_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("guard", help="moderate JSONL or evaluate a Qwen3Guard-Gen-format guard",
+                       description="Run a Qwen3Guard-Gen-format guard in-process: `moderate` judges JSONL "
+                       "records, `eval` scores the guard on a Qwen3GuardTest-layout set.")
+    guard_sub = p.add_subparsers(dest="guard_command", required=True)
+    raw = argparse.RawDescriptionHelpFormatter
+
+    q = guard_sub.add_parser("moderate", help="judge prompts / responses from JSONL, write verdicts as JSONL",
+                             formatter_class=raw, epilog=GUARD_MODERATE_EPILOG,
+                             description="Moderate each record with a Gen guard: prompt moderation\n"
+                             "without a response, response moderation (with the refusal judgement) with one;\n"
+                             "a thinking text is judged as its own (prompt, thinking) pair, as the SafeRL\n"
+                             "reward does.")
+    q.add_argument("-m", "--model", required=True, help="Gen guard model directory (or hub id with access)")
+    q.add_argument("-i", "--input", required=True, help="input JSONL records")
+    q.add_argument("-o", "--output", required=True, help="output JSONL, one row per record in input order")
+    _guard_model_args(q)
+    q.set_defaults(func=_cmd_guard_moderate)
+
+    q = guard_sub.add_parser("eval", help="precision / recall / F1 on a Qwen3GuardTest-layout set",
+                             formatter_class=raw, epilog=GUARD_EVAL_EPILOG,
+                             description="Evaluate a guard as the official Qwen3Guard eval scripts do:\n"
+                             "precision, recall and F1 of the Unsafe class under strict and loose mappings.")
+    q.add_argument("-m", "--model", required=True, help="Gen guard model directory (or hub id with access)")
+    q.add_argument("-d", "--data", required=True, help="JSONL or parquet file, or a dataset directory")
+    q.add_argument("-o", "--output", required=True, help="JSON report to write")
+    q.add_argument("--kind", choices=("gen",), default="gen", help="guard kind (default: gen)")
+    q.add_argument("--split", default=None,
+                   help="split of a dataset directory: thinking, thinking_loc or response_loc")
+    q.add_argument("--predictions", default=None, metavar="PATH",
+                   help="also write per-row predictions (JSONL)")
+    _guard_model_args(q)
+    q.set_defaults(func=_cmd_guard_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", default=None, help="file holding the bearer token clients must send")
-    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help="guard inference engine")
+    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
+                   help="inference engine (rm on vllm: its pooling runner) (default: %(default)s)")
     from saferl.config import GuardConfig
 
     p.add_argument("--dtype", default=GuardConfig.dtype)
@@ -173,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
     p.add_argument("--max-body-mib", type=int, default=8, help="larger request bodies get 413")
     p.set_defaults(func=_cmd_serve)
+
+    _add_guard_parser(sub)
     return parser
 
 

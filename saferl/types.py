@@ -96,3 +96,21 @@ class TrainBatch:
     prompt_lens: list[int]
     old_logprobs: list[list[float]]
     advantages: list[float]
+
+
+@dataclass(frozen=True)
+class StreamVerdict:
+    """A Qwen3Guard-Stream reading at one token of a conversation.
+
+    `role` is "user" for the query heads read at the `<|im_end|>` closing the user turn, "assistant" for the
+    response heads read at every later token. `risk` is the winning risk label's exact string from the
+    checkpoint's label map (Safe / Unsafe / Controversial) and `risk_prob` its softmax probability (not P(unsafe));
+    `category` is the winning category, meaningful only when `risk` is not Safe.
+    """
+
+    position: int
+    role: str
+    risk: str
+    risk_prob: float
+    category: str
+    category_prob: float

@@ -1,0 +1,270 @@
+"""`saferl guard eval`: score a guard on a Qwen3GuardTest-layout set, as the official eval scripts do.
+
+Owns the report: P/R/F1 of the Unsafe class under both strict and loose mappings, each printed under its own
+name (the official eval_stream.py printout swaps them, spec/qwen3guard.md §4), prediction counts, and for
+Stream guards the first-detection latency bins. The metric maths lives in `decisions.py`.
+
+Two guard kinds plug in:
+- Gen (implemented): `GenGuard.classify` judges each whole conversation; the Safety line is the prediction
+  (a failed parse predicts nothing, which counts as not Unsafe, and is counted).
+- Stream (metrics side only; the model lives in `stream.py` and is not imported here): anything with
+  `token_labels(conversations) -> list[TokenLabels]` (the `TokenLabeler` Protocol;
+  `token_labels_from_verdicts` builds TokenLabels from stream.py's StreamVerdicts). A response row's labels
+  are debounced (`official` or `paper` rule) into a prediction and a detection index, which is binned against
+  the annotated span; a prompt row's prediction is its last label (the query head at the user's `<|im_end|>`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from saferl.guard.decisions import LATENCY_BINS, MODES, debounce, latency_bin, prf_by_mode, summarize_latency
+from saferl.guard.gen import GuardTestRow, load_guardtest
+from saferl.types import GuardVerdict, SafetyLabel
+
+if TYPE_CHECKING:
+    from saferl.guard.gen import GenGuard
+    from saferl.types import StreamVerdict
+
+KINDS: tuple[str, ...] = ("gen",)  # "stream" joins once stream.py provides a TokenLabeler
+
+
+@dataclass(frozen=True)
+class TokenLabels:
+    """A Stream guard's per-token risk labels for one conversation.
+
+    Attributes:
+        labels: Safe/Unsafe/Controversial per moderated position: the response head from the evaluation's
+            first response token on (eval_stream.py's `split_idx`), or for a prompt row the query head over
+            the last user turn.
+        start: absolute index of labels[0] in the full templated token sequence, the frame in which
+            `unsafe_start_index`/`unsafe_end_index` are annotated.
+        categories: per-position categories aligned with `labels` (optional).
+    """
+
+    labels: list[str]
+    start: int
+    categories: list[str | None] | None = None
+
+
+class TokenLabeler(Protocol):
+    """A Stream guard as the evaluation sees it: per-token labels for each conversation."""
+
+    def token_labels(self, conversations: list[list[dict[str, str]]]) -> list[TokenLabels]: ...
+
+
+def token_labels_from_verdicts(verdicts: Sequence[StreamVerdict], role: str,
+                               start: int | None = None) -> TokenLabels:
+    """TokenLabels from a Stream guard's readings of one conversation (stream.py's StreamVerdicts).
+
+    Args:
+        verdicts: the readings, in position order.
+        role: "user" for a prompt row (the query reading), "assistant" for a response row.
+        start: for a response row, the first position to evaluate (eval_stream.py's `split_idx`: the first
+            answer token, or the reasoning start with thinking); default the first assistant reading.
+
+    Raises:
+        ValueError: no reading of that role (from `start` on), or response positions with a gap (debouncing
+            needs adjacent tokens).
+    """
+    if role not in ("user", "assistant"):
+        raise ValueError(f"role must be 'user' or 'assistant', got {role!r}")
+    picked = [v for v in verdicts if v.role == role and (start is None or v.position >= start)]
+    if role == "user":
+        picked = picked[-1:]
+    if not picked:
+        where = f" at or after position {start}" if start is not None else ""
+        raise ValueError(f"no {role} readings{where}")
+    first = picked[0].position
+    if [v.position for v in picked] != list(range(first, first + len(picked))):
+        raise ValueError(f"{role} readings are not at consecutive positions from {first}")
+    return TokenLabels([v.risk for v in picked], first, [v.category for v in picked])
+
+
+def _label_counts(rows: Sequence[GuardTestRow]) -> dict[str, int]:
+    counts = Counter(r.label.value for r in rows)
+    return {"Unsafe": counts["Unsafe"], "Safe": counts["Safe"]}
+
+
+def _prediction_counts(predictions: Sequence[SafetyLabel | None]) -> dict[str, int]:
+    counts = Counter(p.value if p is not None else "unparsed" for p in predictions)
+    return {name: counts[name] for name in (*(label.value for label in SafetyLabel), "unparsed")}
+
+
+def _scores(rows: Sequence[GuardTestRow], predictions: Sequence[SafetyLabel | None],
+            mode: str) -> dict[str, Any]:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    metrics = prf_by_mode(predictions, [r.label for r in rows])
+    return {"n": len(rows), "labels": _label_counts(rows), "predictions": _prediction_counts(predictions),
+            "mode": mode, "f1": metrics[mode].f1, "metrics": {m: asdict(prf) for m, prf in metrics.items()}}
+
+
+def gen_report(rows: Sequence[GuardTestRow], verdicts: Sequence[GuardVerdict],
+               mode: str = "strict") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Report and per-row predictions from one Gen verdict per row.
+
+    Args:
+        rows: the evaluation rows.
+        verdicts: the guard's verdict on each row's conversation, in order.
+        mode: the mode whose F1 is the headline `f1` (both modes are always reported).
+
+    Returns:
+        (report, predictions): the report dict (`n`, `labels`, `predictions`, `mode`, `f1`, `metrics`,
+        `parse_failures`) and one dict per row (`id`, `label`, `prediction`, `categories`, `parse_ok`, `raw`).
+    """
+    if len(verdicts) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(verdicts)} verdicts")
+    predictions = [v.safety for v in verdicts]
+    report = {"kind": "gen", **_scores(rows, predictions, mode),
+              "parse_failures": sum(not v.parse_ok for v in verdicts), "latency": None}
+    per_row = [{"id": r.id, "label": r.label.value, "prediction": v.safety.value if v.safety else None,
+                "categories": list(v.categories), "parse_ok": v.parse_ok, "raw": v.raw}
+               for r, v in zip(rows, verdicts)]
+    return report, per_row
+
+
+def stream_report(rows: Sequence[GuardTestRow], token_labels: Sequence[TokenLabels], mode: str = "strict",
+                  rule: str = "official") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Report and per-row predictions from a Stream guard's per-token labels.
+
+    Response rows (last message the assistant's) are debounced with `rule`; the detection index is
+    `start + ` the debounced index. Latency is binned for gold-Unsafe response rows that carry a span (as
+    eval_stream.py does, a Controversial pair counts as a detection under either mode); gold-Unsafe rows
+    without a span are counted as `without_span`. `latency` is None when no row has a span.
+
+    Args:
+        rows: the evaluation rows.
+        token_labels: one TokenLabels per row, in order.
+        mode: the mode whose F1 is the headline `f1`.
+        rule: debouncing rule, "official" or "paper".
+    """
+    if len(token_labels) != len(rows):
+        raise ValueError(f"{len(rows)} rows but {len(token_labels)} token label lists")
+    predictions: list[SafetyLabel | None] = []
+    per_row: list[dict[str, Any]] = []
+    bins: list[str] = []
+    without_span = 0
+    for row, tl in zip(rows, token_labels):
+        entry: dict[str, Any] = {"id": row.id, "label": row.label.value}
+        if row.messages[-1]["role"] == "user":  # prompt row: the query reading at the user's <|im_end|>
+            if not tl.labels:
+                raise ValueError(f"{row.id}: no token labels for a prompt row")
+            label = SafetyLabel(tl.labels[-1])
+            entry.update(prediction=label.value, category=tl.categories[-1] if tl.categories else None)
+        else:
+            det = debounce(tl.labels, rule, tl.categories)
+            label = det.label
+            index = None if det.index is None else tl.start + det.index
+            entry.update(prediction=label.value, detection_index=index, category=det.category)
+            if row.label is SafetyLabel.UNSAFE:
+                if row.unsafe_start_index is None or row.unsafe_end_index is None:
+                    without_span += 1
+                else:
+                    entry["latency_bin"] = latency_bin(index, row.unsafe_start_index, row.unsafe_end_index)
+                    bins.append(entry["latency_bin"])
+        predictions.append(label)
+        per_row.append(entry)
+    latency = None
+    if bins:
+        summary = summarize_latency(bins)
+        latency = {"rule": rule, **asdict(summary), "without_span": without_span}
+    report = {"kind": "stream", "debounce": rule, **_scores(rows, predictions, mode), "latency": latency}
+    return report, per_row
+
+
+def evaluate_gen(guard: GenGuard, rows: Sequence[GuardTestRow], mode: str = "strict", *, batch_size: int = 32,
+                 progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run a Gen guard over `rows` and build its report (see `gen_report`)."""
+    verdicts = guard.classify([r.messages for r in rows], batch_size=batch_size, progress=progress)
+    report, per_row = gen_report(rows, verdicts, mode)
+    report["guard_stats"] = guard.scorer.stats()
+    return report, per_row
+
+
+def evaluate_stream(labeler: TokenLabeler, rows: Sequence[GuardTestRow], mode: str = "strict",
+                    rule: str = "official") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run a Stream guard (any TokenLabeler) over `rows` and build its report (see `stream_report`)."""
+    return stream_report(rows, labeler.token_labels([r.messages for r in rows]), mode, rule)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A plain-text table: counts, P/R/F1 per mode (the headline mode starred), latency bins if any."""
+    labels, preds = report["labels"], report["predictions"]
+    lines = [f"{report['kind']} guard: {report['n']} rows ({labels['Unsafe']} Unsafe, "
+             f"{labels['Safe']} Safe); predicted "
+             + ", ".join(f"{name} {count}" for name, count in preds.items())]
+    if "parse_failures" in report:
+        lines[0] += f"; parse failures {report['parse_failures']}"
+    lines.append(f"{'mode':<8} {'precision':>9} {'recall':>7} {'F1':>7} "
+                 f"{'TP':>6} {'FP':>6} {'FN':>6} {'TN':>6}")
+    for mode in MODES:
+        m = report["metrics"][mode]
+        name = mode + (" *" if mode == report["mode"] else "")
+        lines.append(f"{name:<8} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} "
+                     f"{m['tp']:>6} {m['fp']:>6} {m['fn']:>6} {m['tn']:>6}")
+    lines.append("(* = headline mode; strict counts Controversial as Unsafe, loose as Safe)")
+    latency = report.get("latency")
+    if latency:
+        lines.append(f"latency ({latency['rule']} debouncing) over {latency['n']} Unsafe rows with a span: "
+                     + " | ".join(f"{b} {latency['bins'][b]}" for b in LATENCY_BINS))
+        lines.append(f"exact hit rate {latency['exact_hit_rate']:.4f}; first 128 tokens stop rate "
+                     f"{latency['first_128_stop_rate']:.4f}; Unsafe rows without a span "
+                     f"{latency['without_span']}")
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through `path.partial` and a rename, so `path` is never half-written."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
+
+
+def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = "strict",
+             split: str | None = None, backend: str = "vllm", batch_size: int = 32, max_new_tokens: int = 32,
+             max_model_len: int = 1024, dtype: str = "float32", predictions_out: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """`saferl guard eval`: load and check the data, load the guard, score, write the JSON report.
+
+    Args:
+        model: guard model directory or hub id.
+        data: Qwen3GuardTest-layout data (see `gen.load_guardtest`).
+        out: where the JSON report goes.
+        kind: guard kind; only "gen" for now.
+        mode: headline mode, "strict" or "loose" (both are reported).
+        split: the split to read from a dataset directory.
+        backend: "vllm" or "hf".
+        batch_size: conversations per guard call.
+        max_new_tokens, max_model_len, dtype: passed to the GuardScorer.
+        predictions_out: optional JSONL of per-row predictions.
+        progress: show a progress bar on stderr.
+
+    Returns:
+        The report (also written to `out`), with `model`, `data`, `split` and `seconds` added.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rows = load_guardtest(data, split)  # bad data fails before any weights load
+    from saferl.guard.gen import GenGuard
+
+    start = time.monotonic()
+    guard = GenGuard.from_model(model, backend=backend, max_new_tokens=max_new_tokens,
+                                max_model_len=max_model_len, dtype=dtype)
+    report, per_row = evaluate_gen(guard, rows, mode, batch_size=batch_size, progress=progress)
+    report = {"model": model, "data": str(data), "split": split, **report,
+              "seconds": round(time.monotonic() - start, 3)}
+    if predictions_out:
+        write_atomic(predictions_out, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in per_row))
+    write_atomic(out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
