@@ -196,23 +196,30 @@ def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server,
 
 
 def test_training_with_the_guard_and_rm_behind_http(toy_world, servers, tmp_path, monkeypatch):
-    """guard.backend=http and helpfulness.backend=http: a 2-step run scores through `saferl serve guard|rm`,
-    with no failures counted."""
+    """guard.backend=http and helpfulness.backend=http: a 2-step run scores through `saferl serve guard|rm`.
+    The guard pool also holds an endpoint that accepts connections and never answers: its requests time out,
+    are retried on the live server and counted; no sample falls back or is lost."""
     from saferl.config import load_config
     from saferl.train import train
 
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)
     monkeypatch.setenv("SAFERL_GUARD_TOKEN", TOKEN)
     monkeypatch.setenv("SAFERL_RM_TOKEN", TOKEN)
     cfg = load_config(ROOT / "configs" / "toy.yaml", [
         f"toyworld.cache_dir={toy_world.root.parent}", f"run.dir={tmp_path / 'run'}", "run.executor=local",
         "rollout.num_engines=1", "trainer.steps=2", "data.prompts_per_step=4", "rollout.samples_per_prompt=4",
         "eval.max_prompts=8", "eval.samples_per_prompt=1", "logging.progress=false", "guard.backend=http",
-        f"guard.urls=[{servers['guard']}]", "helpfulness.backend=http", f"helpfulness.urls=[{servers['rm']}]"])
+        f"guard.urls=[http://127.0.0.1:{hung.getsockname()[1]},{servers['guard']}]", "guard.timeout_s=2",
+        "helpfulness.backend=http", f"helpfulness.urls=[{servers['rm']}]"])
     train(cfg)
+    hung.close()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "reward/reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert r["guard/fallbacks"] == 0 and r["guard/timeouts"] == 0 and r["guard/parse_failures"] == 0
+        assert r["guard/fallbacks"] == 0 and r["guard/parse_failures"] == 0 and r["batch/groups"] == 4
         assert r["rm/fallbacks"] == 0 and r["rm/timeouts"] == 0
         assert 0 <= r["reward/unsafe_rate"] <= 1 and r["timing/reward"] > 0 and "reward/helpfulness_mean" in r
+    assert steps[-1]["guard/timeouts"] >= 1 and steps[-1]["guard/retries"] >= steps[-1]["guard/timeouts"]
