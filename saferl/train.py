@@ -24,7 +24,8 @@ from saferl import checkpoint
 from saferl.actor_group import check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import PromptSampler, load_prompts
-from saferl.eval.policy_eval import before_after_table, evaluate, ground_truth_metrics
+from saferl.eval.metrics import before_after_table
+from saferl.eval.policy_eval import evaluate, ground_truth_metrics
 from saferl.placement import format_plan, plan, requests
 from saferl.roles import Roles, build_roles, resolve
 from saferl.runtime import configure_process

@@ -108,6 +108,24 @@ def test_two_gspo_steps_in_one_process(toy_world, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "saferl_state.json").is_file()
 
 
+def test_garbage_guard_output_and_oversize_input_leave_training_running(toy_world, tmp_path):
+    """A 'guard' that answers no verdict (the policy model) and a context too short for any moderation
+    prompt: both steps still run on every sample, with parse failures and truncations counted."""
+    from saferl.train import train
+
+    # A policy-template conversation is ~63 tokens; 64 - 32 new tokens leaves 32, so every input is cut.
+    train(_cfg(toy_world, tmp_path, "run.executor=local", "guard.backend=hf", "guard.model=toyworld:policy",
+               "guard.max_model_len=64", "reward.rules.unparsable=unsafe"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["batch/groups"] == 4  # 4 prompts x 4 samples, none lost
+        assert r["reward/parse_failures"] == 16 and r["reward/unsafe_rate"] == 1.0  # unparsable -> unsafe
+        assert r["guard/truncated"] >= 16 * r["step"]  # cumulative count of cut inputs
+    assert (tmp_path / "run" / "checkpoints" / "final").is_dir()
+
+
 @pytest.mark.parametrize("lora_rank", [0, 8], ids=["full", "lora"])
 def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank):
     """After a GSPO step and a sync, vLLM's log-probs of fresh samples equal the trainer's within 1e-4
