@@ -1,7 +1,9 @@
 """Stream-guard moderation cost on CPU: incremental KV-cached feeding vs re-feeding, and batching, in one run.
 
-For two random Qwen3Guard-Stream models (the synthetic toy size, and a larger one: hidden 512, 8 layers,
-8 heads / 4 KV heads), on one thread, measured side by side with warm-up and medians:
+For two Qwen3Guard-Stream models, on one thread, measured side by side with warm-up and medians: the toy
+world's trained Stream guard (hidden 128, 2 layers; `saferl toyworld build` makes it, else a random model of
+the synthetic toy size, hidden 64, 2 layers, stands in) and a larger random one (hidden 512, 8 layers,
+8 heads / 4 KV heads). Prefixes are random regular token ids inside a closed user turn:
 
 (a) per-token cost of `StreamBatch.feed` (one stream, one token) after a 1024-token prefix vs a 64-token one
     (goal: ratio <= 1.2); the same for a plain transformers `DynamicCache` loop, for comparison;
@@ -22,6 +24,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -30,16 +33,22 @@ from saferl.guard.stream_model import Qwen3StreamGuard, stream_guard_config
 
 VOCAB = 1050
 ROLES = RoleTokens(im_start=VOCAB - 3, im_end=VOCAB - 2, user=VOCAB - 4)
-SIZES = {
-    "tiny (h64, 2 layers)": {"hidden_size": 64, "num_hidden_layers": 2, "guard_inner_size": 32},
-    "large (h512, 8 layers)": {
-        "hidden_size": 512,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 4,
-        "guard_inner_size": 256,
-    },
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "guard_inner_size": 32}
+LARGE = {
+    "hidden_size": 512,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "guard_inner_size": 256,
 }
+
+
+class Guard(NamedTuple):
+    """A model to measure, its turn-marker ids, and how many regular (non-special) ids prefixes draw from."""
+
+    model: Qwen3StreamGuard
+    roles: RoleTokens
+    body_vocab: int
 
 
 def build(sizes: dict) -> Qwen3StreamGuard:
@@ -49,46 +58,74 @@ def build(sizes: dict) -> Qwen3StreamGuard:
     ).eval()
 
 
-def prefix(length: int, seed: int) -> list[int]:
+def toy_guard() -> Guard | None:
+    """The trained toy Stream guard of the default toy world, when its cache has one."""
+    from transformers import AutoTokenizer
+
+    from saferl.config import ToyWorldConfig
+    from saferl.guard.stream import role_tokens
+    from saferl.guard.stream_model import load_stream_guard
+    from saferl.guard.stream_toy import toy_stream_paths
+    from saferl.toyworld.build import toyworld_paths
+
+    path = toy_stream_paths(toyworld_paths(ToyWorldConfig()).root).guard
+    if not (path / "build.json").is_file():
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # `vocab_size` leaves out the added tokens: random prefixes never hold a turn marker.
+    return Guard(load_stream_guard(path), role_tokens(tokenizer), tokenizer.vocab_size)
+
+
+def guards() -> dict[str, Guard]:
+    toy = toy_guard()
+    if toy is not None:
+        size = toy.model.config
+        first = {f"toy trained (h{size.hidden_size}, {size.num_hidden_layers} layers)": toy}
+    else:
+        first = {"tiny random (h64, 2 layers; no toy guard built)": Guard(build(TINY), ROLES, VOCAB - 4)}
+    return {**first, "large random (h512, 8 layers)": Guard(build(LARGE), ROLES, VOCAB - 4)}
+
+
+def prefix(guard: Guard, length: int, seed: int) -> list[int]:
     """A random conversation prefix that ends with a closed user turn."""
     g = torch.Generator().manual_seed(seed)
-    body = torch.randint(0, VOCAB - 4, (length - 3,), generator=g).tolist()
-    return [ROLES.im_start, ROLES.user, *body, ROLES.im_end]
+    body = torch.randint(0, guard.body_vocab, (length - 3,), generator=g).tolist()
+    return [guard.roles.im_start, guard.roles.user, *body, guard.roles.im_end]
 
 
-def one_stream(model: Qwen3StreamGuard, prefix_len: int) -> Callable[[], None]:
+def one_stream(guard: Guard, prefix_len: int) -> Callable[[], None]:
     """A stream prefilled with `prefix_len` tokens; each call feeds it one more token."""
-    batch = StreamBatch(model, ROLES)
-    batch.prefill([prefix(prefix_len, 0)])
+    batch = StreamBatch(guard.model, guard.roles)
+    batch.prefill([prefix(guard, prefix_len, 0)])
     return lambda: batch.feed({0: [7]})
 
 
-def one_dynamic_cache(model: Qwen3StreamGuard, prefix_len: int) -> Callable[[], None]:
+def one_dynamic_cache(guard: Guard, prefix_len: int) -> Callable[[], None]:
     """The same on a plain transformers `DynamicCache` (grows by concatenation), for comparison."""
     with torch.inference_mode():
-        cache = model(torch.tensor([prefix(prefix_len, 0)]), use_cache=True).past_key_values
+        cache = guard.model(torch.tensor([prefix(guard, prefix_len, 0)]), use_cache=True).past_key_values
     token = torch.tensor([[7]])
-    return torch.inference_mode()(lambda: model(token, past_key_values=cache, use_cache=True))
+    return torch.inference_mode()(lambda: guard.model(token, past_key_values=cache, use_cache=True))
 
 
-def refeed(model: Qwen3StreamGuard, length: int) -> Callable[[], None]:
+def refeed(guard: Guard, length: int) -> Callable[[], None]:
     """One full forward over `length` tokens: what the re-feeding generator pays per token."""
-    ids = torch.tensor([prefix(length, 0)])
-    return torch.inference_mode()(lambda: model(ids))
+    ids = torch.tensor([prefix(guard, length, 0)])
+    return torch.inference_mode()(lambda: guard.model(ids))
 
 
-def streams_batched(model: Qwen3StreamGuard, streams: int) -> Callable[[], None]:
+def streams_batched(guard: Guard, streams: int) -> Callable[[], None]:
     """`streams` streams (64-token prefixes) in one StreamBatch; each call feeds one token to each."""
-    batch = StreamBatch(model, ROLES)
-    batch.prefill([prefix(64, s) for s in range(streams)])
+    batch = StreamBatch(guard.model, guard.roles)
+    batch.prefill([prefix(guard, 64, s) for s in range(streams)])
     return lambda: batch.feed({s: [7] for s in range(streams)})
 
 
-def streams_serial(model: Qwen3StreamGuard, streams: int) -> Callable[[], None]:
+def streams_serial(guard: Guard, streams: int) -> Callable[[], None]:
     """The same streams each in its own StreamBatch; each call feeds one token to each, one after another."""
-    batches = [StreamBatch(model, ROLES) for _ in range(streams)]
+    batches = [StreamBatch(guard.model, guard.roles) for _ in range(streams)]
     for s, batch in enumerate(batches):
-        batch.prefill([prefix(64, s)])
+        batch.prefill([prefix(guard, 64, s)])
 
     def step() -> None:
         for batch in batches:
@@ -110,25 +147,25 @@ def interleaved(calls: dict[str, Callable[[], None]], rounds: int, warmup: int =
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def measure(model: Qwen3StreamGuard, steps: int, streams: int) -> dict[str, float]:
+def measure(guard: Guard, steps: int, streams: int) -> dict[str, float]:
     a = interleaved(
         {
-            "t64": one_stream(model, 64),
-            "t1024": one_stream(model, 1024),
-            "d64": one_dynamic_cache(model, 64),
-            "d1024": one_dynamic_cache(model, 1024),
+            "t64": one_stream(guard, 64),
+            "t1024": one_stream(guard, 1024),
+            "d64": one_dynamic_cache(guard, 64),
+            "d1024": one_dynamic_cache(guard, 1024),
         },
         steps,
     )
-    step = one_stream(model, 1024)
+    step = one_stream(guard, 1024)
 
     def eight_steps() -> None:
         for _ in range(8):
             step()
 
-    b = interleaved({"refeed": refeed(model, 1024), "step": eight_steps}, rounds=5, warmup=1)
+    b = interleaved({"refeed": refeed(guard, 1024), "step": eight_steps}, rounds=5, warmup=1)
     b["step"] /= 8
-    c = interleaved({"batched": streams_batched(model, streams), "serial": streams_serial(model, streams)}, 8)
+    c = interleaved({"batched": streams_batched(guard, streams), "serial": streams_serial(guard, streams)}, 8)
     return {**a, **b, "batched": streams / c["batched"], "serial": streams / c["serial"]}
 
 
@@ -138,7 +175,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {name: measure(build(sizes), args.steps, args.streams) for name, sizes in SIZES.items()}
+    results = {name: measure(guard, args.steps, args.streams) for name, guard in guards().items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, float32; medians, ms per token")
     head = ["model", "@64", "@1024", "(a) 1024/64", "DynamicCache @64", "@1024", "1024/64", "refeed @1024",
             "step @1024", "(b) speedup", f"{args.streams} batched tok/s", "serial tok/s",

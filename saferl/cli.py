@@ -51,6 +51,10 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
 
         print(f"[toyworld] reusing cached build {paths.root} ({time.monotonic() - start:.1f}s)")
         print(format_metrics(metrics))
+    from saferl.guard.stream_toy import ensure_toy_stream
+
+    stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
+    print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
     if not metrics.get("meets_targets"):
         print("[toyworld] WARNING: the built world misses some of its acceptance ranges (see above)")
     return 0
@@ -133,13 +137,40 @@ GUARD_EVAL_EPILOG = """data layout (Qwen/Qwen3GuardTest): rows
   The last message's role picks prompt or response moderation; thinking text is judged verbatim.
 
 prints P/R/F1 of the Unsafe class under strict (Controversial = Unsafe) and loose (Controversial = Safe)
-mappings and writes them to OUT.json; --mode picks the headline F1.
+mappings and writes them to OUT.json; --mode picks the headline F1. --kind stream (a Qwen3Guard-Stream
+checkpoint, run in-process): response rows are read from the answer (from the reasoning with --thinking),
+debounced (--debounce official: two adjacent Unsafe, else two adjacent Controversial; paper: any two adjacent
+risky tokens), and rows with a span get first-detection latency bins: Ahead, Hit, 1-32, 33-64, 65-128,
+129-256, >256 tokens after the span, Safe (never flagged).
 
 examples:
   saferl guard eval -m Qwen/Qwen3Guard-Gen-4B -d ./Qwen3GuardTest --split thinking -o gen4b_thinking.json \\
       --max-model-len 32768 --max-new-tokens 128
   saferl guard eval -m "$(saferl toyworld path)/guard" -d rows.jsonl -o eval.json --backend hf \\
-      --predictions pred.jsonl"""
+      --predictions pred.jsonl
+  saferl guard eval --kind stream -m toyworld:stream_guard -d toyworld:stream_heldout -o stream.json
+  saferl guard eval --kind stream -m ./Qwen3Guard-Stream-0.6B -d ./Qwen3GuardTest --split response_loc \\
+      -o stream06b.json --dtype bfloat16   (a local download: Stream checkpoints load from a directory)"""
+
+GUARD_TRAIN_STREAM_EPILOG = """training rows (JSONL, one object a line; errors name the file and line):
+  {"message": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
+   "label": "Unsafe", "unsafe_start_index": 41, "category": "Violent"}
+  Qwen3GuardTest's layout (`messages` is accepted too); label: Safe, Unsafe or Controversial. A row ending
+  with the assistant trains the response heads: tokens before unsafe_start_index (absolute, in the whole
+  templated conversation) are Safe, it and later ones carry the label; without it the label starts at the
+  assistant's content. A row ending with the user trains the query heads at the user's <|im_end|>.
+  category (optional: no category loss without it) is a Qwen3Guard category name.
+Conversations are rendered with Qwen3 ChatML (the template OUT's tokenizer gets), whatever template the
+backbone's tokenizer carries.
+
+the backbone: a local Qwen3 checkpoint directory (causal LM, bare Qwen3Model, or a Stream guard to train
+further) with its tokenizer, or toyworld:<part>. OUT gets the released Qwen3Guard-Stream layout;
+evaluate it with saferl guard eval --kind stream.
+
+examples:
+  saferl guard train-stream --backbone toyworld:guard --data rows.jsonl -o my_stream --steps 300 --lr 3e-3
+  hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B
+  saferl guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o stream06b --freeze-backbone"""
 
 
 def _positive_int(text: str) -> int:
@@ -187,16 +218,56 @@ def _cmd_guard_eval(args: argparse.Namespace) -> int:
     report = run_eval(args.model, args.data, args.output, kind=args.kind, mode=args.mode, split=args.split,
                       backend=args.backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, dtype=args.dtype, predictions_out=args.predictions,
-                      progress=args.progress)
+                      progress=args.progress, rule=args.debounce, thinking=args.thinking)
     print(format_report(report))
     print(f"[guard] report written to {args.output}")
     return 0
 
 
+def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
+    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.guard.stream_train import load_stream_rows
+
+    rows = load_stream_rows(resolve_toy_ref(args.data))  # bad input fails before any weights load
+    from saferl.runtime import configure_process
+
+    configure_process()
+    from transformers import AutoTokenizer
+
+    from saferl.guard.stream_train import (
+        LabelMaps,
+        encode_stream_rows,
+        init_stream_guard,
+        save_trained_stream_guard,
+        token_accuracy,
+        train_stream_guard,
+    )
+    from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
+
+    backbone = resolve_toy_ref(args.backbone)
+    tokenizer = AutoTokenizer.from_pretrained(backbone)
+    tokenizer.chat_template = POLICY_CHAT_TEMPLATE
+    model = init_stream_guard(backbone, guard_inner_size=args.guard_inner_size, seed=args.seed)
+    examples = encode_stream_rows(rows, tokenizer, LabelMaps.from_model(model))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    print(f"[train-stream] {len(examples)} rows from {args.data}; {args.steps} steps of {args.batch_size}"
+          f"{' (heads only)' if args.freeze_backbone else ''}")
+    losses = train_stream_guard(model, examples, pad_id=pad_id, steps=args.steps, batch_size=args.batch_size,
+                                lr=args.lr, warmup_steps=min(20, args.steps // 10), seed=args.seed,
+                                freeze_backbone=args.freeze_backbone, label="train-stream")
+    acc = token_accuracy(model, examples, pad_id=pad_id)
+    save_trained_stream_guard(model, tokenizer, args.output)
+    print(f"[train-stream] loss {losses[0]:.4f} -> {losses[-1]:.4f}; on the training rows: token risk "
+          f"accuracy {acc['token_risk_acc']:.4f}, query risk accuracy {acc['query_risk_acc']:.4f}")
+    print(f"[train-stream] saved to {args.output}")
+    return 0
+
+
 def _add_guard_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("guard", help="moderate JSONL or evaluate a Qwen3Guard-Gen-format guard",
-                       description="Run a Qwen3Guard-Gen-format guard in-process: `moderate` judges JSONL "
-                       "records, `eval` scores the guard on a Qwen3GuardTest-layout set.")
+    p = sub.add_parser("guard", help="moderate JSONL, evaluate a Gen or Stream guard, train a Stream guard",
+                       description="Run a Qwen3Guard guard in-process: `moderate` judges JSONL records with "
+                       "a Gen guard, `eval` scores a Gen or Stream guard on a Qwen3GuardTest-layout set, "
+                       "`train-stream` trains Stream heads on a Qwen3 backbone.")
     guard_sub = p.add_subparsers(dest="guard_command", required=True)
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -216,16 +287,40 @@ def _add_guard_parser(sub: argparse._SubParsersAction) -> None:
                              formatter_class=raw, epilog=GUARD_EVAL_EPILOG,
                              description="Evaluate a guard as the official Qwen3Guard eval scripts do:\n"
                              "precision, recall and F1 of the Unsafe class under strict and loose mappings.")
-    q.add_argument("-m", "--model", required=True, help="Gen guard model directory (or hub id with access)")
-    q.add_argument("-d", "--data", required=True, help="JSONL or parquet file, or a dataset directory")
+    q.add_argument("-m", "--model", required=True,
+                   help="guard directory, hub id with access, or toyworld:guard / toyworld:stream_guard")
+    q.add_argument("-d", "--data", required=True,
+                   help="JSONL or parquet file, a dataset directory, or toyworld:stream_heldout")
     q.add_argument("-o", "--output", required=True, help="JSON report to write")
-    q.add_argument("--kind", choices=("gen",), default="gen", help="guard kind (default: gen)")
+    q.add_argument("--kind", choices=("gen", "stream"), default="gen", help="guard kind (default: gen)")
+    q.add_argument("--debounce", choices=("official", "paper"), default="official",
+                   help="stream: rule turning token labels into a response verdict (default: %(default)s)")
+    q.add_argument("--thinking", action="store_true",
+                   help="stream: score response rows from the reasoning start (official --thinking)")
     q.add_argument("--split", default=None,
                    help="split of a dataset directory: thinking, thinking_loc or response_loc")
     q.add_argument("--predictions", default=None, metavar="PATH",
                    help="also write per-row predictions (JSONL)")
     _guard_model_args(q)
     q.set_defaults(func=_cmd_guard_eval)
+
+    q = guard_sub.add_parser("train-stream", help="train Qwen3Guard-Stream heads on a Qwen3 backbone",
+                             formatter_class=raw, epilog=GUARD_TRAIN_STREAM_EPILOG,
+                             description="Add the Stream heads (spec §3.3) to a Qwen3 backbone and train\n"
+                             "them (with the backbone unless --freeze-backbone) on labelled JSONL rows\n"
+                             "with the paper's loss; writes a Qwen3Guard-Stream checkpoint.")
+    q.add_argument("--backbone", required=True, help="Qwen3 checkpoint directory or toyworld:<part>")
+    q.add_argument("--data", required=True, help="training rows, JSONL (see below)")
+    q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    q.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: %(default)s)")
+    q.add_argument("--batch-size", type=_positive_int, default=16,
+                   help="rows per step (default: %(default)s)")
+    q.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
+    q.add_argument("--freeze-backbone", action="store_true", help="train the heads only")
+    q.add_argument("--guard-inner-size", type=_positive_int, default=None,
+                   help="width G of new heads (default: hidden size // 2)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_cmd_guard_train_stream)
 
 
 EVAL_EPILOG = """prompt sets (--prompts):

@@ -7,11 +7,15 @@ Stream guards the first-detection latency bins. The metric maths lives in `decis
 Two guard kinds plug in:
 - Gen (implemented): `GenGuard.classify` judges each whole conversation; the Safety line is the prediction
   (a failed parse predicts nothing, which counts as not Unsafe, and is counted).
-- Stream (metrics side only; the model lives in `stream.py` and is not imported here): anything with
-  `token_labels(conversations) -> list[TokenLabels]` (the `TokenLabeler` Protocol;
+- Stream: anything with `token_labels(conversations) -> list[TokenLabels]` (the `TokenLabeler` Protocol;
+  `stream.StreamLabeler` for Qwen3Guard-Stream checkpoints, imported only when one is evaluated;
   `token_labels_from_verdicts` builds TokenLabels from stream.py's StreamVerdicts). A response row's labels
   are debounced (`official` or `paper` rule) into a prediction and a detection index, which is binned against
   the annotated span; a prompt row's prediction is its last label (the query head at the user's `<|im_end|>`).
+
+`toyworld:<part>` model and data references resolve to the toy world (`toyworld:guard`,
+`toyworld:stream_guard`, `toyworld:stream_heldout`; `saferl.guard.stream_toy.resolve_toy_ref`), built on
+first use.
 """
 
 from __future__ import annotations
@@ -25,7 +29,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from saferl.guard.decisions import LATENCY_BINS, MODES, debounce, latency_bin, prf_by_mode, summarize_latency
+from saferl.guard.decisions import (
+    DEBOUNCE_RULES,
+    LATENCY_BINS,
+    MODES,
+    debounce,
+    latency_bin,
+    prf_by_mode,
+    summarize_latency,
+)
 from saferl.guard.gen import GuardTestRow, load_guardtest
 from saferl.types import GuardVerdict, SafetyLabel
 
@@ -33,7 +45,8 @@ if TYPE_CHECKING:
     from saferl.guard.gen import GenGuard
     from saferl.types import StreamVerdict
 
-KINDS: tuple[str, ...] = ("gen",)  # "stream" joins once stream.py provides a TokenLabeler
+KINDS: tuple[str, ...] = ("gen", "stream")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -232,21 +245,24 @@ def write_atomic(path: str | Path, text: str) -> None:
 def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = "strict",
              split: str | None = None, backend: str = "vllm", batch_size: int = 32, max_new_tokens: int = 32,
              max_model_len: int = 1024, dtype: str = "float32", predictions_out: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, rule: str = "official", thinking: bool = False) -> dict[str, Any]:
     """`saferl guard eval`: load and check the data, load the guard, score, write the JSON report.
 
     Args:
-        model: guard model directory or hub id.
-        data: Qwen3GuardTest-layout data (see `gen.load_guardtest`).
+        model: guard model directory, hub id or `toyworld:<part>`.
+        data: Qwen3GuardTest-layout data (see `gen.load_guardtest`) or `toyworld:stream_heldout`.
         out: where the JSON report goes.
-        kind: guard kind; only "gen" for now.
+        kind: "gen" (Qwen3Guard-Gen format) or "stream" (Qwen3Guard-Stream checkpoint, run in-process).
         mode: headline mode, "strict" or "loose" (both are reported).
         split: the split to read from a dataset directory.
-        backend: "vllm" or "hf".
-        batch_size: conversations per guard call.
-        max_new_tokens, max_model_len, dtype: passed to the GuardScorer.
+        backend: "vllm" or "hf" (gen only).
+        batch_size: conversations per guard call (stream: per forward).
+        max_new_tokens, max_model_len: passed to the GuardScorer (gen only).
+        dtype: weights dtype.
         predictions_out: optional JSONL of per-row predictions.
-        progress: show a progress bar on stderr.
+        progress: show a progress bar on stderr (gen only).
+        rule: stream debouncing rule, "official" or "paper".
+        thinking: stream: evaluate from the reasoning start (official `--thinking`), not the answer.
 
     Returns:
         The report (also written to `out`), with `model`, `data`, `split` and `seconds` added.
@@ -255,13 +271,29 @@ def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = 
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    rows = load_guardtest(data, split)  # bad data fails before any weights load
-    from saferl.guard.gen import GenGuard
+    if rule not in DEBOUNCE_RULES:
+        raise ValueError(f"rule must be one of {DEBOUNCE_RULES}, got {rule!r}")
+    if kind == "stream" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} for a Stream guard, got {dtype!r}")
+    from saferl.guard.stream_toy import resolve_toy_ref
 
+    rows = load_guardtest(resolve_toy_ref(data), split)  # bad data fails before any weights load
+    model_path = resolve_toy_ref(model)
     start = time.monotonic()
-    guard = GenGuard.from_model(model, backend=backend, max_new_tokens=max_new_tokens,
-                                max_model_len=max_model_len, dtype=dtype)
-    report, per_row = evaluate_gen(guard, rows, mode, batch_size=batch_size, progress=progress)
+    if kind == "stream":
+        import torch
+
+        from saferl.guard.stream import StreamLabeler
+
+        labeler = StreamLabeler.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                batch_size=batch_size, thinking=thinking)
+        report, per_row = evaluate_stream(labeler, rows, mode, rule)
+    else:
+        from saferl.guard.gen import GenGuard
+
+        guard = GenGuard.from_model(model_path, backend=backend, max_new_tokens=max_new_tokens,
+                                    max_model_len=max_model_len, dtype=dtype)
+        report, per_row = evaluate_gen(guard, rows, mode, batch_size=batch_size, progress=progress)
     report = {"model": model, "data": str(data), "split": split, **report,
               "seconds": round(time.monotonic() - start, 3)}
     if predictions_out:

@@ -9,7 +9,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saferl.guard import stream
-from saferl.guard.stream import RoleTokens, StreamBatch, find_user_turn, moderate_full, role_tokens
+from saferl.guard.stream import (
+    RoleTokens,
+    StreamBatch,
+    StreamLabeler,
+    find_user_turn,
+    moderate_full,
+    moderate_many,
+    role_tokens,
+)
 from saferl.guard.stream_model import load_stream_guard, save_stream_guard, write_synthetic_stream_guard
 from saferl.guard.templates import CATEGORIES, RESPONSE_CATEGORIES
 
@@ -260,3 +268,34 @@ def test_batched_ragged_streams_with_a_drop_equal_their_full_forwards(guard, mon
     assert_logits_match(steps[0], refs[0], n=ends[0] + 1 + 6)
     assert_logits_match(steps[1], refs[1])
     assert_logits_match(steps[2], refs[2])
+
+
+def test_moderate_many_equals_moderate_full(guard):
+    model, tokenizer, roles = guard
+    seqs = [encode(tokenizer, c) for c in CONVERSATIONS]
+    many = moderate_many(model, seqs, roles, batch_size=2, pad_id=tokenizer.pad_token_id)
+    for seq, step in zip(seqs, many):  # rows of different lengths share a right-padded forward
+        assert_logits_match([step], moderate_full(model, seq, roles))
+    open_turn = seqs[1][: find_user_turn(seqs[1], roles)[1]]
+    with pytest.raises(ValueError, match="conversation 1: the last user turn has no closing"):
+        moderate_many(model, [seqs[0], open_turn], roles)
+
+
+def test_stream_labeler_reads_the_answer_the_reasoning_or_the_query(guard):
+    model, tokenizer, roles = guard
+    thinking = [CONVERSATIONS[0][0],
+                {"role": "assistant", "content": "<think>\nlet me think\n</think>\n\nHello there."}]
+    convs = [CONVERSATIONS[0], CONVERSATIONS[0][:1], thinking]
+    answer, prompt, answer_after_thinking = StreamLabeler(model, tokenizer, batch_size=2).token_labels(convs)
+    ids = encode(tokenizer, convs[0])
+    end = find_user_turn(ids, roles)[1]
+    assert tokenizer.decode(ids[answer.start :]).startswith("Mix flour")  # after </think> and its blank line
+    assert tokenizer.decode(ids[end + 1 : answer.start]).endswith("<think>\n\n</think>\n\n")
+    ref = moderate_full(model, ids, roles)
+    assert answer.labels == [v.risk for v in ref.verdicts if v.position >= answer.start]
+    assert answer.categories == [v.category for v in ref.verdicts if v.position >= answer.start]
+    assert (prompt.start, prompt.labels) == (end, [ref.verdicts[0].risk])  # the query head at <|im_end|>
+    think_ids = encode(tokenizer, thinking)
+    assert tokenizer.decode(think_ids[answer_after_thinking.start :]).startswith("Hello there.")
+    (reasoning,) = StreamLabeler(model, tokenizer, thinking=True).token_labels([thinking])
+    assert tokenizer.decode(think_ids[reasoning.start :]).startswith("let me think\n</think>")
