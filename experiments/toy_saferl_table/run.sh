@@ -39,3 +39,6 @@ for seed in $SEEDS; do
 done
 .venv/bin/python -m saferl.cli report --table experiments/toy_saferl_table/table.yaml --runs "$OUT" \
   -o experiments/toy_saferl_table/results.md
+# What the answers really are (toy ground truth, degenerate refusals split off): ~25 s per run.
+HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python experiments/toy_saferl_table/answers.py --runs "$OUT" \
+  > experiments/toy_saferl_table/answers.md

@@ -132,7 +132,7 @@ def plot_comparison(rows: list[Row], out: Path) -> None:
 
     keys = [k for k in PLOTTED if any(r.stats[k].n for r in rows)]
     headings = dict(COLUMNS)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(max(3.6, 0.9 * len(rows)) * len(keys), 4.2), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key in zip(axes[0], keys):
         means = [r.stats[key].mean if r.stats[key].n else 0.0 for r in rows]
@@ -140,14 +140,14 @@ def plot_comparison(rows: list[Row], out: Path) -> None:
         bars = ax.bar(range(len(rows)), means, yerr=errs, capsize=4,
                       color=[colors[i % len(colors)] for i in range(len(rows))])
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-        ax.set_xticks(range(len(rows)), [f"{r.label}\n(n={len(r.runs)})" for r in rows], fontsize=8,
-                      rotation=20)
+        ax.set_xticks(range(len(rows)), [f"{r.label} (n={len(r.runs)})" for r in rows], fontsize=8,
+                      rotation=30, ha="right", rotation_mode="anchor")
         ax.set_title(headings[key], fontsize=10)
         ax.set_ylabel("RM score (logit)" if key == "benign_helpfulness" else "rate (fraction of samples)")
         if key == "benign_helpfulness":
             ax.margins(y=0.12)  # room for the value labels of negative scores
         else:
-            ax.set_ylim(0, 1.05)
+            ax.set_ylim(0, 1.12)  # room for the value label above a bar at 1.0
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("Held-out evaluation: mean ± sample std over seeds (baseline: before training)", fontsize=10)
     fig.tight_layout()
