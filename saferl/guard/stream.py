@@ -135,28 +135,14 @@ def _step(
     for col, pos in enumerate(positions, start):
         if user_end is None or pos < user_end:
             continue
-        if pos == user_end:
-            verdicts.append(
-                StreamVerdict(
-                    pos,
-                    "user",
-                    model.query_risk_level_map[qrisk[row][col]],
-                    qrisk_p[row][col],
-                    model.query_category_map[qcat[row][col]],
-                    qcat_p[row][col],
-                )
-            )
+        if pos == user_end:  # the query heads, read where the user turn closes
+            role, r, r_p, c, c_p = "user", qrisk, qrisk_p, qcat, qcat_p
+            risk_map, cat_map = model.query_risk_level_map, model.query_category_map
         else:
-            verdicts.append(
-                StreamVerdict(
-                    pos,
-                    "assistant",
-                    model.response_risk_level_map[risk[row][col]],
-                    risk_p[row][col],
-                    model.response_category_map[cat[row][col]],
-                    cat_p[row][col],
-                )
-            )
+            role, r, r_p, c, c_p = "assistant", risk, risk_p, cat, cat_p
+            risk_map, cat_map = model.response_risk_level_map, model.response_category_map
+        verdicts.append(StreamVerdict(pos, role, risk_map[r[row][col]], r_p[row][col], cat_map[c[row][col]],
+                                      c_p[row][col]))
     return StreamStep(positions, logits, verdicts)
 
 
