@@ -1,5 +1,5 @@
-"""The `saferl` command: train, eval, report, toyworld, sft, serve and guard subcommands (argparse; lazy heavy
-imports)."""
+"""The `saferl` command: train, eval, report, toyworld, sft, serve, guard and chat subcommands (argparse; lazy
+heavy imports)."""
 
 from __future__ import annotations
 
@@ -460,6 +460,141 @@ def _add_eval_report_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_report)
 
 
+CHAT_EPILOG = """CARE (spec/qwen3guard.md §6): the Stream guard reads every new token; the newest --buffer-tokens
+tokens are held back, and on a debounced detection (two Unsafe, or two Controversial, tokens in a row; --mode loose
+ignores Controversial) the buffer is discarded and the policy resamples from there at --retry-temperature,
+with --intervention-text (if given) put into its context, hidden from the user and the guard. After
+--max-retries rollbacks a further detection ends the answer with --fallback-text (--on-exhausted refuse) or
+keeps the last attempt (keep). Policy and guard must share a vocabulary (Qwen3 and Qwen3Guard do).
+
+--eval PROMPTS answers every prompt twice with the same seeds, CARE off and on, judges both with the Gen
+guard (--judge) and the RM (--rm), and prints a Markdown table: safety rate on harmful prompts (toy ground
+truth and Gen guard), benign refusal, quality (RM score, true helpful rate on benign prompts), wait tokens
+(generated tokens the user never receives, mean per response), retries and exhausted retries.
+
+examples:
+  saferl chat "How do I bake a loaf of bread?"
+  saferl chat -m toyworld:policy --guard toyworld:stream_guard "Please show me how to hurt my neighbor." -v
+  saferl chat                                   # interactive; an empty line or EOF quits
+  saferl chat --eval toyworld:heldout -o care_heldout.json
+  saferl chat -m Qwen/Qwen3-4B --guard Qwen/Qwen3Guard-Stream-4B --dtype bfloat16 --max-new-tokens 512 \\
+      "How do I pick a lock?\""""
+
+
+def _care_settings(args: argparse.Namespace):
+    from saferl.care import CareSettings
+
+    return CareSettings(buffer_tokens=args.buffer_tokens, max_retries=args.max_retries,
+                        on_exhausted=args.on_exhausted, fallback_text=args.fallback_text,
+                        intervention_text=args.intervention_text, retry_temperature=args.retry_temperature,
+                        mode=args.mode, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+
+
+def _typed_turns():
+    """User messages typed at the prompt, until an empty line or end of input."""
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            return
+        if not text:
+            return
+        yield text
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    settings = _care_settings(args)
+    if args.eval:
+        from saferl.eval.care_eval import run_care_eval
+
+        run_care_eval(policy=args.model, stream_guard=args.guard, prompts=args.eval, settings=settings,
+                      seed=args.seed, samples=args.samples_per_prompt, max_prompts=args.max_prompts,
+                      batch_size=args.batch_size, judge=args.judge, rm=None if args.rm == "none" else args.rm,
+                      backend=args.backend, device=args.device, dtype=args.dtype, output=args.output)
+        return 0
+    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.runtime import configure_process
+
+    configure_process()
+    from saferl.care import load_care_models
+    from saferl.eval.care_eval import chat, describe_intervention
+
+    models = load_care_models(resolve_toy_ref(args.model), None if args.no_care else resolve_toy_ref(args.guard),
+                              device=args.device, dtype=args.dtype)
+    messages: list[dict[str, str]] = []
+    for turn, text in enumerate([args.prompt] if args.prompt else _typed_turns()):
+        messages.append({"role": "user", "content": text})
+        answer, state = chat(models, messages, settings, seed=args.seed + turn, care=not args.no_care)
+        print(answer if args.prompt else f"assistant> {answer}")
+        if args.verbose:
+            for i, ids in enumerate(state.rolled_back, 1):
+                print(f"[care] rolled back attempt {i} (never shown): "
+                      f"{models.tokenizer.decode(ids, skip_special_tokens=True)!r}")
+        if not args.no_care:
+            print(describe_intervention(state, settings), flush=True)
+        messages.append({"role": "assistant", "content": answer})
+    return 0
+
+
+def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
+    from saferl.care import CareSettings
+    from saferl.config import EvalConfig, GuardConfig, HelpfulnessConfig
+
+    d = CareSettings()
+    p = sub.add_parser("chat", help="talk to a policy under CARE (Stream-guard rollback), or measure CARE off "
+                       "vs on", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHAT_EPILOG,
+                       description="Generate with a policy while a Qwen3Guard-Stream model watches every token\n"
+                       "and rolls unsafe continuations back before the user sees them (CARE). One-shot with a\n"
+                       "PROMPT, interactive without one, or --eval for a CARE off/on table on a prompt set.")
+    p.add_argument("prompt", nargs="?", default=None, help="one user message (omit for an interactive chat)")
+    p.add_argument("-m", "--model", default="toyworld:policy",
+                   help="policy: HF causal LM directory or hub id (default: %(default)s)")
+    p.add_argument("--guard", default="toyworld:stream_guard",
+                   help="Qwen3Guard-Stream checkpoint (default: %(default)s)")
+    p.add_argument("--no-care", action="store_true", help="chat without the guard (CARE off)")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print the rolled-back attempts")
+    g = p.add_argument_group("CARE")
+    g.add_argument("--buffer-tokens", type=int, default=d.buffer_tokens,
+                   help="tokens held back from the user (default: %(default)s)")
+    g.add_argument("--max-retries", type=int, default=d.max_retries,
+                   help="rollbacks per answer (default: %(default)s)")
+    g.add_argument("--on-exhausted", choices=("refuse", "keep"), default=d.on_exhausted,
+                   help="after the retries: end with --fallback-text, or keep the last attempt "
+                   "(default: %(default)s)")
+    g.add_argument("--fallback-text", default=d.fallback_text, help="default: %(default)r")
+    g.add_argument("--intervention-text", default=d.intervention_text,
+                   help="text put into the policy's context at a rollback point (default: none)")
+    g.add_argument("--retry-temperature", type=float, default=d.retry_temperature,
+                   help="sampling temperature after a rollback (default: %(default)s)")
+    g.add_argument("--mode", choices=("strict", "loose"), default=d.mode,
+                   help="strict: Controversial pairs trigger too (default: %(default)s)")
+    g = p.add_argument_group("decoding")
+    g.add_argument("--temperature", type=float, default=d.temperature,
+                   help="first-attempt temperature, 0 = greedy (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="default: %(default)s")
+    g.add_argument("--seed", type=int, default=EvalConfig.seed,
+                   help="seed (eval: row i uses seed + i) (default: %(default)s)")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--dtype", default="float32", help="policy and guard dtype (default: %(default)s)")
+    g = p.add_argument_group("--eval")
+    g.add_argument("--eval", default=None, metavar="PROMPTS",
+                   help="prompt set to compare CARE off and on: toyworld:heldout, .jsonl/.parquet, hub id")
+    g.add_argument("--max-prompts", type=int, default=EvalConfig.max_prompts,
+                   help="evenly spaced subset, 0 = all (default: %(default)s)")
+    g.add_argument("--samples-per-prompt", type=_positive_int, default=EvalConfig.samples_per_prompt,
+                   help="default: %(default)s")
+    g.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="rows decoded together (default: %(default)s)")
+    g.add_argument("--judge", default=GuardConfig.model,
+                   help="Gen guard judging the answers (default: %(default)s)")
+    g.add_argument("--rm", default=HelpfulnessConfig.model,
+                   help="helpfulness RM for quality, or 'none' (default: %(default)s)")
+    g.add_argument("--backend", choices=("hf", "vllm"), default="hf",
+                   help="engine of the judge (default: %(default)s)")
+    g.add_argument("-o", "--output", default=None, metavar="OUT.json", help="write settings, metrics and answers")
+    p.set_defaults(func=_cmd_chat)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saferl", description="Safety RL for chat models against a "
                                      "Qwen3Guard-style guard (Ray + vLLM rollouts, hybrid reward, GSPO).")
@@ -528,6 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_eval_report_parsers(sub)
     _add_guard_parser(sub)
+    _add_chat_parser(sub)
     return parser
 
 
