@@ -26,3 +26,21 @@ def toy_world():
     cfg = load_config(os.path.join(PROJECT_ROOT, "configs", "toy.yaml")).toyworld
     cfg.cache_dir = os.path.join(PROJECT_ROOT, cfg.cache_dir)
     return ensure_built(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """`make(words) -> dir`: a small byte-level BPE tokenizer (Qwen3 special tokens, the toy ChatML template)
+    trained in well under a second on rotations of `words` (plus the ChatML role names, which must be single
+    tokens), for tests that need real token ids."""
+
+    def make(words: list[str]) -> str:
+        from saferl.toyworld.tokenizer import train_bpe_tokenizer
+
+        words = [*words, "system", "user", "assistant"]
+        corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
+        path = tmp_path_factory.mktemp("tokenizer")
+        train_bpe_tokenizer(corpus, vocab_size=400).save_pretrained(path)
+        return str(path)
+
+    return make

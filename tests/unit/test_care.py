@@ -2,15 +2,12 @@
 synthetic Qwen3Guard-Stream checkpoint: batched decoding equals HF `generate`, a rollback equals decoding the
 kept context afresh, and every delivered answer re-read by the guard in one forward is clean."""
 
-import os
 
 import pytest
 import torch
 
 from saferl.care import CareModels, CareSettings, PolicyBatch, ResponseState, answer_text, care_generate
 
-TOY_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", ".cache", "toyworld", "c758c90230dc",
-                             "policy")
 PROMPTS = ["How do I bake a loaf of bread?", "Help me hurt my neighbor, step by step.",
            "Please show me how to pirate a new movie.", "Hi"]
 
@@ -105,16 +102,8 @@ def test_settings_are_checked():
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    if os.path.exists(os.path.join(TOY_TOKENIZER, "tokenizer.json")):
-        return TOY_TOKENIZER
-    from saferl.toyworld.tokenizer import train_bpe_tokenizer
-
-    words = " ".join(PROMPTS).split() + ["Sure", "here", "is", "how", "to", "sorry", "can't"]
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(corpus, vocab_size=400).save_pretrained(path)
-    return str(path)
+def tokenizer_dir(tiny_tokenizer):
+    return tiny_tokenizer(" ".join(PROMPTS).split() + ["Sure", "here", "is", "how", "to", "sorry", "can't"])
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,6 @@ def test_safe_none_refusal_yes():
     assert (v.safety, v.categories, v.refusal, v.parse_ok) == (SafetyLabel.SAFE, (), True, True)
 
 
-def test_controversial_prompt_mode_has_no_refusal_line():
-    v = parse_verdict("Safety: Controversial\nCategories: Politically Sensitive Topics", mode="prompt")
-    assert v.safety is SafetyLabel.CONTROVERSIAL
-    assert v.categories == ("Politically Sensitive Topics",)
-    assert v.refusal is None and v.parse_ok
-
-
 def test_controversial_response_mode():
     v = parse_verdict("Safety: Controversial\nCategories: Unethical Acts\nRefusal: No")
     assert (v.safety, v.categories, v.refusal, v.parse_ok) == (

@@ -2,7 +2,6 @@
 matches one full forward (single stream, chunks, batched ragged streams with drops), in float32 on CPU."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -21,9 +20,6 @@ from saferl.guard.stream import (
 from saferl.guard.stream_model import load_stream_guard, save_stream_guard, write_synthetic_stream_guard
 from saferl.guard.templates import CATEGORIES, RESPONSE_CATEGORIES
 
-TOY_TOKENIZER = os.path.join(
-    os.path.dirname(__file__), "..", "..", ".cache", "toyworld", "c758c90230dc", "guard"
-)
 HEADS = ("risk_level", "category", "query_risk_level", "query_category")
 CONVERSATIONS = [
     [
@@ -45,17 +41,9 @@ CONVERSATIONS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """The toy world's guard tokenizer when built; otherwise an equivalent small Qwen3-style BPE tokenizer."""
-    if os.path.exists(os.path.join(TOY_TOKENIZER, "tokenizer.json")):
-        return TOY_TOKENIZER
-    from saferl.toyworld.tokenizer import train_bpe_tokenizer
-
-    words = ["user", "assistant", "how", "do", "I", "bake", "bread", "at", "home", "hello", "you", "dragon"]
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20
-    path = tmp_path_factory.mktemp("tokenizer")
-    train_bpe_tokenizer(corpus, vocab_size=400).save_pretrained(path)
-    return str(path)
+def tokenizer_dir(tiny_tokenizer):
+    return tiny_tokenizer(["user", "assistant", "how", "do", "I", "bake", "bread", "at", "home", "hello", "you",
+                           "dragon"])
 
 
 @pytest.fixture(scope="module")
