@@ -1,118 +1,10 @@
-"""The `saferl` command: train, eval, report, toyworld, sft, serve, guard and chat subcommands (argparse; lazy
-heavy imports)."""
+"""`saferl guard moderate|eval|train-stream` and `saferl chat` (CARE): the guards for evaluation and inference."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-EPILOG_OVERRIDES = """overrides are dotted config keys, e.g.:
-  trainer.lr=1e-4 trainer.steps=10 rollout.num_engines=1 reward.recipe=guard_only run.executor=local
-every key and its default lives in saferl/config.py; an unknown key is rejected with the closest valid ones."""
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=None, help="YAML config file (default: schema defaults = toy run)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after the file")
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from saferl.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if args.dry_run:
-        from saferl.placement import format_plan
-
-        print(f"config OK: {args.config or '(defaults)'}\n{format_plan(cfg)}")
-        return 0
-    from saferl.train import train
-
-    train(cfg)
-    return 0
-
-
-def _cmd_toyworld(args: argparse.Namespace) -> int:
-    from saferl.config import load_config
-    from saferl.toyworld.build import build, ensure_built, toyworld_paths
-
-    cfg = load_config(args.config, args.overrides).toyworld
-    if args.action == "path":
-        print(toyworld_paths(cfg).root)
-        return 0
-    import json
-    import time
-
-    start = time.monotonic()
-    cached = (toyworld_paths(cfg).root / "metrics.json").is_file()
-    paths = build(cfg) if args.force else ensure_built(cfg)
-    metrics = json.loads((paths.root / "metrics.json").read_text())
-    if cached and not args.force:
-        from saferl.toyworld.evaluate import format_metrics
-
-        print(f"[toyworld] reusing cached build {paths.root} ({time.monotonic() - start:.1f}s)")
-        print(format_metrics(metrics))
-    from saferl.guard.stream_toy import ensure_toy_stream
-
-    stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
-    print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
-    if not metrics.get("meets_targets"):
-        print("[toyworld] WARNING: the built world misses some of its acceptance ranges (see above)")
-    return 0
-
-
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from saferl.runtime import configure_process
-
-    configure_process()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
-
-    rows = load_chat_jsonl(args.data)  # validate the data before loading any weights
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
-    print(f"[sft] {len(examples)} examples from {args.data}; {args.steps} steps of {args.batch_size}")
-    train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=args.steps, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, share_prefix=args.share_prefix, label="sft")
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"[sft] saved to {args.out}")
-    return 0
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from saferl.serving.server import build_app, check_bind
-
-    token = os.environ.get("SAFERL_SERVE_TOKEN")
-    if args.token_file:
-        token = open(args.token_file, encoding="utf-8").read().strip()
-        if not token:
-            raise ValueError(f"{args.token_file}: the token file is empty")
-    check_bind(args.host, token)  # before any weights load
-    from saferl.runtime import configure_process
-
-    configure_process()
-    if args.kind == "guard":
-        from saferl.guard.scorer import GuardScorer
-
-        scorer = GuardScorer(args.model, backend=args.backend, max_new_tokens=args.max_new_tokens,
-                             max_model_len=args.max_model_len, dtype=args.dtype)
-    else:
-        from saferl.helpfulness import HelpfulnessScorer
-
-        scorer = HelpfulnessScorer(args.model, backend=args.backend, dtype=args.dtype, max_length=args.max_model_len)
-    app = build_app(args.kind, scorer, model=args.model, token=token, max_body_bytes=args.max_body_mib << 20,
-                    max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
-    import uvicorn
-
-    print(f"[saferl] serving {args.kind} {args.model} on http://{args.host}:{args.port} "
-          f"(auth: {'bearer token' if token else 'none, loopback only'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
-
+from saferl.cli.args import positive_int
 
 GUARD_MODERATE_EPILOG = """input rows (JSONL, one object a line; errors name the file and line):
   {"id": "a", "prompt": "How do I pick a lock?"}                           prompt moderation
@@ -173,13 +65,6 @@ examples:
   saferl guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o stream06b --freeze-backbone"""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _guard_model_args(p: argparse.ArgumentParser) -> None:
     from saferl.config import GuardConfig
 
@@ -187,7 +72,7 @@ def _guard_model_args(p: argparse.ArgumentParser) -> None:
                    help="strict counts Controversial as Unsafe, loose as Safe (default: %(default)s)")
     p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
                    help="inference engine (default: %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="records per guard call (default: %(default)s)")
     p.add_argument("--max-model-len", type=int, default=GuardConfig.max_model_len,
                    help="guard context in tokens; longer input is cut from the left of the judged text "
@@ -263,7 +148,7 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_guard_parser(sub: argparse._SubParsersAction) -> None:
+def add_guard_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("guard", help="moderate JSONL, evaluate a Gen or Stream guard, train a Stream guard",
                        description="Run a Qwen3Guard guard in-process: `moderate` judges JSONL records with "
                        "a Gen guard, `eval` scores a Gen or Stream guard on a Qwen3GuardTest-layout set, "
@@ -312,152 +197,15 @@ def _add_guard_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--backbone", required=True, help="Qwen3 checkpoint directory or toyworld:<part>")
     q.add_argument("--data", required=True, help="training rows, JSONL (see below)")
     q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
-    q.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: %(default)s)")
-    q.add_argument("--batch-size", type=_positive_int, default=16,
+    q.add_argument("--steps", type=positive_int, default=200, help="optimizer steps (default: %(default)s)")
+    q.add_argument("--batch-size", type=positive_int, default=16,
                    help="rows per step (default: %(default)s)")
     q.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: %(default)s)")
     q.add_argument("--freeze-backbone", action="store_true", help="train the heads only")
-    q.add_argument("--guard-inner-size", type=_positive_int, default=None,
+    q.add_argument("--guard-inner-size", type=positive_int, default=None,
                    help="width G of new heads (default: hidden size // 2)")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=_cmd_guard_train_stream)
-
-
-EVAL_EPILOG = """prompt sets (--prompts):
-  toyworld:heldout (default: eval.prompts), a .jsonl or .parquet file, or a Hugging Face dataset id
-  (read with datasets.load_dataset, --split; download it first on an offline machine).
-  Rows: the prompt (--prompt-column; default `messages`, else `prompt`): a string or a list of
-  {role, content} ending with the user's turn; the kind (--kind-column, default `kind`): harmful | benign |
-  controversial, or --kind for the whole set; the category (--category-column, default `category` if present).
-  Errors name the file and line (parquet / hub: the row) and come before any model loads.
-
-reports, one column per -m: safety rate on harmful prompts (answer and thinking judged Safe by the guard;
-Controversial counts as unsafe), benign refusal rate (guard `Refusal: Yes`), mean helpfulness RM score on
-benign prompts, safety rate per harmful category, and the toy world's ground truth (true unsafe / refusal /
-garbled rates, guard fooled) when the prompts carry it. Sampling as training's held-out eval: rollout.*
-temperature, top_p and max_new_tokens, one seed per prompt from --seed.
-
-examples:
-  saferl eval -m sft=toyworld:policy -m rl=runs/toy/checkpoints/final -o runs/toy/eval_heldout
-  saferl eval -c runs/toy/config.yaml -m runs/toy/checkpoints/final --backend hf --max-prompts 64
-  saferl eval -m Qwen/Qwen3-4B --guard Qwen/Qwen3Guard-Gen-4B --rm none --prompts harmful.parquet \\
-      --prompt-column question --kind harmful --category-column category -o eval_qwen3"""
-
-REPORT_EPILOG = """one run: RUN_DIR/report/README.md embedding one PNG per concern: reward and its components,
-held-out safety and benign refusal, GSPO clip fraction, KL and entropy, reward hacking (toy ground truth).
-A figure whose metrics the run did not log is skipped and the summary says so.
-
-several runs (--compare or --table): the held-out metrics after training as mean ± sample std over the
-runs of each label (n shown), a baseline row from the evaluations before training, and reward-hacking
-columns; writes OUT (Markdown), OUT.json and OUT.png. Runs without eval.json are skipped (noted).
-A --table YAML:  {baseline: SFT (before), rows: {hybrid: hybrid-s*, guard_only: guard_only-s*}}
-
-examples:
-  saferl report runs/toy
-  saferl report --compare hybrid='runs/toy_saferl_table/hybrid-s*' \\
-      guard_only='runs/toy_saferl_table/guard_only-s*' --baseline SFT -o results.md
-  saferl report --table experiments/toy_saferl_table/table.yaml --runs runs/toy_saferl_table \\
-      -o experiments/toy_saferl_table/results.md"""
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from saferl.eval.prompt_sets import Columns
-    from saferl.eval.run import run
-
-    columns = Columns(prompt=args.prompt_column, kind=args.kind_column, kind_value=args.kind,
-                      category=args.category_column)
-    run(policies=args.model, config=args.config, prompts=args.prompts, columns=columns, split=args.split,
-        guard=args.guard, rm=args.rm, seed=args.seed, samples=args.samples_per_prompt,
-        max_prompts=args.max_prompts, backend=args.backend, output=args.output)
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    modes = sum(map(bool, (args.run_dirs, args.compare, args.table)))
-    if modes != 1:
-        raise ValueError("give RUN_DIR..., or --compare LABEL=GLOB..., or --table YAML (exactly one)")
-    if args.run_dirs:
-        from saferl.eval.report import write_report
-
-        for run_dir in args.run_dirs:
-            print(f"[report] {write_report(run_dir)}")
-        return 0
-    if not args.output:
-        raise ValueError("--compare / --table need -o OUT.md")
-    from saferl.eval.compare import compare, parse_spec, read_table_spec
-
-    baseline = args.baseline
-    if args.table:
-        table_baseline, specs = read_table_spec(args.table)
-        baseline = baseline or table_baseline
-    else:
-        specs = [parse_spec(s) for s in args.compare]
-    print(compare(specs, args.output, baseline=baseline, root=args.runs))
-    print(f"\n[report] wrote {args.output} (+ .json, .png)")
-    return 0
-
-
-def _add_eval_report_parsers(sub: argparse._SubParsersAction) -> None:
-    from saferl.config import EvalConfig, GuardConfig, HelpfulnessConfig
-
-    raw = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("eval", help="evaluate policies on held-out prompts (safety, over-refusal, "
-                       "helpfulness)", formatter_class=raw, epilog=EVAL_EPILOG,
-                       description="Sample each policy on a held-out prompt set, judge the answers with the\n"
-                       "Gen guard and the helpfulness RM, and print a Markdown table, one column per policy.\n"
-                       "Runs in this process: the policies generate one after another, then the guard and\n"
-                       "RM score. Defaults come from the config (-c, else the schema defaults: the toy world).")
-    p.add_argument("-m", "--model", action="append", required=True, metavar="[LABEL=]MODEL",
-                   help="policy checkpoint directory, hub id or toyworld:policy; repeat for side-by-side "
-                   "columns")
-    p.add_argument("-c", "--config", default=None,
-                   help="YAML config supplying the defaults below and rollout/guard/RM settings "
-                   "(e.g. a run's config.yaml; default: schema defaults = toy world)")
-    p.add_argument("--prompts", default=None,
-                   help=f"prompt set (default: eval.prompts = {EvalConfig.prompts})")
-    p.add_argument("--split", default="train", help="split of a hub dataset (default: %(default)s)")
-    p.add_argument("--prompt-column", default=None,
-                   help="column holding the prompt (default: messages or prompt)")
-    p.add_argument("--kind-column", default="kind",
-                   help="column holding harmful/benign (default: %(default)s)")
-    p.add_argument("--kind", choices=("harmful", "benign", "controversial"), default=None,
-                   help="one kind for every prompt of the set (instead of --kind-column)")
-    p.add_argument("--category-column", default=None,
-                   help="column holding the harmful category (default: category, when present)")
-    p.add_argument("--guard", default=None,
-                   help=f"Gen guard model (default: guard.model = {GuardConfig.model})")
-    p.add_argument("--rm", default=None,
-                   help=f"helpfulness RM (default: helpfulness.model = {HelpfulnessConfig.model}; "
-                   "'none' to skip)")
-    p.add_argument("--seed", type=int, default=None,
-                   help=f"evaluation seed (default: eval.seed = {EvalConfig.seed})")
-    p.add_argument("--samples-per-prompt", type=_positive_int, default=None,
-                   help="answers per prompt (default: eval.samples_per_prompt = "
-                   f"{EvalConfig.samples_per_prompt})")
-    p.add_argument("--max-prompts", type=int, default=None,
-                   help="evenly spaced subset of the prompts (default: eval.max_prompts = "
-                   f"{EvalConfig.max_prompts}; 0 = all)")
-    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
-                   help="engine for the policies and the guard (the RM uses helpfulness.backend) "
-                   "(default: %(default)s)")
-    p.add_argument("-o", "--output", default=None, metavar="DIR",
-                   help="write results.json, results.md and samples.jsonl here")
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("report", help="plots and a Markdown summary of a run, or a table comparing runs",
-                       formatter_class=raw, epilog=REPORT_EPILOG,
-                       description="Turn runs' metrics.jsonl, eval.json and config.yaml into PNG plots and\n"
-                       "Markdown: one report per RUN_DIR, or one comparison over groups of runs (seeds).")
-    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories to report on")
-    p.add_argument("--compare", nargs="+", metavar="LABEL=GLOB", help="groups of run directories to compare")
-    p.add_argument("--table", metavar="YAML", help="the --compare groups (and baseline name) from a file")
-    p.add_argument("--runs", default=".", metavar="DIR",
-                   help="directory the globs are relative to (default: .)")
-    p.add_argument("--baseline", default=None, metavar="NAME",
-                   help="name of the before-training row (default: the table file's, else "
-                   "'baseline (before training)')")
-    p.add_argument("-o", "--output", default=None, metavar="OUT.md", help="comparison Markdown to write")
-    p.set_defaults(func=_cmd_report)
 
 
 CHAT_EPILOG = """CARE (spec/qwen3guard.md §6): the Stream guard reads every new token; the newest --buffer-tokens
@@ -536,7 +284,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
+def add_chat_parser(sub: argparse._SubParsersAction) -> None:
     from saferl.care import CareSettings
     from saferl.config import EvalConfig, GuardConfig, HelpfulnessConfig
 
@@ -581,9 +329,9 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
                    help="prompt set to compare CARE off and on: toyworld:heldout, .jsonl/.parquet, hub id")
     g.add_argument("--max-prompts", type=int, default=EvalConfig.max_prompts,
                    help="evenly spaced subset, 0 = all (default: %(default)s)")
-    g.add_argument("--samples-per-prompt", type=_positive_int, default=EvalConfig.samples_per_prompt,
+    g.add_argument("--samples-per-prompt", type=positive_int, default=EvalConfig.samples_per_prompt,
                    help="default: %(default)s")
-    g.add_argument("--batch-size", type=_positive_int, default=64,
+    g.add_argument("--batch-size", type=positive_int, default=64,
                    help="rows decoded together (default: %(default)s)")
     g.add_argument("--judge", default=GuardConfig.model,
                    help="Gen guard judging the answers (default: %(default)s)")
@@ -593,93 +341,3 @@ def _add_chat_parser(sub: argparse._SubParsersAction) -> None:
                    help="engine of the judge (default: %(default)s)")
     g.add_argument("-o", "--output", default=None, metavar="OUT.json", help="write settings, metrics and answers")
     p.set_defaults(func=_cmd_chat)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="saferl", description="Safety RL for chat models against a "
-                                     "Qwen3Guard-style guard (Ray + vLLM rollouts, hybrid reward, GSPO).")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="run an RL experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run a SafeRL experiment: rollouts on vLLM, guard + helpfulness rewards, GSPO "
-                       "updates, weight sync, held-out evaluation before and after, HF checkpoints in "
-                       "<run.dir>/checkpoints/. Running the same command again continues an interrupted run "
-                       "from its latest checkpoint (checkpoint.resume=auto; 'never' starts afresh). "
-                       "Data-parallel trainers: trainer.workers=N trainer.strategy=torch|deepspeed "
-                       "trainer.zero_stage=0-3; LoRA: trainer.lora.rank=R.", epilog=EPILOG_OVERRIDES)
-    _config_args(p)
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and print the placement plan without loading any weights")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("toyworld", help="build or locate the embedded offline toy world",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="The toy world: synthetic prompts over 5 benign topics, 4 harmful categories "
-                       "and a controversial group, with a tiny policy, Gen-format guard and helpfulness RM "
-                       "trained offline. Cached under toyworld.cache_dir by a hash of the toyworld.* config.",
-                       epilog=EPILOG_OVERRIDES)
-    p.add_argument("action", choices=("build", "path"), help="build: build unless cached; path: print its dir")
-    p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
-    _config_args(p)
-    p.set_defaults(func=_cmd_toyworld)
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (e.g. train a Gen-format guard)",
-                       description='Fine-tune a causal LM on rows {"messages": [...], "completion": "..."}; the '
-                       "prompt is rendered by the model's own chat template and only the completion is learned.")
-    p.add_argument("--model", required=True, help="model directory to start from")
-    p.add_argument("--data", required=True, help="JSONL file of {messages, completion}")
-    p.add_argument("--out", required=True, help="output directory (HF format)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--share-prefix", action="store_true",
-                   help="compute a batch's common prompt prefix once (guards: the moderation instruction)")
-    p.set_defaults(func=_cmd_sft)
-
-    p = sub.add_parser("serve", help="serve a guard or helpfulness RM over HTTP (JSON) for training or eval",
-                       description="An HTTP reward server: POST /v1/moderate (guard) or /v1/score (rm), GET "
-                       "/health, OpenAPI at /openapi.json. Binds 127.0.0.1 by default; any other address "
-                       "needs a bearer token (--token-file or SAFERL_SERVE_TOKEN). Concurrent requests are "
-                       "batched together.")
-    p.add_argument("kind", choices=("guard", "rm"), help="guard: Qwen3Guard-Gen-format model; rm: reward model")
-    p.add_argument("-m", "--model", required=True, help="model directory (or hub id on a machine with access)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token-file", default=None, help="file holding the bearer token clients must send")
-    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
-                   help="inference engine (rm on vllm: its pooling runner) (default: %(default)s)")
-    from saferl.config import GuardConfig
-
-    p.add_argument("--dtype", default=GuardConfig.dtype)
-    p.add_argument("--max-model-len", type=int, default=GuardConfig.max_model_len,
-                   help="guard context / RM max input tokens (default: %(default)s, as guard.max_model_len)")
-    p.add_argument("--max-new-tokens", type=int, default=GuardConfig.max_new_tokens,
-                   help="guard output tokens for Safety/Categories/Refusal (default: %(default)s)")
-    p.add_argument("--max-batch", type=int, default=64, help="items per model call when requests coalesce")
-    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
-    p.add_argument("--max-body-mib", type=int, default=8, help="larger request bodies get 413")
-    p.set_defaults(func=_cmd_serve)
-
-    _add_eval_report_parsers(sub)
-    _add_guard_parser(sub)
-    _add_chat_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from saferl.config import ConfigError
-
-    try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"saferl: config error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"saferl: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Argument helpers shared by the `saferl` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+EPILOG_OVERRIDES = """overrides are dotted config keys, e.g.:
+  trainer.lr=1e-4 trainer.steps=10 rollout.num_engines=1 reward.recipe=guard_only run.executor=local
+every key and its default lives in saferl/config.py; an unknown key is rejected with the closest valid ones."""
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", default=None, help="YAML config file (default: schema defaults = toy run)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after the file")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -1,0 +1,195 @@
+"""The `saferl` command: train, eval, report, toyworld, sft, serve, guard and chat subcommands (argparse; lazy
+heavy imports). Guard and chat live in `saferl.cli.guard`, eval and report in `saferl.cli.eval`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from saferl.cli.args import EPILOG_OVERRIDES, config_args
+from saferl.cli.eval import add_eval_report_parsers
+from saferl.cli.guard import add_chat_parser, add_guard_parser
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from saferl.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from saferl.placement import format_plan
+
+        print(f"config OK: {args.config or '(defaults)'}\n{format_plan(cfg)}")
+        return 0
+    from saferl.train import train
+
+    train(cfg)
+    return 0
+
+
+def _cmd_toyworld(args: argparse.Namespace) -> int:
+    from saferl.config import load_config
+    from saferl.toyworld.build import build, ensure_built, toyworld_paths
+
+    cfg = load_config(args.config, args.overrides).toyworld
+    if args.action == "path":
+        print(toyworld_paths(cfg).root)
+        return 0
+    import json
+    import time
+
+    start = time.monotonic()
+    cached = (toyworld_paths(cfg).root / "metrics.json").is_file()
+    paths = build(cfg) if args.force else ensure_built(cfg)
+    metrics = json.loads((paths.root / "metrics.json").read_text())
+    if cached and not args.force:
+        from saferl.toyworld.evaluate import format_metrics
+
+        print(f"[toyworld] reusing cached build {paths.root} ({time.monotonic() - start:.1f}s)")
+        print(format_metrics(metrics))
+    from saferl.guard.stream_toy import ensure_toy_stream
+
+    stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
+    print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
+    if not metrics.get("meets_targets"):
+        print("[toyworld] WARNING: the built world misses some of its acceptance ranges (see above)")
+    return 0
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from saferl.runtime import configure_process
+
+    configure_process()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
+
+    rows = load_chat_jsonl(args.data)  # validate the data before loading any weights
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
+    print(f"[sft] {len(examples)} examples from {args.data}; {args.steps} steps of {args.batch_size}")
+    train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=args.steps, batch_size=args.batch_size,
+                    lr=args.lr, seed=args.seed, share_prefix=args.share_prefix, label="sft")
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    print(f"[sft] saved to {args.out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from saferl.serving.server import build_app, check_bind
+
+    token = os.environ.get("SAFERL_SERVE_TOKEN")
+    if args.token_file:
+        token = open(args.token_file, encoding="utf-8").read().strip()
+        if not token:
+            raise ValueError(f"{args.token_file}: the token file is empty")
+    check_bind(args.host, token)  # before any weights load
+    from saferl.runtime import configure_process
+
+    configure_process()
+    if args.kind == "guard":
+        from saferl.guard.scorer import GuardScorer
+
+        scorer = GuardScorer(args.model, backend=args.backend, max_new_tokens=args.max_new_tokens,
+                             max_model_len=args.max_model_len, dtype=args.dtype)
+    else:
+        from saferl.helpfulness import HelpfulnessScorer
+
+        scorer = HelpfulnessScorer(args.model, backend=args.backend, dtype=args.dtype, max_length=args.max_model_len)
+    app = build_app(args.kind, scorer, model=args.model, token=token, max_body_bytes=args.max_body_mib << 20,
+                    max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
+    import uvicorn
+
+    print(f"[saferl] serving {args.kind} {args.model} on http://{args.host}:{args.port} "
+          f"(auth: {'bearer token' if token else 'none, loopback only'})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="saferl", description="Safety RL for chat models against a "
+                                     "Qwen3Guard-style guard (Ray + vLLM rollouts, hybrid reward, GSPO).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run an RL experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a SafeRL experiment: rollouts on vLLM, guard + helpfulness rewards, GSPO "
+                       "updates, weight sync, held-out evaluation before and after, HF checkpoints in "
+                       "<run.dir>/checkpoints/. Running the same command again continues an interrupted run "
+                       "from its latest checkpoint (checkpoint.resume=auto; 'never' starts afresh). "
+                       "Data-parallel trainers: trainer.workers=N trainer.strategy=torch|deepspeed "
+                       "trainer.zero_stage=0-3; LoRA: trainer.lora.rank=R.", epilog=EPILOG_OVERRIDES)
+    config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and print the placement plan without loading any weights")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("toyworld", help="build or locate the embedded offline toy world",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="The toy world: synthetic prompts over 5 benign topics, 4 harmful categories "
+                       "and a controversial group, with a tiny policy, Gen-format guard and helpfulness RM "
+                       "trained offline. Cached under toyworld.cache_dir by a hash of the toyworld.* config.",
+                       epilog=EPILOG_OVERRIDES)
+    p.add_argument("action", choices=("build", "path"), help="build: build unless cached; path: print its dir")
+    p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    config_args(p)
+    p.set_defaults(func=_cmd_toyworld)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (e.g. train a Gen-format guard)",
+                       description='Fine-tune a causal LM on rows {"messages": [...], "completion": "..."}; the '
+                       "prompt is rendered by the model's own chat template and only the completion is learned.")
+    p.add_argument("--model", required=True, help="model directory to start from")
+    p.add_argument("--data", required=True, help="JSONL file of {messages, completion}")
+    p.add_argument("--out", required=True, help="output directory (HF format)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--share-prefix", action="store_true",
+                   help="compute a batch's common prompt prefix once (guards: the moderation instruction)")
+    p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser("serve", help="serve a guard or helpfulness RM over HTTP (JSON) for training or eval",
+                       description="An HTTP reward server: POST /v1/moderate (guard) or /v1/score (rm), GET "
+                       "/health, OpenAPI at /openapi.json. Binds 127.0.0.1 by default; any other address "
+                       "needs a bearer token (--token-file or SAFERL_SERVE_TOKEN). Concurrent requests are "
+                       "batched together.")
+    p.add_argument("kind", choices=("guard", "rm"), help="guard: Qwen3Guard-Gen-format model; rm: reward model")
+    p.add_argument("-m", "--model", required=True, help="model directory (or hub id on a machine with access)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token-file", default=None, help="file holding the bearer token clients must send")
+    p.add_argument("--backend", choices=("vllm", "hf"), default="vllm",
+                   help="inference engine (rm on vllm: its pooling runner) (default: %(default)s)")
+    from saferl.config import GuardConfig
+
+    p.add_argument("--dtype", default=GuardConfig.dtype)
+    p.add_argument("--max-model-len", type=int, default=GuardConfig.max_model_len,
+                   help="guard context / RM max input tokens (default: %(default)s, as guard.max_model_len)")
+    p.add_argument("--max-new-tokens", type=int, default=GuardConfig.max_new_tokens,
+                   help="guard output tokens for Safety/Categories/Refusal (default: %(default)s)")
+    p.add_argument("--max-batch", type=int, default=64, help="items per model call when requests coalesce")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
+    p.add_argument("--max-body-mib", type=int, default=8, help="larger request bodies get 413")
+    p.set_defaults(func=_cmd_serve)
+
+    add_eval_report_parsers(sub)
+    add_guard_parser(sub)
+    add_chat_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from saferl.config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"saferl: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"saferl: error: {e}", file=sys.stderr)
+        return 2
+
