@@ -35,7 +35,7 @@ def start_server(model: str, backend: str, max_batch: int, max_wait_ms: float, l
     proc = subprocess.Popen([sys.executable, "-m", "saferl.cli", "serve", "guard", "-m", model, "--backend", backend,
                              "--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms)],
                             cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))))
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=50.0, help="the batching server's wait for company")
+    parser.add_argument("--no-http", action="store_true",
+                        help="only the in-process comparison (for a machine without the server stack, e.g. a GPU box "
+                             "with torch and transformers only: use it with --backend hf)")
     args = parser.parse_args()
     from saferl.config import SafeRLConfig
     from saferl.toyworld.build import ensure_built
@@ -147,7 +150,8 @@ def main() -> None:
     logs = ROOT / ".cache" / "bench"
     logs.mkdir(parents=True, exist_ok=True)
     results = {}
-    for name, max_batch in (("dynamic batching (max 64)", 64), ("one request at a time", 1)):
+    server_settings = () if args.no_http else (("dynamic batching (max 64)", 64), ("one request at a time", 1))
+    for name, max_batch in server_settings:
         url, proc = start_server(model, args.backend, max_batch, args.max_wait_ms,
                                  logs / f"guard_batch{max_batch}.log")
         try:
@@ -161,8 +165,9 @@ def main() -> None:
             proc.wait(timeout=60)
         calls = after["batches"] - before["batches"]
         results[name] = (seconds, verdicts, calls)
-    report(f"guard scoring over HTTP: {args.requests} one-item requests, {args.concurrency} concurrent, "
-           f"{args.backend} backend, {Path(model).name}", results, args.requests)
+    if results:
+        report(f"guard scoring over HTTP: {args.requests} one-item requests, {args.concurrency} concurrent, "
+               f"{args.backend} backend, {Path(model).name}", results, args.requests)
     report("the same load in-process (no HTTP): threads -> DynamicBatcher -> GuardScorer",
            in_process(model, args.backend, bodies, args.concurrency, args.max_wait_ms), args.requests)
 
