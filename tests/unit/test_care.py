@@ -119,7 +119,7 @@ def models(tmp_path_factory, tokenizer_dir):
                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     torch.manual_seed(0)
     policy = Qwen3ForCausalLM(config).eval()
-    guard_dir = write_synthetic_stream_guard(tmp_path_factory.mktemp("stream") / "g", tokenizer_dir, seed=3)
+    guard_dir = write_synthetic_stream_guard(tmp_path_factory.mktemp("stream") / "g", tokenizer_dir, seed=7)
     guard_tok = AutoTokenizer.from_pretrained(guard_dir)
     return CareModels(policy, tok, load_stream_guard(guard_dir), guard_tok, role_tokens(guard_tok))
 
@@ -174,14 +174,17 @@ def test_care_loop_delivers_answers_the_guard_reads_as_clean(models, on_exhauste
     seeds = list(range(8))
     on = care_generate(models, convs, seeds, settings)
     off = care_generate(models, convs, seeds, settings, care=False)
+    # Guard seed 7 gives every case on these prompts: answers clean at once, clean after a rollback, exhausted.
     assert any(st.retries for st in on), "the synthetic guard should trigger some rollbacks"
+    assert any(st.fallback or st.flagged for st in on), "some answers should exhaust their retries"
     gtok = models.guard_tokenizer
+    clean_after_rollback = 0
     for conv, st, base in zip(convs, on, off):
         assert st.retries <= settings.max_retries
         dropped = sum(map(len, st.rolled_back)) + (st.generated - sum(map(len, st.rolled_back))
                                                    - len(st.committed) if st.fallback else 0)
         assert st.wait_tokens == dropped == st.generated - len(st.committed)
-        assert st.finish_reason == ("fallback" if st.fallback else st.finish_reason)
+        assert st.finish_reason in ("stop", "length", "fallback") and (st.finish_reason == "fallback") == st.fallback
         # Same seed, same first attempt: CARE off's answer starts with CARE on's first attempt.
         first = st.committed[: st.rollback_at[0]] + st.rolled_back[0] if st.rolled_back else st.committed
         assert base.committed[: len(first)] == first
@@ -193,8 +196,10 @@ def test_care_loop_delivers_answers_the_guard_reads_as_clean(models, on_exhauste
         labels = [v.risk for v in step.verdicts if v.role == "assistant"][-len(st.committed):]
         hit = debounce(labels, settings.rule)
         assert hit.index is None or not is_unsafe(hit.label, settings.mode)
+        clean_after_rollback += st.retries > 0
         assert answer_text(models.tokenizer, st, settings) == models.tokenizer.decode(st.committed,
                                                                                      skip_special_tokens=True)
+    assert clean_after_rollback, "no rolled-back answer reached the guard's re-read"
     if on_exhausted == "refuse":
         for st in on:
             if st.fallback:
