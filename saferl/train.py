@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from saferl import checkpoint
 from saferl.actor_group import check_resources, start_ray
@@ -34,7 +35,7 @@ from saferl.tracking import PhaseTimer, Tracker
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
 from saferl.trainer.weight_sync import BlobWeightSync
-from saferl.types import Rollout, TrainBatch
+from saferl.types import RewardInputs, RewardOutput, Rollout, TrainBatch
 
 
 def make_train_batch(rollouts: list[Rollout], advantages: list[float]) -> TrainBatch:
@@ -63,10 +64,7 @@ def prepare_run_dir(cfg: SafeRLConfig) -> Path | None:
             if state["workers"] != cfg.trainer.workers:
                 raise ValueError(f"{ckpt} was written by {state['workers']} trainer workers; resuming needs "
                                  f"trainer.workers={state['workers']} (got {cfg.trainer.workers})")
-            saved = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").exists() else ""
-            if saved and saved != to_yaml(cfg):
-                print(f"[saferl] warning: the config differs from {run_dir / 'config.yaml'}; resuming with the new "
-                      "one", flush=True)
+            record_resumed_config(run_dir, cfg, state["step"])
             print(f"[saferl] resuming {run_dir} from {ckpt} (step {state['step']})", flush=True)
             return ckpt
     if run_dir.exists() and any(run_dir.iterdir()):  # never mix two runs' metrics or checkpoints
@@ -78,6 +76,29 @@ def prepare_run_dir(cfg: SafeRLConfig) -> Path | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return None
+
+
+def record_resumed_config(run_dir: Path, cfg: SafeRLConfig, step: int) -> None:
+    """Make `config.yaml` the config the run continues with. When it differs from the saved one, the saved one
+    is kept as `config.until_step_<step>.yaml` (the steps it ran), and the changed keys are printed."""
+    current, saved_file = to_yaml(cfg), run_dir / "config.yaml"
+    saved = saved_file.read_text() if saved_file.exists() else ""
+    if saved == current:
+        return
+    if saved:
+        kept = run_dir / f"config.until_step_{step}.yaml"
+        kept.write_text(saved)
+        changed = _changed_keys(OmegaConf.to_container(OmegaConf.create(saved)), dataclasses.asdict(cfg))
+        print(f"[saferl] warning: resuming with a changed config ({', '.join(changed) or 'formatting only'}); "
+              f"steps 1-{step} ran with {kept}, {saved_file} is the config from step {step + 1} on", flush=True)
+    saved_file.write_text(current)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def train(cfg: SafeRLConfig) -> dict[str, Any]:
@@ -164,14 +185,13 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
             while len(rounds) <= r.refill_rounds and (missing := cfg.data.prompts_per_step - sum(
                     n_informative(s, G) for s in rounds)) > 0:
                 rounds.append(sample(sampler.next_batch(missing), step, len(rounds), timer))
-        rollouts, rewards = select_groups(rounds, G, cfg.trainer.drop_zero_variance_groups,
-                                          cfg.data.prompts_per_step)
-        metrics = {**{f"reward/{k}": v for k, v in rounds[0].rewards.metrics.items()}, **rollout_metrics(rollouts),
-                   **{f"truth/{k}": v for k, v in ground_truth_metrics(rounds[0].rollouts,
-                                                                       rounds[0].inputs.answer_verdicts).items()},
+        trained = select_groups(rounds, G, cfg.trainer.drop_zero_variance_groups, cfg.data.prompts_per_step)
+        rollouts = trained.rollouts
+        metrics = {**trained_metrics(trained, rounds, recipe, rules),
                    "batch/groups": len(rollouts) / G, "batch/rounds": float(len(rounds))}
         if rollouts:  # every group may have been uninformative
-            advantages = group_advantages(torch.tensor(rewards), G, normalize_std=cfg.trainer.normalize_std)
+            advantages = group_advantages(torch.tensor(trained.rewards.total), G,
+                                          normalize_std=cfg.trainer.normalize_std)
             with timer.phase("train"):
                 per_rank = roles.trainer.call("train_step", make_train_batch(rollouts, advantages.tolist()))
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
@@ -208,19 +228,47 @@ def n_informative(sampled: Sampled, group_size: int) -> int:
     return int((~zero_variance_groups(torch.tensor(sampled.rewards.total), group_size)).sum())
 
 
-def select_groups(rounds: list[Sampled], group_size: int, drop_zero_variance: bool, max_groups: int
-                  ) -> tuple[list[Rollout], list[float]]:
-    """The rollouts and rewards to train on: every group of the first round, or (dropping zero-variance
-    groups) the informative groups of all rounds, at most `max_groups`."""
-    if not drop_zero_variance:
-        return rounds[0].rollouts, list(rounds[0].rewards.total)
-    rollouts: list[Rollout] = []
-    rewards: list[float] = []
-    for s in rounds:
-        flat = zero_variance_groups(torch.tensor(s.rewards.total), group_size).tolist()
-        for g, uninformative in enumerate(flat):
-            if not uninformative and len(rollouts) < max_groups * group_size:
-                rollouts += s.rollouts[g * group_size:(g + 1) * group_size]
-                rewards += s.rewards.total[g * group_size:(g + 1) * group_size]
-    return rollouts, rewards
+def select_groups(rounds: list[Sampled], group_size: int, drop_zero_variance: bool, max_groups: int) -> Sampled:
+    """The groups to train on, as one Sampled (rollouts, reward inputs and rewards aligned): every group of the
+    first round, or (dropping zero-variance groups) the informative groups of all rounds, at most `max_groups`.
 
+    `rewards.total` and `rewards.components` are the selected rows of each round's recipe output; the batch
+    `rewards.metrics` are left empty for the caller to recompute over exactly these rows (`trained_metrics`).
+    """
+    picked: list[tuple[Sampled, int]] = []  # (round, rollout index)
+    for s in rounds if drop_zero_variance else rounds[:1]:
+        flat = (zero_variance_groups(torch.tensor(s.rewards.total), group_size).tolist() if drop_zero_variance
+                else [False] * (len(s.rollouts) // group_size))
+        for g, uninformative in enumerate(flat):
+            if not uninformative and len(picked) < max_groups * group_size:
+                picked += [(s, i) for i in range(g * group_size, (g + 1) * group_size)]
+    return Sampled([s.rollouts[i] for s, i in picked], _take_inputs(picked), RewardOutput(
+        total=[s.rewards.total[i] for s, i in picked],
+        components={k: [s.rewards.components[k][i] for s, i in picked] for k in
+                    (rounds[0].rewards.components if picked else {})}))
+
+
+def _take_inputs(picked: list[tuple[Sampled, int]]) -> RewardInputs | None:
+    """The RewardInputs rows of `picked`: every list field indexed, fields that are None stay None."""
+    if not picked or picked[0][0].inputs is None:
+        return None
+    values = {}
+    for f in dataclasses.fields(RewardInputs):
+        first = getattr(picked[0][0].inputs, f.name)
+        values[f.name] = None if first is None else [getattr(s.inputs, f.name)[i] for s, i in picked]
+    return RewardInputs(**values)
+
+
+def trained_metrics(trained: Sampled, rounds: list[Sampled], recipe: Any, rules: Any) -> dict[str, float]:
+    """`reward/*`, `truth/*` and `rollout/*` of the rows that were trained on (the recipe's batch metrics
+    recomputed over them), or, when no group was informative, of everything generated this step (`batch/groups`
+    is then 0)."""
+    described = trained if trained.rollouts else Sampled(
+        [r for s in rounds for r in s.rollouts], _take_inputs([(s, i) for s in rounds for i in range(len(s.rollouts))]),
+        None)
+    if not described.rollouts:
+        return {}
+    reward = recipe(described.inputs, rules).metrics
+    truth = ground_truth_metrics(described.rollouts, described.inputs.answer_verdicts)
+    return {**{f"reward/{k}": v for k, v in reward.items()}, **{f"truth/{k}": v for k, v in truth.items()},
+            **rollout_metrics(described.rollouts)}

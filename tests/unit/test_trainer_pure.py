@@ -10,7 +10,11 @@ import torch
 
 from saferl.config import load_config
 from saferl.placement import trainer_bytes_per_param
-from saferl.train import Sampled, n_informative, select_groups
+from rewards.base import RewardRules
+from rewards.hybrid import hybrid
+from saferl.config import to_yaml
+from saferl.train import Sampled, n_informative, record_resumed_config, select_groups, trained_metrics
+from saferl.types import GuardVerdict, Prompt, RewardInputs, SafetyLabel
 from saferl.trainer.batching import assign
 from saferl.trainer.policy import lr_at, merge_rank_metrics
 
@@ -110,11 +114,17 @@ def test_merge_rank_metrics_with_a_rank_that_only_ran_dummy_rows():
     assert merged["tokens"] == 8.0
 
 
-# ---- select_groups / n_informative ------------------------------------------------------------------------------
+# ---- select_groups / n_informative / trained_metrics ------------------------------------------------------------
+
+
+def _verdict(name: str) -> GuardVerdict:
+    """Unsafe for rollouts whose name starts with u, else safe (so metrics tell which rows were described)."""
+    return GuardVerdict(SafetyLabel.UNSAFE if name.startswith("u") else SafetyLabel.SAFE, refusal=False)
 
 
 def _sampled(rollouts: list, rewards: list[float]) -> Sampled:
-    return Sampled(rollouts, None, types.SimpleNamespace(total=rewards))
+    inputs = RewardInputs([_verdict(r) for r in rollouts], [None] * len(rollouts), [float(x) for x in rewards])
+    return Sampled(rollouts, inputs, hybrid(inputs, RewardRules()))
 
 
 def _round0() -> Sampled:
@@ -137,31 +147,85 @@ def test_n_informative_counts_groups_with_unequal_rewards():
         n_informative(_round0(), 1)
 
 
+def _rows(s: Sampled) -> tuple[list, list[float]]:
+    return s.rollouts, s.rewards.total
+
+
 def test_select_groups_without_dropping_takes_the_first_round_as_is():
     """drop_zero_variance=False: every group of round 0 (flat ones too), later rounds ignored."""
-    rollouts, rewards = select_groups([_round0(), _round1()], 2, False, 4)
-    assert rollouts == ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"]
-    assert rewards == [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0]
+    assert _rows(select_groups([_round0(), _round1()], 2, False, 4)) == (
+        ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"], [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0])
 
 
 def test_select_groups_drops_flat_groups_and_tops_up_from_later_rounds():
     """drop_zero_variance=True: informative groups of every round in order, whole groups, at most max_groups."""
-    rollouts, rewards = select_groups([_round0(), _round1()], 2, True, 3)
+    picked = select_groups([_round0(), _round1()], 2, True, 3)
     # b, d from round 0; f from round 1; g would be a 4th group -> cut by max_groups=3.
-    assert rollouts == ["b0", "b1", "d0", "d1", "f0", "f1"]
-    assert rewards == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0]
-    # Rewards stay aligned with their rollouts.
-    rollouts, rewards = select_groups([_round0(), _round1()], 2, True, 10)
-    assert rollouts == ["b0", "b1", "d0", "d1", "f0", "f1", "g0", "g1"]
-    assert rewards == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0, 5.0, 6.0]
-    rollouts, rewards = select_groups([_round0(), _round1()], 2, True, 1)
-    assert (rollouts, rewards) == (["b0", "b1"], [0.0, 1.0])
+    assert _rows(picked) == (["b0", "b1", "d0", "d1", "f0", "f1"], [0.0, 1.0, 1.0, 0.0, 3.0, 4.0])
+    # Reward inputs and components stay aligned with their rollouts.
+    assert picked.inputs.helpfulness == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0]
+    assert picked.rewards.components["helpfulness"] == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0]
+    assert _rows(select_groups([_round0(), _round1()], 2, True, 10)) == (
+        ["b0", "b1", "d0", "d1", "f0", "f1", "g0", "g1"], [0.0, 1.0, 1.0, 0.0, 3.0, 4.0, 5.0, 6.0])
+    assert _rows(select_groups([_round0(), _round1()], 2, True, 1)) == (["b0", "b1"], [0.0, 1.0])
 
 
 def test_select_groups_can_return_nothing():
     """When every group is flat the selection is empty (the driver then skips the update)."""
     flat = _sampled(["a0", "a1", "b0", "b1"], [1.0, 1.0, 0.0, 0.0])
-    assert select_groups([flat, flat], 2, True, 2) == ([], [])
+    assert _rows(select_groups([flat, flat], 2, True, 2)) == ([], [])
+
+
+PROMPT = Prompt("p", [{"role": "user", "content": "hello"}])  # no toy-world ground truth
+
+
+def _named(names: list[str], rewards: list[float]) -> Sampled:
+    rollouts = [types.SimpleNamespace(name=n, response_ids=[1] * (i + 1), finish_reason="stop", prompt=PROMPT)
+                for i, n in enumerate(names)]
+    s = _sampled(names, rewards)
+    return Sampled(rollouts, s.inputs, s.rewards)
+
+
+def test_step_metrics_describe_the_trained_groups_not_the_first_round():
+    """#14.6: round 0 has a flat unsafe group (u, u: -10, -10) that is dropped and a flat safe one; the trained
+    rows are the informative groups of round 1. reward/* must be theirs (unsafe 1 of 4, mean of their rewards),
+    not round 0's (unsafe 2 of 4)."""
+    round0 = _named(["u0", "u1", "s0", "s1"], [3.0, 3.0, 1.0, 1.0])  # both groups flat
+    round1 = _named(["u2", "s2", "s3", "s4"], [2.0, 0.5, 0.25, 0.75])  # (-10, 0.5) and (0.25, 0.75) informative
+    trained = select_groups([round0, round1], 2, True, 2)
+    metrics = trained_metrics(trained, [round0, round1], hybrid, RewardRules())
+    assert metrics["reward/unsafe_rate"] == 0.25
+    assert metrics["reward/reward_mean"] == pytest.approx((-10.0 + 0.5 + 0.25 + 0.75) / 4)
+    assert metrics["reward/helpfulness_mean"] == pytest.approx((2.0 + 0.5 + 0.25 + 0.75) / 4)
+    assert metrics["rollout/response_len"] == pytest.approx((1 + 2 + 3 + 4) / 4)
+
+
+def test_step_metrics_when_nothing_was_trained_describe_everything_sampled():
+    """Every group flat: no crash (rollout metrics of zero rows used to divide by zero), the step is described
+    by all rows generated."""
+    flat = _named(["u0", "u1", "s0", "s1"], [3.0, 3.0, 1.0, 1.0])
+    trained = select_groups([flat], 2, True, 2)
+    metrics = trained_metrics(trained, [flat], hybrid, RewardRules())
+    assert trained.rollouts == []
+    assert metrics["reward/unsafe_rate"] == 0.5
+    assert metrics["rollout/tokens"] == 1 + 2 + 3 + 4
+
+
+# ---- a resumed run records its config ---------------------------------------------------------------------------
+
+
+def test_resumed_run_records_the_config_it_continues_with(tmp_path, capsys):
+    """#14.10: resuming with a changed config keeps the old file for the steps it ran and writes the new one."""
+    first = load_config(None, ["trainer.lr=1e-4"])
+    (tmp_path / "config.yaml").write_text(to_yaml(first))
+    second = load_config(None, ["trainer.lr=3e-4", "eval.every=5"])
+    record_resumed_config(tmp_path, second, step=7)
+    assert load_config(tmp_path / "config.yaml").trainer.lr == 3e-4
+    assert load_config(tmp_path / "config.until_step_7.yaml").trainer.lr == 1e-4
+    out = capsys.readouterr().out
+    assert "trainer.lr" in out and "eval.every" in out and "steps 1-7" in out
+    record_resumed_config(tmp_path, second, step=9)  # unchanged: nothing new is written
+    assert not (tmp_path / "config.until_step_9.yaml").exists()
 
 
 # ---- trainer_bytes_per_param ------------------------------------------------------------------------------------
