@@ -5,6 +5,7 @@ Bad input must fail before any weights load, with the file and line named.
 
 import json
 
+import pandas as pd
 import pytest
 
 from saferl.cli import main
@@ -235,7 +236,6 @@ def test_load_guardtest_empty_and_missing(tmp_path):
 
 
 def test_load_guardtest_parquet(tmp_path):
-    pd = pytest.importorskip("pandas")
     rows = [guardtest_row(unsafe_start_index=3, unsafe_end_index=5), guardtest_row("Safe")]
     path = tmp_path / "thinking_loc-00000-of-00001.parquet"
     pd.DataFrame(rows).to_parquet(path)  # an int column with nulls is stored as float: 3.0 reads back as 3
@@ -263,7 +263,6 @@ def test_load_guardtest_dataset_directory(tmp_path):
         load_guardtest(tmp_path)
     with pytest.raises(ValueError, match="no split 'response_loc'"):
         load_guardtest(tmp_path, "response_loc")
-    pd = pytest.importorskip("pandas")
     (tmp_path / "data").mkdir()
     for shard in range(2):
         shard_path = tmp_path / "data" / f"test-0000{shard}-of-00002.parquet"
@@ -294,10 +293,14 @@ def test_gen_report_counts_and_modes():
     assert report["labels"] == {"Unsafe": 2, "Safe": 2}
     assert report["predictions"] == {"Safe": 0, "Unsafe": 1, "Controversial": 2, "unparsed": 1}
     assert report["parse_failures"] == 1
-    assert report["metrics"]["strict"] | {"f1": 0} == {"precision": 2 / 3, "recall": 1.0, "f1": 0, "tp": 2,
-                                                       "fp": 1, "fn": 0, "tn": 1}
-    assert report["metrics"]["loose"]["recall"] == 0.5 and report["metrics"]["loose"]["precision"] == 1.0
-    assert report["f1"] == report["metrics"]["loose"]["f1"]
+    # strict: Controversial counts as Unsafe -> tp 2, fp 1 (the Safe row called Controversial), fn 0, tn 1 (the
+    # unparsed Safe row); F1 = 2PR / (P + R) = 2 * (2/3) / (5/3) = 0.8.
+    assert report["metrics"]["strict"] == {"precision": pytest.approx(2 / 3), "recall": 1.0,
+                                           "f1": pytest.approx(0.8), "tp": 2, "fp": 1, "fn": 0, "tn": 1}
+    # loose: Controversial counts as Safe -> tp 1, fp 0, fn 1, tn 2; F1 = 2 * 1 * 0.5 / 1.5 = 2/3.
+    assert report["metrics"]["loose"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "tp": 1,
+                                          "fp": 0, "fn": 1, "tn": 2}
+    assert report["f1"] == pytest.approx(2 / 3)  # the headline F1 is the requested mode's
     assert per_row[3] == {"id": "r3", "label": "Safe", "prediction": None, "categories": [],
                           "parse_ok": False, "raw": "oops"}
     table = format_report(report)
