@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,6 +353,183 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"Cannot parse overrides {overrides}: {e}") from e
 
 
+# ---------------------------------------------------------------- value ranges
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The interval a number must lie in (every bound also requires a finite number); None: unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "a finite number"
+
+
+FINITE, COUNT, AT_LEAST_ONE = Bound(), Bound(0), Bound(1)
+POSITIVE, FRACTION = Bound(0, low_open=True), Bound(0, 1, low_open=True)
+PROBABILITY = Bound(0, 1)
+
+# Every numeric key with its allowed range and, where it is not obvious, why (the error says both).
+# Nullable keys (`int | None`) are checked only when set. Relations between keys are in `_check_relations`.
+RANGES: dict[str, tuple[Bound, str]] = {
+    **{f"toyworld.{part}.{f.name}": (AT_LEAST_ONE, "") for part in ("policy", "guard", "reward_model")
+       for f in dataclasses.fields(ModelShape)},
+    **{f"toyworld.{part}.{name}": (bound, "") for part in ("policy_sft", "guard_sft", "reward_model_sft")
+       for name, bound in (("steps", AT_LEAST_ONE), ("batch_size", AT_LEAST_ONE), ("lr", POSITIVE),
+                           ("warmup_steps", COUNT))},
+    **{f"toyworld.{name}": (PROBABILITY, "a probability") for name in (
+        "harmful_unsafe", "harmful_refusal", "benign_refusal", "controversial_comply")},
+    "toyworld.vocab_size": (AT_LEAST_ONE, ""),
+    "ray.num_cpus": (AT_LEAST_ONE, "or null for all of this machine's"),
+    "data.prompts_per_step": (AT_LEAST_ONE, ""),
+    "rollout.num_engines": (AT_LEAST_ONE, ""),
+    "rollout.samples_per_prompt": (Bound(2), "a group of one sample has no group advantage"),
+    "rollout.temperature": (POSITIVE, "RL needs sampling: 0 is greedy decoding, every sample of a group would "
+                            "be the same"),
+    "rollout.top_p": (FRACTION, ""),
+    "rollout.max_new_tokens": (AT_LEAST_ONE, ""),
+    "rollout.max_model_len": (AT_LEAST_ONE, ""),
+    "rollout.tensor_parallel_size": (AT_LEAST_ONE, ""),
+    "rollout.gpus_per_engine": (COUNT, ""),
+    "rollout.cpus_per_engine": (COUNT, ""),
+    "rollout.gpu_memory_utilization": (FRACTION, "a fraction of each GPU's memory"),
+    "rollout.kv_cache_mib": (AT_LEAST_ONE, ""),
+    "rollout.refill_rounds": (COUNT, ""),
+    "guard.timeout_s": (POSITIVE, "seconds"),
+    "guard.retries": (COUNT, ""),
+    "guard.max_restarts": (COUNT, ""),
+    "guard.num_actors": (AT_LEAST_ONE, ""),
+    "guard.max_new_tokens": (AT_LEAST_ONE, ""),
+    "guard.max_model_len": (AT_LEAST_ONE, ""),
+    "guard.gpus_per_actor": (COUNT, ""),
+    "guard.cpus_per_actor": (COUNT, ""),
+    "guard.gpu_memory_utilization": (FRACTION, "a fraction of each GPU's memory"),
+    "guard.kv_cache_mib": (AT_LEAST_ONE, ""),
+    "helpfulness.timeout_s": (POSITIVE, "seconds"),
+    "helpfulness.retries": (COUNT, ""),
+    "helpfulness.fallback_score": (FINITE, "or null to stop the run"),
+    "helpfulness.num_actors": (AT_LEAST_ONE, ""),
+    "helpfulness.batch_size": (AT_LEAST_ONE, ""),
+    "helpfulness.max_length": (AT_LEAST_ONE, ""),
+    "helpfulness.gpus_per_actor": (COUNT, ""),
+    "helpfulness.cpus_per_actor": (COUNT, ""),
+    "helpfulness.gpu_memory_utilization": (FRACTION, "a fraction of each GPU's memory"),
+    "helpfulness.kv_cache_mib": (AT_LEAST_ONE, ""),
+    "helpfulness.max_restarts": (COUNT, ""),
+    "reward.rules.unsafe_cap": (FINITE, ""),
+    "reward.rules.refusal_cap": (FINITE, ""),
+    "trainer.steps": (AT_LEAST_ONE, ""),
+    "trainer.lr": (POSITIVE, ""),
+    "trainer.warmup_steps": (COUNT, ""),
+    "trainer.weight_decay": (COUNT, ""),
+    "trainer.max_grad_norm": (POSITIVE, "0 would clip every gradient to nothing"),
+    "trainer.minibatches": (AT_LEAST_ONE, ""),
+    "trainer.micro_batch_size": (AT_LEAST_ONE, ""),
+    "trainer.clip_low": (Bound(0, 1, low_open=True, high_open=True), "the ratio is clipped below at 1 - clip_low"),
+    "trainer.clip_high": (POSITIVE, "the ratio is clipped above at 1 + clip_high"),
+    "trainer.kl_coef": (COUNT, "0 turns the KL term off"),
+    "trainer.entropy_coef": (COUNT, "0 turns the entropy bonus off"),
+    "trainer.workers": (AT_LEAST_ONE, ""),
+    "trainer.lora.rank": (COUNT, "0 is full fine-tuning"),
+    "trainer.lora.alpha": (POSITIVE, ""),
+    "trainer.lora.dropout": (Bound(0, 1, high_open=True), ""),
+    "trainer.gpus": (COUNT, ""),
+    "trainer.cpus": (COUNT, ""),
+    "eval.every": (COUNT, "0: only before and after training"),
+    "eval.samples_per_prompt": (AT_LEAST_ONE, ""),
+    "eval.max_prompts": (COUNT, "0: all"),
+    "checkpoint.every": (COUNT, "0: only the final checkpoint"),
+    "checkpoint.keep_last": (COUNT, ""),
+}
+
+
+def _value(cfg: SafeRLConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _out_of_range(key: str, allowed: str, value: Any) -> ConfigError:
+    return ConfigError(f"Config key '{key}' must be {allowed}, got {value!r}")
+
+
+def _check_relations(cfg: SafeRLConfig) -> None:
+    """Bounds that depend on another key's value."""
+    t, r, tw = cfg.trainer, cfg.rollout, cfg.toyworld
+    batch = cfg.data.prompts_per_step * r.samples_per_prompt
+    if t.minibatches > batch:  # the trainer would silently run fewer optimizer steps than asked
+        raise _out_of_range("trainer.minibatches", f"at most the rollout batch, data.prompts_per_step x "
+                            f"rollout.samples_per_prompt = {batch}", t.minibatches)
+    if t.warmup_steps >= t.steps:
+        raise _out_of_range("trainer.warmup_steps", f"less than trainer.steps = {t.steps} (a run that is all "
+                            "warm-up never trains at trainer.lr)", t.warmup_steps)
+    for part in ("policy_sft", "guard_sft", "reward_model_sft"):
+        sft: SFTConfig = getattr(tw, part)
+        if sft.warmup_steps >= sft.steps:
+            raise _out_of_range(f"toyworld.{part}.warmup_steps", f"less than toyworld.{part}.steps = {sft.steps}",
+                                sft.warmup_steps)
+    if tw.harmful_unsafe + tw.harmful_refusal > 1:
+        raise _out_of_range("toyworld.harmful_refusal", f"at most 1 - toyworld.harmful_unsafe = "
+                            f"{1 - tw.harmful_unsafe:g} (the two are shares of the harmful prompts)",
+                            tw.harmful_refusal)
+    for part in ("policy", "guard", "reward_model"):
+        shape: ModelShape = getattr(tw, part)
+        if shape.num_heads % shape.num_kv_heads:
+            raise _out_of_range(f"toyworld.{part}.num_kv_heads", f"a divisor of toyworld.{part}.num_heads = "
+                                f"{shape.num_heads}", shape.num_kv_heads)
+    for section, prompt_room in (("rollout", r), ("guard", cfg.guard)):
+        if prompt_room.max_new_tokens >= prompt_room.max_model_len:
+            raise _out_of_range(f"{section}.max_new_tokens", f"less than {section}.max_model_len = "
+                                f"{prompt_room.max_model_len} (the prompt needs room too)",
+                                prompt_room.max_new_tokens)
+    for name, cap in cfg.reward.rules.category_caps.items():
+        if not FINITE.contains(cap):
+            raise _out_of_range(f"reward.rules.category_caps.{name}", str(FINITE), cap)
+    if t.lora.rank and not t.lora.target_modules:
+        raise _out_of_range("trainer.lora.target_modules", "a non-empty list when trainer.lora.rank > 0",
+                            t.lora.target_modules)
+    remote = (("guard", cfg.guard.backend in ("http", "openai"), cfg.guard.urls),
+              ("helpfulness", cfg.helpfulness.backend == "http" and cfg.helpfulness.model is not None,
+               cfg.helpfulness.urls))
+    for section, is_remote, urls in remote:
+        if is_remote and not urls:
+            raise _out_of_range(f"{section}.urls", f"at least one endpoint with {section}.backend="
+                                f"{getattr(cfg, section).backend}", urls)
+
+
+def check_ranges(cfg: SafeRLConfig) -> None:
+    """Refuse values no run can use, naming the key, the allowed range and the value.
+
+    Runs at load time, so `saferl train --dry-run` and the real run refuse the same values before any actor
+    starts; today's alternatives were a traceback minutes into the run, a hang, or a run that trains wrongly.
+    """
+    for key, (bound, why) in RANGES.items():
+        value = _value(cfg, key)
+        if value is None and "None" in str(SCHEMA_KEYS[key]):
+            continue
+        if not bound.contains(value):
+            raise _out_of_range(key, f"{bound} ({why})" if why else str(bound), value)
+    _check_relations(cfg)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SafeRLConfig:
     """Schema defaults <- YAML file <- `key=value` overrides, validated. Returns a typed SafeRLConfig."""
     merged: DictConfig = OmegaConf.structured(SafeRLConfig)
@@ -387,6 +565,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         value = OmegaConf.select(merged, key)
         if value not in allowed:
             raise ConfigError(f"Config key '{key}' must be one of {allowed}, got {value!r}")
+    check_ranges(cfg)
     return cfg
 
 
