@@ -7,7 +7,9 @@ Outputs, under `<cache_dir>/<key>/` where the key hashes the toy-world config (a
   reward_model/                Qwen3ForSequenceClassification helpfulness RM (1 label)
   metrics.json                 held-out quality of all three
 Every directory loads with plain `from_pretrained`. The build writes into a temporary directory and renames
-it when complete, so an interrupted build never leaves a half-written world behind.
+it when complete, so an interrupted build never leaves a half-written world behind. A world that misses its
+quality targets (`evaluate.TARGETS`) is an error: the build raises after caching it (kept for inspection), and
+`ensure_built` raises again rather than reuse it.
 
 Shortcut: the guard trains here while a second process trains the policy and then the RM (2 cores).
 """
@@ -54,9 +56,13 @@ def toyworld_paths(cfg: ToyWorldConfig) -> ToyWorldPaths:
 
 
 def ensure_built(cfg: ToyWorldConfig) -> ToyWorldPaths:
-    """The built world for `cfg`, building it first when the cache has none."""
+    """The built world for `cfg`, building it first when the cache has none. Raises ValueError when the world
+    (cached or new) misses its quality targets."""
+    from saferl.toyworld.evaluate import check_targets
+
     paths = toyworld_paths(cfg)
     if (paths.root / "metrics.json").is_file():
+        check_targets(json.loads((paths.root / "metrics.json").read_text()), str(paths.root))
         return paths
     return build(cfg)
 
@@ -190,11 +196,20 @@ def _make_tokenizers(root: Path, cfg: ToyWorldConfig) -> None:
     tok.save_pretrained(root / "guard")
 
 
+def _train_models(root: Path, cfg: ToyWorldConfig) -> dict[str, float]:
+    """Train the three models into `root`; seconds per model."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:  # ~160 s on each core: guard here, policy then RM in the worker
+        other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(root), cfg))
+        return {"guard": _train_part("guard", str(root), cfg), **other.get()}
+
+
 def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
-    """Build the world from scratch into the cache (see module docstring). Prints progress and metrics."""
+    """Build the world from scratch into the cache (see module docstring). Prints progress and metrics;
+    raises ValueError, naming each missed metric and its target, when the world misses its quality targets."""
     configure_process()
     from saferl.data import write_prompts
-    from saferl.toyworld.evaluate import evaluate_world
+    from saferl.toyworld.evaluate import check_targets, evaluate_world
 
     paths = toyworld_paths(cfg)
     tmp = paths.root.with_name(paths.root.name + f".tmp{multiprocessing.current_process().pid}")
@@ -206,10 +221,7 @@ def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
     write_prompts(tmp / "heldout.jsonl", world.make_prompts("heldout"))
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     _make_tokenizers(tmp, cfg)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:  # ~160 s on each core: guard here, policy then RM in the worker
-        other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(tmp), cfg))
-        times = {"guard": _train_part("guard", str(tmp), cfg), **other.get()}
+    times = _train_models(tmp, cfg)
     print(f"[toyworld] models trained in {time.monotonic() - start:.0f}s "
           f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items())}); evaluating on held-out prompts", flush=True)
     metrics = evaluate_world(ToyWorldPaths(tmp), seed=cfg.seed)
@@ -218,4 +230,5 @@ def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
     shutil.rmtree(paths.root, ignore_errors=True)
     tmp.rename(paths.root)
     print(f"[toyworld] done in {metrics['build_seconds']:.0f}s -> {paths.root}", flush=True)
+    check_targets(metrics, str(paths.root))
     return paths

@@ -2,7 +2,8 @@
 
 The toy world knows the ground truth of every prompt and response, so the guard and RM are scored against
 it directly and the policy's samples are classified back to their styles (anything else is `garbled`).
-The build prints these and stores them in metrics.json; the acceptance ranges are printed beside them.
+The build prints these beside their acceptance ranges (`TARGETS`) and stores them in metrics.json; a world
+that misses a range is an error (`check_targets`), at build time and whenever the cached build is reused.
 """
 
 from __future__ import annotations
@@ -112,8 +113,32 @@ def evaluate_world(paths: Any, seed: int = 0) -> dict[str, Any]:
     metrics.update(evaluate_reward_model(str(paths.part("reward_model")), prompts))
     metrics.update(evaluate_policy(str(paths.part("policy")), prompts, seed))
     print(format_metrics(metrics), flush=True)
-    metrics["meets_targets"] = all(lo <= metrics[k] <= hi for k, (lo, hi) in TARGETS.items())
+    metrics["meets_targets"] = not missed_targets(metrics)
     return metrics
+
+
+def _target_text(lo: float, hi: float) -> str:
+    return f">= {lo:.2f}" if hi == 1.0 else f"{lo:.2f}-{hi:.2f}"
+
+
+def missed_targets(metrics: dict[str, Any]) -> list[str]:
+    """One line per acceptance range of `TARGETS` that `metrics` misses (a metric it lacks counts as missed)."""
+    missed = []
+    for key, (lo, hi) in TARGETS.items():
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)) or not lo <= value <= hi:
+            shown = f"{value:.3f}" if isinstance(value, (int, float)) else "missing"
+            missed.append(f"{key} {shown} (target {_target_text(lo, hi)})")
+    return missed
+
+
+def check_targets(metrics: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming every missed metric and its target: a world that misses them is not usable."""
+    missed = missed_targets(metrics)
+    if missed:
+        raise ValueError(f"the toy world at {where} misses its quality targets: {'; '.join(missed)}. Its models "
+                         "are kept there for inspection; change the toyworld.* config (e.g. toyworld.seed or "
+                         "the *_sft steps) to build a different world")
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -122,7 +147,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         if not isinstance(value, float):
             continue
         lo, hi = TARGETS.get(key, (None, None))
-        target = "" if lo is None else (f">= {lo:.2f}" if hi == 1.0 else f"{lo:.2f}-{hi:.2f}")
+        target = "" if lo is None else _target_text(lo, hi)
         ok = "" if lo is None else ("  ok" if lo <= value <= hi else "  MISSED")
         lines.append(f"{key:38s} {value:8.3f}   {target}{ok}")
     return "\n".join(lines)
