@@ -33,22 +33,23 @@ class HelpfulnessScorer:
         self.classifier = make_classifier(backend, model, dtype=dtype, batch_size=batch_size,
                                           max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
                                           kv_cache_mib=kv_cache_mib, pad_token_id=self.tokenizer.pad_token_id)
-        self.compute_seconds: list[float] = []
+        self.compute_intervals: list[tuple[float, float]] = []
 
     def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
         """One scalar per (prompt messages, answer text); inputs past `max_length` tokens keep their start."""
-        start = time.monotonic()
+        start = time.time()
         ids = [self.tokenizer(render_pair(self.tokenizer, msgs, answer), add_special_tokens=False)["input_ids"]
                [: self.max_length] for msgs, answer in pairs]
         scores = self.classifier.classify(ids) if ids else []
-        self.compute_seconds.append(time.monotonic() - start)
+        self.compute_intervals.append((start, time.time()))
         return scores
 
     def stats(self) -> dict[str, int]:
         return {}  # nothing can fail softly here; the remote client has counters
 
-    def pop_compute(self) -> list[float]:
-        out, self.compute_seconds = self.compute_seconds, []
+    def pop_compute(self) -> list[tuple[float, float]]:
+        """Model compute since the last pop: (start, end) `time.time()` intervals, for `tracking.step_timing`."""
+        out, self.compute_intervals = self.compute_intervals, []
         return out
 
     def ready(self) -> bool:

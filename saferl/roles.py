@@ -9,7 +9,6 @@ any actor starts.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 from saferl.actor_group import ActorGroup
 from saferl.config import SafeRLConfig
@@ -41,15 +40,10 @@ class Roles:
     def groups(self) -> list[ActorGroup]:
         return [g for g in (self.rollout, self.guard, self.helpfulness, self.trainer) if g is not None]
 
-    def pop_compute_seconds(self) -> float:
-        """Model-compute seconds since the last call. Ray actors of a group run a call in parallel (count the
-        slowest); local ones run one after another (count them all)."""
-        total = 0.0
-        for group in self.groups():
-            per_actor = group.call("pop_compute")
-            combine = max if group.executor == "ray" else sum
-            total += sum(combine(call) for call in itertools.zip_longest(*per_actor, fillvalue=0.0))
-        return total
+    def pop_compute(self) -> dict[str, list[tuple[float, float]]]:
+        """Each role's model-compute (start, end) wall-clock intervals since the last call, all its actors
+        together (`tracking.step_timing` unites them, so parallel actors and overlapping roles count once)."""
+        return {group.name: [iv for actor in group.call("pop_compute") for iv in actor] for group in self.groups()}
 
     def shutdown(self) -> None:
         for group in self.groups():

@@ -1,7 +1,13 @@
-"""Metrics sinks and phase timers: metrics.jsonl in the run directory, W&B by config, a console progress bar.
+"""Metrics sinks and step timing: metrics.jsonl in the run directory, W&B by config, a console progress bar.
 
 `metrics.jsonl` gets one JSON object per step, flushed at once, so a crash loses nothing already logged.
 W&B runs `disabled`, `offline` (no key needed; `wandb sync` later) or `online`.
+
+Framework overhead (`step_timing`): the roles report their model compute as (start, end) wall-clock intervals
+(`time.time()`, comparable across the processes of one node); the step's overhead is its wall time minus the
+length of the union of those intervals, i.e. the time when no role was computing. Overlapping roles (scoring
+during generation on Ray) are counted once. On a multi-node cluster the nodes' clocks may disagree by the
+NTP skew (usually milliseconds), which shifts the intervals of the other nodes by that much.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,6 +39,35 @@ class PhaseTimer:
 
     def metrics(self) -> dict[str, float]:
         return {f"timing/{k}": v for k, v in self.seconds.items()}
+
+
+Interval = tuple[float, float]  # (start, end) in time.time() seconds
+
+
+def union_seconds(intervals: Iterable[Interval], window: Interval) -> float:
+    """Length of the union of `intervals`, each first cut to `window`: time covered by at least one of them."""
+    lo, hi = window
+    cut = sorted((max(a, lo), min(b, hi)) for a, b in intervals if min(b, hi) > max(a, lo))
+    total, end = 0.0, -math.inf
+    for a, b in cut:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def step_timing(window: Interval, compute: dict[str, list[Interval]]) -> dict[str, float]:
+    """The step's wall time, model compute and framework overhead from each role's compute intervals.
+
+    `timing/compute/<role>` is the time that role computed during the step (its actors' intervals united, so
+    parallel actors count once), `timing/compute` the time any role computed, `timing/overhead` the rest of
+    the step: the driver's critical path with every role idle (dispatch, serialisation, waiting, Python).
+    """
+    step = window[1] - window[0]
+    busy = union_seconds([iv for ivs in compute.values() for iv in ivs], window)
+    return {"timing/step": step, "timing/compute": busy, "timing/overhead": step - busy,
+            "timing/overhead_frac": (step - busy) / step if step > 0 else 0.0,
+            **{f"timing/compute/{role}": union_seconds(ivs, window) for role, ivs in compute.items()}}
 
 
 def _step_of(line: str) -> float:

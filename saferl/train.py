@@ -31,7 +31,7 @@ from saferl.placement import format_plan, plan, requests
 from saferl.roles import Roles, build_roles, resolve
 from saferl.runtime import configure_process
 from saferl.scoring import generate_and_score
-from saferl.tracking import PhaseTimer, Tracker
+from saferl.tracking import PhaseTimer, Tracker, step_timing
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
 from saferl.trainer.weight_sync import BlobWeightSync
@@ -177,9 +177,9 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
         before = run_eval()
         before_file.write_text(json.dumps(before, indent=2))
         tracker.log(0, {f"eval/{k}": v for k, v in before.items()}, advance=False)
-    roles.pop_compute_seconds()
+    roles.pop_compute()  # the evaluation's compute is not a step's
     for step in range(start + 1, cfg.trainer.steps + 1):
-        timer, step_start = PhaseTimer(), time.monotonic()
+        timer, step_start = PhaseTimer(), time.time()  # the roles' compute intervals are time.time()
         rounds = [sample(sampler.next_batch(cfg.data.prompts_per_step), step, 0, timer)]
         if cfg.trainer.drop_zero_variance_groups:  # refill with fresh prompts until the batch is informative
             while len(rounds) <= r.refill_rounds and (missing := cfg.data.prompts_per_step - sum(
@@ -197,15 +197,14 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
-        step_seconds, compute = time.monotonic() - step_start, roles.pop_compute_seconds()
+        step_window, compute = (step_start, time.time()), roles.pop_compute()
         for name, group in (("guard", roles.guard), ("rm", roles.helpfulness)):  # cumulative failure counters
             if group is not None:
                 stats = group.call("stats")
                 metrics.update({f"{name}/{k}": float(sum(s[k] for s in stats)) for k in stats[0]})
                 metrics[f"{name}/restarts"] = float(group.restarts())
-        # compute sums the roles' model time; scoring overlaps generation on Ray, so it can exceed the step.
-        metrics.update({**timer.metrics(), "timing/step": step_seconds, "timing/compute": compute,
-                        "timing/overhead_frac": max(0.0, 1.0 - compute / step_seconds)})
+        # Overhead: the step's time with no role computing (scoring overlapping generation counts once).
+        metrics.update({**timer.metrics(), **step_timing(step_window, compute)})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:
             metrics.update({f"eval/{k}": v for k, v in run_eval().items()})
         tracker.log(step, metrics)

@@ -58,7 +58,7 @@ class RemoteGuardScorer:
     def stats(self) -> dict[str, int]:
         return self.endpoints.stats()
 
-    def pop_compute(self) -> list[float]:
+    def pop_compute(self) -> list[tuple[float, float]]:
         return []  # the model runs elsewhere; its time is not this process's compute
 
     def ready(self) -> bool:

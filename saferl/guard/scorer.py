@@ -39,7 +39,7 @@ class GuardScorer:
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_model_len - max_new_tokens
         self.truncated = 0
-        self.compute_seconds: list[float] = []
+        self.compute_intervals: list[tuple[float, float]] = []
         self.engine = make_engine(backend, model, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                   gpu_memory_utilization=gpu_memory_utilization, kv_cache_mib=kv_cache_mib,
                                   stop_token_ids=[self.tokenizer.eos_token_id],
@@ -64,16 +64,17 @@ class GuardScorer:
         if not items:
             return []
         prompts = [self._render(it) for it in items]
-        start = time.monotonic()
+        start = time.time()
         outs = self.engine.generate(prompts, Sampling(n=1, temperature=0.0, max_tokens=self.max_new_tokens,
                                                       logprobs=False),
                                     seeds=[0] * len(prompts))
-        self.compute_seconds.append(time.monotonic() - start)
+        self.compute_intervals.append((start, time.time()))
         texts = [self.tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
         return [parse_verdict(t, "prompt" if it.response is None else "response") for t, it in zip(texts, items)]
 
-    def pop_compute(self) -> list[float]:
-        out, self.compute_seconds = self.compute_seconds, []
+    def pop_compute(self) -> list[tuple[float, float]]:
+        """Model compute since the last pop: (start, end) `time.time()` intervals, for `tracking.step_timing`."""
+        out, self.compute_intervals = self.compute_intervals, []
         return out
 
     def stats(self) -> dict[str, int]:

@@ -39,7 +39,7 @@ class RolloutWorker:
                                   tensor_parallel_size=tensor_parallel_size,
                                   gpu_memory_utilization=gpu_memory_utilization, kv_cache_mib=kv_cache_mib,
                                   stop_token_ids=stop, pad_token_id=self.tokenizer.pad_token_id)
-        self.compute_seconds: list[float] = []  # time inside the engine per call (see `pop_compute`)
+        self.compute_intervals: list[tuple[float, float]] = []  # engine calls (see `pop_compute`)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True,
@@ -66,7 +66,7 @@ class RolloutWorker:
         ids = [self.prompt_ids(p) for p in prompts]
         seeds = [seed + first_group + i for i in range(len(prompts))]
         sampling = Sampling(n=n, temperature=temperature, top_p=top_p, max_tokens=max_new_tokens)
-        start = time.monotonic()
+        start = time.time()
         for i, samples in self.engine.generate_stream(ids, sampling, seeds):
             group = []
             for s in samples:
@@ -76,17 +76,17 @@ class RolloutWorker:
                                      logprobs=s.logprobs, text=text, thinking=thinking, answer=answer,
                                      finish_reason=s.finish_reason, group=first_group + i))
             yield group
-        self.compute_seconds.append(time.monotonic() - start)
+        self.compute_intervals.append((start, time.time()))
 
     def load_weights(self, blob: bytes) -> None:
         """Replace the policy weights (safetensors blob of HF-named tensors, whole fused modules)."""
-        start = time.monotonic()
+        start = time.time()
         self.engine.load_weights(blob)
-        self.compute_seconds.append(time.monotonic() - start)
+        self.compute_intervals.append((start, time.time()))
 
-    def pop_compute(self) -> list[float]:
-        """Seconds spent in model compute per call since the last pop (for overhead accounting)."""
-        out, self.compute_seconds = self.compute_seconds, []
+    def pop_compute(self) -> list[tuple[float, float]]:
+        """Model compute since the last pop: (start, end) `time.time()` intervals, for `tracking.step_timing`."""
+        out, self.compute_intervals = self.compute_intervals, []
         return out
 
     def ready(self) -> bool:

@@ -91,7 +91,7 @@ class PolicyTrainer:
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank: one permutation
         self.steps_done = 0
         self.engine: distributed.Engine | None = None
-        self.compute_seconds: list[float] = []
+        self.compute_intervals: list[tuple[float, float]] = []
         self.warning = warn_if_misconfigured(loss, aggregation)
         if self.warning and rank == 0:
             print(f"[saferl] warning: {self.warning}", flush=True)
@@ -162,7 +162,7 @@ class PolicyTrainer:
         """
         if self.engine is None:
             raise RuntimeError("PolicyTrainer.connect() must run before train_step()")
-        start = time.monotonic()
+        start = time.time()
         self.steps_done += 1
         lr = lr_at(self.steps_done, **self.lr_args)
         mode, aggregation = self.loss_kwargs["mode"], self.loss_kwargs["aggregation"]
@@ -208,8 +208,8 @@ class PolicyTrainer:
         metrics = {k: v / max(1, terms) for k, v in sums.items()}
         metrics.update(ratio_max=ratio_max, grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, tokens=tokens,
                        entropy=entropy / max(1.0, tokens), rollout_logprob_abs_diff=mismatch / max(1.0, first_tokens),
-                       tokens_per_s=tokens / max(1e-9, time.monotonic() - start))
-        self.compute_seconds.append(time.monotonic() - start)
+                       tokens_per_s=tokens / max(1e-9, time.time() - start))
+        self.compute_intervals.append((start, time.time()))
         return metrics
 
     def _unwrapped(self) -> torch.nn.Module:
@@ -229,15 +229,15 @@ class PolicyTrainer:
 
         Every rank must call it: under ZeRO-3 gathering the weights is collective.
         """
-        start = time.monotonic()
+        start = time.time()
         with self.engine.full_weights():
             blob = state_dict_blob(lora.merged_state_dict(self._unwrapped())) if self.rank == 0 else b""
-        self.compute_seconds.append(time.monotonic() - start)
+        self.compute_intervals.append((start, time.time()))
         return blob
 
-    def pop_compute(self) -> list[float]:
-        """Seconds spent in model compute per call since the last pop (for overhead accounting)."""
-        out, self.compute_seconds = self.compute_seconds, []
+    def pop_compute(self) -> list[tuple[float, float]]:
+        """Model compute since the last pop: (start, end) `time.time()` intervals, for `tracking.step_timing`."""
+        out, self.compute_intervals = self.compute_intervals, []
         return out
 
     def save(self, directory: str, export: str = "merged") -> None:

@@ -35,8 +35,13 @@ def _check_run(run_dir):
     for r in steps:
         assert STEP_KEYS <= set(r), STEP_KEYS - set(r)
         assert r["train/clip_frac"] > 0  # the second minibatch is off-policy, GSPO's tiny clip range bites
-        assert 0 < r["timing/compute"] and 0 <= r["timing/overhead_frac"] < 1  # roles overlap: compute may
-        assert r["timing/rollout"] + r["timing/reward"] + r["timing/train"] <= r["timing/step"]  # exceed the step
+        # Overhead = step - the union of the roles' compute intervals (time.time() in every process): each
+        # role computed inside the step (a role reporting another clock would show 0), overlaps count once.
+        assert 0 < r["timing/overhead"] == pytest.approx(r["timing/step"] - r["timing/compute"])
+        assert r["timing/compute"] < r["timing/step"]
+        for role in ("rollout", "guard", "helpfulness", "trainer"):
+            assert 0 < r[f"timing/compute/{role}"] <= r["timing/compute"], role
+        assert r["timing/rollout"] + r["timing/reward"] + r["timing/train"] <= r["timing/step"]
     evals = [r for r in rows if "eval/safety_rate" in r]
     assert [r["step"] for r in evals] == [0, 2]
     ckpt = run_dir / "checkpoints" / "final"

@@ -1,6 +1,10 @@
 import json
+import threading
+import time
+import types
 
-from saferl.tracking import PhaseTimer, Tracker
+from saferl import tracking
+from saferl.tracking import PhaseTimer, Tracker, step_timing, union_seconds
 
 
 def test_metrics_jsonl_and_offline_wandb(tmp_path, monkeypatch):
@@ -16,9 +20,66 @@ def test_metrics_jsonl_and_offline_wandb(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*")), "offline W&B run directory missing"
 
 
-def test_phase_timer_accumulates():
+def test_phase_timer_accumulates_every_entry(monkeypatch):
+    clock = iter([10.0, 11.5, 20.0, 22.0, 30.0, 30.25])  # guard 1.5 s, then guard 2 s, then sync 0.25 s
+    monkeypatch.setattr(tracking, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     timer = PhaseTimer()
-    for _ in range(2):
-        with timer.phase("guard"):
+    for name in ("guard", "guard", "sync"):
+        with timer.phase(name):
             pass
-    assert set(timer.metrics()) == {"timing/guard"} and timer.metrics()["timing/guard"] >= 0
+    assert timer.metrics() == {"timing/guard": 3.5, "timing/sync": 0.25}
+
+
+def test_union_seconds_counts_overlaps_once_inside_the_window():
+    intervals = [(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7), (3.0, 4.0)]  # (3, 4) touches (1, 3)
+    assert union_seconds(intervals, (0.0, 10.0)) == 5.0
+    assert union_seconds(intervals, (1.5, 5.5)) == 3.0  # (1.5, 4) and (5, 5.5)
+    assert union_seconds([(20.0, 30.0)], (0.0, 10.0)) == 0.0  # e.g. an evaluation after the step
+    assert union_seconds([], (0.0, 10.0)) == 0.0
+
+
+def test_step_timing_overhead_is_the_time_no_role_computes():
+    # Guard scoring overlaps generation, two trainer ranks run in parallel: summed compute (4+3+2+2 = 11 s)
+    # exceeds the 10 s step, but some role was busy during 7.5 s of it, so 2.5 s are overhead.
+    timing = step_timing((10.0, 20.0), {"rollout": [(10.0, 14.0)], "guard": [(12.0, 15.0)],
+                                        "trainer": [(16.0, 18.0), (16.5, 18.5)], "helpfulness": []})
+    assert timing == {"timing/step": 10.0, "timing/compute": 7.5, "timing/overhead": 2.5,
+                      "timing/overhead_frac": 0.25, "timing/compute/rollout": 4.0, "timing/compute/guard": 3.0,
+                      "timing/compute/trainer": 2.5, "timing/compute/helpfulness": 0.0}
+
+
+class _SleepingRole:
+    """A role whose model compute is a sleep, reported as the real roles do."""
+
+    def __init__(self) -> None:
+        self.compute_intervals: list[tuple[float, float]] = []
+
+    def work(self, seconds: float) -> None:
+        start = time.time()
+        time.sleep(seconds)
+        self.compute_intervals.append((start, time.time()))
+
+    def pop_compute(self) -> list[tuple[float, float]]:
+        out, self.compute_intervals = self.compute_intervals, []
+        return out
+
+
+def test_overhead_of_a_step_with_known_idle_time():
+    from saferl.actor_group import ActorGroup
+    from saferl.roles import Roles
+
+    group = {name: ActorGroup(_SleepingRole, 1, executor="local", name=name, kwargs={})
+             for name in ("rollout", "guard", "helpfulness", "trainer")}
+    roles = Roles(**group)
+    start = time.time()
+    scoring = threading.Thread(target=group["guard"].call, args=("work", 0.3))  # overlaps generation, as on Ray
+    scoring.start()
+    group["rollout"].call("work", 0.3)
+    scoring.join()
+    time.sleep(0.2)  # the driver alone: no role computes
+    group["trainer"].call("work", 0.1)
+    timing = step_timing((start, time.time()), roles.pop_compute())
+    assert 0.4 <= timing["timing/compute"] < timing["timing/step"]
+    assert 0.2 <= timing["timing/overhead"] < 0.3, timing
+    assert timing["timing/compute/helpfulness"] == 0.0 and timing["timing/compute/guard"] >= 0.3
+    assert roles.pop_compute() == {name: [] for name in group}  # popped: the next step starts from nothing
