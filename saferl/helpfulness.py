@@ -3,6 +3,8 @@
 Any one-label `AutoModelForSequenceClassification` checkpoint works (the toy RM, or a WorldPM-style RM on GPU
 nodes), hosted on HF transformers or on vLLM's pooling runner (where vLLM supports the architecture). The pair is
 rendered with the RM tokenizer's chat template as a user turn and an assistant turn; the score is the raw logit.
+A pair over `max_length` tokens is cut from its oldest context and keeps the answer's end and the template's
+closing tokens, where the score is pooled (saferl.truncation); each cut pair is counted in `stats()`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,29 @@ from typing import Any
 
 from saferl.engines import make_classifier
 from saferl.runtime import check_model_dir, configure_process
+from saferl.truncation import fit_messages, template_size, token_head_dropper
 
 
 def render_pair(tokenizer: Any, messages: list[dict[str, str]], answer: str) -> str:
     """The RM's input text: the prompt conversation plus the answer as the final assistant turn."""
     return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": answer}], tokenize=False)
+
+
+def pair_ids(tokenizer: Any, messages: list[dict[str, str]], answer: str,
+             max_length: int) -> tuple[list[int], bool]:
+    """The RM's input ids for one pair, at most `max_length` of them, and whether the pair had to be cut."""
+    ids = _chat_ids(tokenizer, messages + [{"role": "assistant", "content": answer}])
+    if len(ids) <= max_length:
+        return ids, False
+    fitted = fit_messages(messages + [{"role": "assistant", "content": answer}], max_length,
+                          lambda m: len(_chat_ids(tokenizer, m)), token_head_dropper(tokenizer))
+    return _chat_ids(tokenizer, fitted), True
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    # Tokenised from the rendered text, as the toy RM was trained (toyworld/build.py).
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class HelpfulnessScorer:
@@ -30,22 +50,28 @@ class HelpfulnessScorer:
         check_model_dir(model)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.max_length = max_length
+        overhead = template_size(lambda m: len(_chat_ids(self.tokenizer, m)), response=True)
+        if overhead > max_length:
+            raise ValueError(f"helpfulness.max_length={max_length} is shorter than the {overhead} tokens of "
+                             f"the RM's chat template around an empty prompt and answer ({model})")
+        self.truncated = 0
         self.classifier = make_classifier(backend, model, dtype=dtype, batch_size=batch_size,
                                           max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,
                                           kv_cache_mib=kv_cache_mib, pad_token_id=self.tokenizer.pad_token_id)
         self.compute_intervals: list[tuple[float, float]] = []
 
     def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
-        """One scalar per (prompt messages, answer text); inputs past `max_length` tokens keep their start."""
+        """One scalar per (prompt messages, answer text); pairs over `max_length` tokens are cut, counted."""
         start = time.time()
-        ids = [self.tokenizer(render_pair(self.tokenizer, msgs, answer), add_special_tokens=False)["input_ids"]
-               [: self.max_length] for msgs, answer in pairs]
+        fitted = [pair_ids(self.tokenizer, msgs, answer, self.max_length) for msgs, answer in pairs]
+        self.truncated += sum(cut for _, cut in fitted)
+        ids = [i for i, _ in fitted]
         scores = self.classifier.classify(ids) if ids else []
         self.compute_intervals.append((start, time.time()))
         return scores
 
     def stats(self) -> dict[str, int]:
-        return {}  # nothing can fail softly here; the remote client has counters
+        return {"truncated": self.truncated}
 
     def pop_compute(self) -> list[tuple[float, float]]:
         """Model compute since the last pop: (start, end) `time.time()` intervals, for `tracking.step_timing`."""

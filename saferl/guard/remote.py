@@ -20,6 +20,7 @@ from typing import Any
 from saferl.guard.scorer import ModerationItem
 from saferl.guard.templates import moderation_messages, parse_verdict
 from saferl.serving.client import EndpointPool
+from saferl.truncation import fit_messages
 from saferl.types import GuardVerdict, SafetyLabel
 
 PROTOCOLS = ("saferl", "openai")
@@ -94,15 +95,23 @@ class RemoteGuardScorer:
                             raw=f"<fallback: {self.fallback}>")
 
     def _truncate(self, item: ModerationItem) -> ModerationItem:
-        """Keep the newest `max_input_chars` of the judged text (the server's context is finite)."""
-        text = item.response if item.response is not None else item.messages[-1]["content"]
-        if len(text) <= self.max_input_chars:
+        """The item cut to `max_input_chars` characters of conversation, oldest context first and keeping the
+        judged text's end (saferl.truncation), and counted. Only the conversation travels: the instruction and
+        format lines are rendered by the server (`saferl serve guard`, or the served model's chat template), so
+        no cut here can reach them. A `saferl serve guard` server then fits its own token budget the same way
+        (GuardScorer), counting those cuts on the server, not in these stats."""
+        messages = moderation_messages(item.messages, item.response)
+        if _chars(messages) <= self.max_input_chars:
             return item
         self.endpoints.count("truncated")
-        cut = text[-self.max_input_chars:]
-        if item.response is not None:
-            return ModerationItem(item.messages, cut)
-        return ModerationItem(item.messages[:-1] + [{**item.messages[-1], "content": cut}], None)
+        fitted = fit_messages(messages, self.max_input_chars, _chars, lambda text, n: text[n:])
+        if item.response is None:
+            return ModerationItem(fitted, None)
+        return ModerationItem(fitted[:-1], fitted[-1]["content"])
+
+
+def _chars(messages: list[dict[str, str]]) -> int:
+    return sum(len(m["content"]) for m in messages)
 
 
 def _verdict(v: dict[str, Any]) -> GuardVerdict:

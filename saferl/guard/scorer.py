@@ -3,17 +3,20 @@
 It is called exactly as the real Qwen3Guard-Gen is: messages in (rendered by the guard tokenizer's own chat
 template, the mode picked by the last message's role), text out, greedy. Output that does not parse comes
 back as a verdict with `parse_ok=False`; the reward rules decide what it counts as, nothing crashes.
-Input longer than the guard's context has its moderated text cut from the left and is counted.
+Input longer than the guard's context is cut inside the conversation, oldest context first, keeping the judged
+text's end (saferl.truncation), and counted; the instruction and format lines around it are never cut.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from saferl.engines import Sampling, make_engine
 from saferl.guard.templates import moderation_messages, parse_verdict
 from saferl.runtime import check_model_dir, configure_process
+from saferl.truncation import fit_messages, template_size, token_head_dropper
 from saferl.types import GuardVerdict
 
 
@@ -23,6 +26,21 @@ class ModerationItem:
 
     messages: list[dict[str, str]]
     response: str | None = None
+
+
+def moderation_ids(tokenizer: Any, item: ModerationItem, max_tokens: int) -> tuple[list[int], bool]:
+    """The guard's prompt ids for one item, at most `max_tokens` of them, and whether the item was cut."""
+    messages = moderation_messages(item.messages, item.response)
+    ids = _guard_ids(tokenizer, messages)
+    if len(ids) <= max_tokens:
+        return ids, False
+    fitted = fit_messages(messages, max_tokens, lambda m: len(_guard_ids(tokenizer, m)),
+                          token_head_dropper(tokenizer))
+    return _guard_ids(tokenizer, fitted), True
+
+
+def _guard_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
 
 
 class GuardScorer:
@@ -38,6 +56,12 @@ class GuardScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.max_new_tokens = max_new_tokens
         self.max_prompt_tokens = max_model_len - max_new_tokens
+        instruction = max(template_size(lambda m: len(_guard_ids(self.tokenizer, m)), response=r)
+                          for r in (False, True))
+        if instruction > self.max_prompt_tokens:
+            raise ValueError(f"guard.max_model_len={max_model_len} leaves {self.max_prompt_tokens} prompt "
+                             f"tokens after max_new_tokens={max_new_tokens}, fewer than the {instruction} "
+                             f"tokens of the guard's own instruction and format lines ({model})")
         self.truncated = 0
         self.compute_intervals: list[tuple[float, float]] = []
         self.engine = make_engine(backend, model, dtype=dtype, max_model_len=max_model_len, seed=seed,
@@ -46,18 +70,10 @@ class GuardScorer:
                                   pad_token_id=self.tokenizer.pad_token_id)
 
     def _render(self, item: ModerationItem) -> list[int]:
-        messages = moderation_messages(item.messages, item.response)
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        if len(ids) <= self.max_prompt_tokens:
-            return ids
-        # Too long: keep the instruction, cut the oldest part of the judged text, and count it.
-        self.truncated += 1
-        last = messages[-1]
-        toks = self.tokenizer(last["content"], add_special_tokens=False)["input_ids"]
-        keep = max(0, len(toks) - (len(ids) - self.max_prompt_tokens))
-        last["content"] = self.tokenizer.decode(toks[len(toks) - keep :])
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        return ids[-self.max_prompt_tokens :]
+        """The guard's prompt ids for one item, cut to fit the context (and counted) when too long."""
+        ids, cut = moderation_ids(self.tokenizer, item, self.max_prompt_tokens)
+        self.truncated += cut
+        return ids
 
     def moderate(self, items: list[ModerationItem]) -> list[GuardVerdict]:
         """One verdict per item (prompt mode when `response` is None, response mode otherwise)."""

@@ -108,6 +108,19 @@ def test_oversize_input_is_truncated_and_counted():
     server.shutdown()
 
 
+def test_oversize_context_loses_its_oldest_turns_first():
+    """A short judged turn after long earlier turns: the earlier turns go (the cap counted only the judged
+    text, so the whole conversation went out); the question and the judged response stay whole."""
+    url, server, seen = _chat_server("Safety: Safe\nCategories: None\nRefusal: No")
+    guard = RemoteGuardScorer([url], protocol="openai", max_input_chars=100)
+    history = [{"role": "user", "content": "a" * 300}, {"role": "assistant", "content": "b" * 300}]
+    guard.moderate([ModerationItem([*history, {"role": "user", "content": "c" * 60}], "d" * 30)])
+    assert guard.stats()["truncated"] == 1
+    last_turns = [{"role": "user", "content": "c" * 60}, {"role": "assistant", "content": "d" * 30}]
+    assert seen[0]["messages"] == last_turns
+    server.shutdown()
+
+
 def test_bad_settings_raise():
     with pytest.raises(ValueError, match="guard.urls"):
         RemoteGuardScorer([])
