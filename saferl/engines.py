@@ -131,8 +131,27 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
 
+def processed_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs [N, V] a sample is drawn from: `logits` / temperature, outside the top-p nucleus -inf,
+    renormalised (vLLM's and HF's rule: drop the least likely tokens whose mass is at most 1 - top_p, always
+    keeping the most likely one)."""
+    logits = logits / temperature
+    if top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+    return torch.log_softmax(logits, dim=-1)
+
+
 class HFEngine:
-    """`transformers` generate with the same contract; for debugging and machines without vLLM."""
+    """`transformers` decoding with the same contract; for debugging and machines without vLLM.
+
+    Like vLLM's seeded requests, prompt i draws from its own generator seeded with `seeds[i]`, so a sample does
+    not depend on which prompts share its batch (up to the float rounding of a batched forward pass, which moves a
+    draw only when it falls within rounding of a boundary between two tokens). One global seed per batch, as HF
+    `generate` has, would change every sample when the prompts are sharded differently.
+    """
 
     def __init__(self, model: str, *, dtype: str = "float32", seed: int = 0,
                  stop_token_ids: list[int] | None = None, pad_token_id: int = 0) -> None:
@@ -148,48 +167,74 @@ class HFEngine:
 
     def generate_stream(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]
                         ) -> Iterator[tuple[int, list[Sample]]]:
-        """The whole batch at once: HF `generate` finishes a batch together."""
+        """The whole batch at once: the rows of a batch are decoded together."""
         yield from enumerate(self.generate(prompts, sampling, seeds))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int],
                  batch_size: int = 64) -> list[list[Sample]]:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         result: list[list[Sample]] = []
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            torch.manual_seed(seeds[start])
-            result.extend(self._generate_chunk(chunk, sampling))
+            end = start + batch_size
+            result.extend(self._generate_chunk(prompts[start:end], sampling, seeds[start:end]))
         return result
 
-    def _generate_chunk(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
-        width = max(map(len, prompts))
-        device = self.model.device
-        ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+    def _generate_chunk(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Sample]]:
+        """`sampling.n` rows per prompt (row r answers prompt r // n), left-padded, decoded on one KV cache;
+        finished rows leave the batch."""
+        from transformers import DynamicCache
+
+        n, device = sampling.n, self.model.device
+        rows = [p for p in prompts for _ in range(n)]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):  # left padding, as generation requires
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        greedy = sampling.temperature == 0
-        out = self.model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=sampling.max_tokens,
-            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p, top_k=None, num_return_sequences=sampling.n,
-            eos_token_id=self.stop_token_ids, pad_token_id=self.pad_token_id,
-            return_dict_in_generate=True, output_scores=True)
-        new = out.sequences[:, width:]
-        # Processed scores: after temperature / top-p, normalised -> log-probs of the sampled tokens.
-        lps = self.model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
-        result: list[list[Sample]] = []
-        for i in range(len(prompts)):
-            samples = []
-            for j in range(sampling.n):
-                row = i * sampling.n + j
-                toks, lp = new[row].tolist(), lps[row].tolist()
-                end = next((k + 1 for k, t in enumerate(toks) if t in self.stop_token_ids), None)
-                toks, lp = (toks[:end], lp[:end]) if end else (toks, lp)
-                samples.append(Sample(toks, [float(x) for x in lp], "stop" if end else "length"))
-            result.append(samples)
-        return result
+        for r, p in enumerate(rows):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        finish = ["length"] * len(rows)
+        active = list(range(len(rows)))  # the row at each batch position
+        cache = DynamicCache()
+        for _ in range(sampling.max_tokens):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1].float()
+            if sampling.temperature == 0:  # greedy; the log-prob is the model's own
+                lp = torch.log_softmax(logits, dim=-1)
+                chosen = lp.argmax(-1).tolist()
+            else:
+                lp = processed_logprobs(logits, sampling.temperature, sampling.top_p)
+                probs = lp.exp()
+                chosen = [int(torch.multinomial(probs[b], 1, generator=generators[r // n]))
+                          for b, r in enumerate(active)]
+            picked = lp[torch.arange(len(active), device=device), torch.tensor(chosen, device=device)].tolist()
+            keep = []
+            for b, (r, t, x) in enumerate(zip(active, chosen, picked)):
+                tokens[r].append(t)
+                logprobs[r].append(float(x))
+                if t in self.stop_token_ids:
+                    finish[r] = "stop"
+                else:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                chosen = [chosen[b] for b in keep]
+                active = [active[b] for b in keep]
+            ids = torch.tensor(chosen, device=device)[:, None]
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+            positions = positions[:, -1:] + 1
+        return [[Sample(tokens[r], logprobs[r], finish[r]) for r in range(i * n, (i + 1) * n)]
+                for i in range(len(prompts))]
 
     def load_weights(self, blob: bytes) -> None:
         from safetensors.torch import load
