@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from saferl.types import GuardVerdict, RewardInputs, RewardOutput, SafetyLabel
-
-UNPARSABLE_CHOICES = ("unsafe", "safe")
+from saferl.types import GuardVerdict, RewardInputs, RewardOutput, SafetyLabel, SafetyPolicy
 
 
 @dataclass(frozen=True)
@@ -25,6 +23,8 @@ class RewardRules:
         controversial_is_unsafe: count `Controversial` as unsafe (strict mode, as the guard-only reward and
             eval_gen.py do; unconfirmed for the hybrid reward).
         unparsable: how a verdict with parse_ok False counts, "unsafe" (conservative) or "safe".
+            These two make up `safety`, the SafetyPolicy the held-out evaluation judges with too; it also
+            decides how a remote guard's fallback verdicts count.
         category_caps: per-category caps for unsafe rollouts, e.g. {"Violent": -10, "Copyright Violation": -4};
             an unsafe rollout is capped at the lowest cap among the categories its verdicts name, and at
             `unsafe_cap` when none of them is listed.
@@ -39,11 +39,15 @@ class RewardRules:
     def __post_init__(self) -> None:
         from saferl.guard.templates import CATEGORIES
 
-        if self.unparsable not in UNPARSABLE_CHOICES:
-            raise ValueError(f"unparsable must be one of {UNPARSABLE_CHOICES}, got {self.unparsable!r}")
+        self.safety  # validates `unparsable`
         unknown = sorted(set(self.category_caps) - set(CATEGORIES))
         if unknown:
             raise ValueError(f"reward.rules.category_caps: unknown categories {unknown}; valid: {list(CATEGORIES)}")
+
+    @property
+    def safety(self) -> SafetyPolicy:
+        """When a verdict counts as unsafe, shared with the held-out evaluation."""
+        return SafetyPolicy(self.controversial_is_unsafe, self.unparsable)
 
 
 class RewardRecipe(Protocol):
@@ -53,12 +57,9 @@ class RewardRecipe(Protocol):
 
 
 def is_unsafe(verdict: GuardVerdict, rules: RewardRules) -> bool:
-    """True if the verdict counts as unsafe; a failed parse counts as `rules.unparsable` says."""
-    if not verdict.parse_ok or verdict.safety is None:
-        return rules.unparsable == "unsafe"
-    if verdict.safety is SafetyLabel.CONTROVERSIAL:
-        return rules.controversial_is_unsafe
-    return verdict.safety is SafetyLabel.UNSAFE
+    """True if the verdict counts as unsafe under `rules.safety` (`SafetyPolicy.is_unsafe`: Controversial,
+    unparsable and fallback verdicts)."""
+    return rules.safety.is_unsafe(verdict)
 
 
 def is_refusal(verdict: GuardVerdict) -> bool:
@@ -73,6 +74,8 @@ def rollout_unsafe(inputs: RewardInputs, rules: RewardRules) -> list[bool]:
         raise ValueError(f"{n} answer verdicts but {len(inputs.thinking_verdicts)} thinking verdicts")
     if inputs.helpfulness is not None and len(inputs.helpfulness) != n:
         raise ValueError(f"{n} answer verdicts but {len(inputs.helpfulness)} helpfulness scores")
+    if inputs.helpfulness_fallback is not None and len(inputs.helpfulness_fallback) != n:
+        raise ValueError(f"{n} answer verdicts but {len(inputs.helpfulness_fallback)} helpfulness_fallback flags")
     return [
         is_unsafe(answer, rules) or (thinking is not None and is_unsafe(thinking, rules))
         for answer, thinking in zip(inputs.answer_verdicts, inputs.thinking_verdicts, strict=True)
@@ -90,6 +93,13 @@ def unsafe_caps(inputs: RewardInputs, rules: RewardRules) -> list[float]:
     return caps
 
 
+def helpfulness_fallbacks(inputs: RewardInputs) -> list[bool]:
+    """Per rollout: its helpfulness score is the remote RM's fallback, not a judgement."""
+    if inputs.helpfulness_fallback is None:
+        return [False] * len(inputs.answer_verdicts)
+    return list(inputs.helpfulness_fallback)
+
+
 def require_helpfulness(inputs: RewardInputs, recipe: str) -> list[float]:
     """The helpfulness scores, or a ValueError naming the recipe that needs them."""
     if inputs.helpfulness is None:
@@ -103,8 +113,9 @@ def finish(inputs: RewardInputs, rules: RewardRules, total: list[float], unsafe:
     """Wrap totals into a RewardOutput with the shared per-rollout components and batch metrics.
 
     Components (length N): unsafe, refusal, controversial (0/1), helpfulness when given. Metrics: unsafe_rate,
-    controversial_rate (any verdict of the rollout Controversial), refusal_rate, parse_failures (count over
-    answer and thinking verdicts), reward_mean, helpfulness_mean when given.
+    controversial_rate (any verdict of the rollout Controversial), refusal_rate, parse_failures and
+    guard_fallbacks (counts over answer and thinking verdicts), reward_mean; helpfulness_mean and
+    helpfulness_fallbacks (rollouts scored with the RM's fallback) when helpfulness is given.
     """
     verdicts = list(zip(inputs.answer_verdicts, inputs.thinking_verdicts, strict=True))
     refusal = [float(is_refusal(a)) for a, _ in verdicts]
@@ -112,17 +123,20 @@ def finish(inputs: RewardInputs, rules: RewardRules, total: list[float], unsafe:
         float(any(v is not None and v.safety is SafetyLabel.CONTROVERSIAL for v in pair)) for pair in verdicts
     ]
     failures = sum(1 for pair in verdicts for v in pair if v is not None and not v.parse_ok)
+    fallbacks = sum(1 for pair in verdicts for v in pair if v is not None and v.fallback)
     components = {"unsafe": [float(u) for u in unsafe], "refusal": refusal, "controversial": controversial}
     metrics = {
         "unsafe_rate": _mean(components["unsafe"]),
         "controversial_rate": _mean(controversial),
         "refusal_rate": _mean(refusal),
         "parse_failures": float(failures),
+        "guard_fallbacks": float(fallbacks),
         "reward_mean": _mean(total),
     }
     if inputs.helpfulness is not None:
         components["helpfulness"] = [float(h) for h in inputs.helpfulness]
         metrics["helpfulness_mean"] = _mean(components["helpfulness"])
+        metrics["helpfulness_fallbacks"] = float(sum(helpfulness_fallbacks(inputs)))
     return RewardOutput(total=total, components=components, metrics=metrics)
 
 

@@ -6,11 +6,25 @@
 
 The caps are a min, not an assignment: a helpfulness score already below the cap is kept, so among capped
 rollouts H still ranks them.
+
+Failures of the judges never score better than a judgement. A remote guard's fallback verdict counts as
+unsafe unless both guard.fallback and rules.unparsable say safe (`SafetyPolicy`). A rollout whose H is the
+remote RM's `fallback_score` (every endpoint failed) is gated as above and then also capped at
+`refusal_cap`: with no helpfulness judgement an answer earns at most what a refusal earns, so a policy
+gains nothing from answers that make the RM time out or fail, and a failed batch keeps the safety signal.
 """
 
 from __future__ import annotations
 
-from rewards.base import RewardRules, finish, is_refusal, require_helpfulness, rollout_unsafe, unsafe_caps
+from rewards.base import (
+    RewardRules,
+    finish,
+    helpfulness_fallbacks,
+    is_refusal,
+    require_helpfulness,
+    rollout_unsafe,
+    unsafe_caps,
+)
 from saferl.types import RewardInputs, RewardOutput
 
 
@@ -19,11 +33,12 @@ def hybrid(inputs: RewardInputs, rules: RewardRules) -> RewardOutput:
     helpfulness = require_helpfulness(inputs, "hybrid")
     unsafe = rollout_unsafe(inputs, rules)
     total = []
-    for h, bad, cap, answer in zip(helpfulness, unsafe, unsafe_caps(inputs, rules), inputs.answer_verdicts,
-                                   strict=True):
+    caps, stand_ins = unsafe_caps(inputs, rules), helpfulness_fallbacks(inputs)
+    for h, bad, cap, answer, stand_in in zip(helpfulness, unsafe, caps, inputs.answer_verdicts, stand_ins,
+                                             strict=True):
         if bad:
             total.append(min(cap, h))
-        elif is_refusal(answer):
+        elif is_refusal(answer) or stand_in:
             total.append(min(rules.refusal_cap, h))
         else:
             total.append(float(h))

@@ -79,6 +79,10 @@ class RunConfig:
     seed: int = 0
     # ray: roles are Ray actors; local: the same classes in this process (debugging, single GPU).
     executor: str = "ray"
+    # Torch threads of the driver and of every actor. 0: automatic, OMP_NUM_THREADS when set, else 1 per process
+    # on a machine without a GPU (more was measured up to 10x slower on 2 shared cores) and torch's own default
+    # on GPU nodes (tokenizers and data work want the cores); N > 0: N threads everywhere.
+    torch_threads: int = 0
 
 
 @dataclass
@@ -131,7 +135,9 @@ class GuardConfig:
     token_env: str = "SAFERL_GUARD_TOKEN"  # http/openai: environment variable holding the bearer token
     timeout_s: float = 60.0  # http/openai: per request
     retries: int = 3  # http/openai: further tries, with exponential back-off, each on the next endpoint
-    fallback: str = "unsafe"  # http/openai: verdict when every try failed (unsafe | safe | error)
+    # http/openai: verdict when every try failed (unsafe | safe | error). A fallback verdict is marked; it
+    # counts as safe only when this and reward.rules.unparsable are both safe (types.SafetyPolicy).
+    fallback: str = "unsafe"
     max_restarts: int = 3  # vllm/hf on Ray: a crashed guard actor is restarted and its calls re-run
     num_actors: int = 1
     max_new_tokens: int = 32
@@ -154,7 +160,9 @@ class HelpfulnessConfig:
     token_env: str = "SAFERL_RM_TOKEN"  # http: environment variable holding the bearer token
     timeout_s: float = 60.0  # http: per request
     retries: int = 3  # http: further tries with back-off, each on the next endpoint
-    fallback_score: float | None = None  # http: score when every try failed; null stops the run instead
+    # http: score when every try failed; null stops the run instead. The hybrid reward caps a rollout scored
+    # with it at reward.rules.refusal_cap: an answer the RM could not judge earns no more than a refusal.
+    fallback_score: float | None = None
     num_actors: int = 1
     batch_size: int = 64
     max_length: int = 1024
@@ -285,11 +293,21 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.lr_schedule": ("constant", "cosine"),
     "trainer.strategy": ("torch", "deepspeed"),
     "trainer.zero_stage": (0, 1, 2, 3),
-    "trainer.dtype": ("float32", "bfloat16", "float16"),
+    # Inference dtypes: the HF engines take getattr(torch, dtype), vLLM the same names.
+    "policy.dtype": ("float32", "bfloat16", "float16"),
+    "guard.dtype": ("float32", "bfloat16", "float16"),
+    "helpfulness.dtype": ("float32", "bfloat16", "float16"),
+    "trainer.dtype": ("float32", "bfloat16"),
     "checkpoint.resume": ("auto", "never"),
     "checkpoint.lora_export": ("merged", "adapter"),
     "reward.rules.unparsable": ("unsafe", "safe"),
     "logging.wandb": ("disabled", "offline", "online"),
+}
+
+# Values a user may well try that SafeRL does not run, with the reason (checked before CHOICES).
+REFUSED: dict[tuple[str, Any], str] = {
+    # fp16 gradients underflow without a loss scaler; neither engine has one (DeepSpeed's fp16 mode is off).
+    ("trainer.dtype", "float16"): "float16 needs loss scaling, which SafeRL does not do; use bfloat16",
 }
 
 
@@ -563,6 +581,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(merged, key)
+        if (key, value) in REFUSED:
+            raise ConfigError(f"Config key '{key}' cannot be {value!r}: {REFUSED[key, value]}")
         if value not in allowed:
             raise ConfigError(f"Config key '{key}' must be one of {allowed}, got {value!r}")
     check_ranges(cfg)

@@ -28,8 +28,8 @@ class Scoring:
         items += [ModerationItem(rollouts[i].prompt.messages, rollouts[i].thinking) for i in self.thinking_at]
         self.rollouts = rollouts
         self.guard = guard.submit("moderate", items)
-        self.rm = (helpfulness.submit("score", [(r.prompt.messages, r.answer) for r in rollouts])
-                   if helpfulness is not None else None)
+        pairs = [(r.prompt.messages, r.answer) for r in rollouts]
+        self.rm = helpfulness.submit("score_with_fallbacks", pairs) if helpfulness is not None else None
 
     def done(self) -> bool:
         return self.guard.done() and (self.rm is None or self.rm.done())
@@ -40,8 +40,11 @@ class Scoring:
         thinking: list[GuardVerdict | None] = [None] * n
         for i, v in zip(self.thinking_at, verdicts[n:]):
             thinking[i] = v
+        if self.rm is None:
+            return RewardInputs(answer_verdicts=verdicts[:n], thinking_verdicts=thinking, helpfulness=None)
+        scores: list[tuple[float, bool]] = self.rm.result()
         return RewardInputs(answer_verdicts=verdicts[:n], thinking_verdicts=thinking,
-                            helpfulness=self.rm.result() if self.rm is not None else None)
+                            helpfulness=[s for s, _ in scores], helpfulness_fallback=[f for _, f in scores])
 
 
 def reward_inputs(rollouts: list[Rollout], guard: Any, helpfulness: Any | None,
@@ -84,10 +87,12 @@ def generate_and_score(rollout: Any, prompts: list[Any], n: int, guard: Any, hel
 def _in_group_order(parts: list[tuple[list[Rollout], RewardInputs]]) -> tuple[list[Rollout], RewardInputs]:
     """Concatenate per-call results and sort rollouts (with their verdicts and scores) by group."""
     rows = [(r, inputs.answer_verdicts[i], inputs.thinking_verdicts[i],
-             inputs.helpfulness[i] if inputs.helpfulness is not None else None)
+             inputs.helpfulness[i] if inputs.helpfulness is not None else None,
+             inputs.helpfulness_fallback is not None and inputs.helpfulness_fallback[i])
             for rollouts, inputs in parts for i, r in enumerate(rollouts)]
     rows.sort(key=lambda row: row[0].group)  # stable: samples keep their order within a group
     has_rm = bool(parts) and parts[0][1].helpfulness is not None
     return [row[0] for row in rows], RewardInputs(
         answer_verdicts=[row[1] for row in rows], thinking_verdicts=[row[2] for row in rows],
-        helpfulness=[row[3] for row in rows] if has_rm else None)
+        helpfulness=[row[3] for row in rows] if has_rm else None,
+        helpfulness_fallback=[row[4] for row in rows] if has_rm else None)

@@ -148,7 +148,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
     weight_sync = BlobWeightSync(roles.trainer, roles.rollout)
 
     def run_eval() -> dict[str, float]:
-        return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness,
+        return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules.safety,
                         samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling)
 
     def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> Sampled:

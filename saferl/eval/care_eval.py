@@ -23,7 +23,7 @@ from typing import Any
 
 from saferl.care import CareModels, CareSettings, ResponseState, answer_text, care_generate
 from saferl.eval.metrics import format_value, markdown_table
-from saferl.types import Prompt, Rollout
+from saferl.types import Prompt, Rollout, SafetyPolicy
 
 LABELS = ("CARE off", "CARE on")
 ROWS: tuple[tuple[str, str], ...] = (
@@ -94,7 +94,8 @@ def generate(models: CareModels, prompts: list[Prompt], settings: CareSettings, 
 
 def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettings, *, seed: int, samples: int,
                  batch_size: int, guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None,
-                 log: Any = print) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
+                 safety: SafetyPolicy, log: Any = print
+                 ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Metrics per label (`LABELS`) and one row per (prompt, sample) with both answers and CARE's record."""
     from saferl.eval.run import metrics_of, score
     from saferl.toyworld.evaluate import behaviour_rates
@@ -111,7 +112,7 @@ def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettin
     results = {}
     for label in LABELS:
         rollouts = answers[label]
-        metrics = metrics_of(rollouts, inputs[label])
+        metrics = metrics_of(rollouts, inputs[label], safety)
         if "truth_unsafe_rate" in metrics:
             metrics["truth_safety_rate"] = 1.0 - metrics["truth_unsafe_rate"]
             metrics["truth_benign_helpful_rate"] = behaviour_rates(rollouts)["policy_benign_helpful_rate"]
@@ -153,7 +154,7 @@ def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: Car
                   samples: int, max_prompts: int, batch_size: int, judge: str, rm: str | None, backend: str,
                   device: str | None, dtype: str, output: str | None) -> dict[str, dict[str, float]]:
     """`saferl chat --eval` (see `saferl chat --help`): print the CARE off/on table, write JSON to `output`."""
-    from saferl.config import GuardConfig, HelpfulnessConfig
+    from saferl.config import GuardConfig, HelpfulnessConfig, RewardRulesConfig
     from saferl.eval.prompt_sets import Columns, load_prompt_set, subsample
     from saferl.guard.stream_toy import resolve_toy_ref
     from saferl.runtime import check_model_dir, configure_process
@@ -174,6 +175,8 @@ def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: Car
                       max_length=h.max_length) if rm else None)
     results, rows = compare_care(models, prompt_set, settings, seed=seed, samples=samples, batch_size=batch_size,
                                  guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs,
+                                 safety=SafetyPolicy(RewardRulesConfig.controversial_is_unsafe,
+                                                     RewardRulesConfig.unparsable),
                                  log=lambda msg: print(msg, flush=True))
     kinds: dict[str, int] = {}
     for p in prompt_set:

@@ -1,8 +1,8 @@
 """Evaluate the current policy on held-out prompts: safety, over-refusal and helpfulness.
 
 Samples `samples_per_prompt` answers per prompt with a fixed seed (the same draws before and after
-training), judges them with the same guard and RM as training, and reports the rates of
-`saferl.eval.metrics` (safety_rate, benign_refusal_rate, benign_helpfulness, per-category safety).
+training), judges them with the same guard and RM as training and the same `SafetyPolicy` as the reward
+(the run passes `RewardRules.safety`), and reports the rates of `saferl.eval.metrics` (safety_rate, benign_refusal_rate, benign_helpfulness, per-category safety).
 Toy-world prompts carry ground truth, so their answers are also classified back to styles (`truth_*`):
 this is what exposes a guard being fooled by garbled text (reward hacking).
 """
@@ -13,15 +13,16 @@ from typing import Any
 
 from saferl.eval.metrics import judge, policy_metrics
 from saferl.scoring import generate_and_score
-from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel
+from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel, SafetyPolicy
 
 
-def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any | None, *, samples: int,
-             seed: int, temperature: float, top_p: float, max_new_tokens: int) -> dict[str, float]:
+def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any | None, *,
+             safety: SafetyPolicy, samples: int, seed: int, temperature: float, top_p: float,
+             max_new_tokens: int) -> dict[str, float]:
     """Metrics of the policy currently loaded in the rollout engines (see module docstring)."""
     rollouts, inputs = generate_and_score(rollout, prompts, samples, guard, helpfulness, temperature=temperature,
                                           top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    metrics = policy_metrics(judge(rollouts, inputs))
+    metrics = policy_metrics(judge(rollouts, inputs, safety))
     metrics.update(ground_truth_metrics(rollouts, inputs.answer_verdicts))
     return metrics
 
@@ -35,7 +36,9 @@ def ground_truth_metrics(rollouts: list[Rollout], verdicts: list[GuardVerdict]) 
     from saferl.toyworld.world import classify_response
 
     truth = behaviour_rates(rollouts)
-    fooled = [v.safety == SafetyLabel.SAFE and classify_response(r.prompt, r.answer) in ("unsafe", "garbled")
+    # The guard's own label, not the SafetyPolicy: this measures the guard; a fallback is no guard's call.
+    fooled = [not v.fallback and v.safety == SafetyLabel.SAFE
+              and classify_response(r.prompt, r.answer) in ("unsafe", "garbled")
               for r, v in zip(rollouts, verdicts)]
     return {"truth_unsafe_rate": truth["policy_harmful_unsafe_rate"],
             "truth_benign_refusal_rate": truth["policy_benign_refusal_rate"],

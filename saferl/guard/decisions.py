@@ -4,6 +4,10 @@ Owns the strict/loose mapping of Safe/Unsafe/Controversial to a binary label, th
 per-token labels into one response verdict, the first-detection latency bins of the official Qwen3Guard
 evaluation, and precision/recall/F1 of the Unsafe class (spec/qwen3guard.md §3.8 and §4).
 
+Judging a policy's answers (reward and held-out evaluation) goes through `saferl.types.SafetyPolicy`, which
+also settles unparsable and fallback verdicts; the modes here are its strict/loose label mapping
+(`SafetyPolicy.label_is_unsafe`) under the names the official guard evaluation uses.
+
 Shortcuts and choices:
 - A missing label (a Gen output whose Safety line did not parse) maps to None under both modes; the metrics
   count it as "not Unsafe", as the official scripts do for anything that is not the string "Unsafe".
@@ -18,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from saferl.types import SafetyLabel
+from saferl.types import SafetyLabel, SafetyPolicy
 
 MODES: tuple[str, ...] = ("strict", "loose")
 DEBOUNCE_RULES: tuple[str, ...] = ("official", "paper")
@@ -46,10 +50,8 @@ def binary_label(label: SafetyLabel | str | None, mode: str) -> SafetyLabel | No
     _check_mode(mode)
     if label is None:
         return None
-    label = SafetyLabel(label)
-    if label is SafetyLabel.CONTROVERSIAL:
-        return SafetyLabel.UNSAFE if mode == "strict" else SafetyLabel.SAFE
-    return label
+    unsafe = SafetyPolicy(controversial_is_unsafe=mode == "strict").label_is_unsafe(SafetyLabel(label))
+    return SafetyLabel.UNSAFE if unsafe else SafetyLabel.SAFE
 
 
 def is_unsafe(label: SafetyLabel | str | None, mode: str) -> bool:

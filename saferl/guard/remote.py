@@ -9,8 +9,12 @@ Two protocols, one interface (`moderate(items) -> verdicts`, like GuardScorer, s
 Failure handling, per request: a timeout (`timeout_s`), then up to `retries` more tries with exponential
 back-off, each on the next endpoint of the pool (round-robin spreads the load). When every try fails the
 items get the configured fallback verdict (`fallback: unsafe|safe`) instead of stalling training, or the
-error is raised (`fallback: error`). Counters of timeouts, errors, retries, fallbacks, parse failures and
-truncated inputs are returned by `stats()` and logged by the driver.
+error is raised (`fallback: error`). A 200 reply of the wrong shape (not JSON of the protocol's form, a wrong
+number of verdicts, a verdict missing fields) is an error like a 5xx: counted, retried, never a verdict.
+A fallback verdict is marked (`GuardVerdict.fallback`) so no failure passes for a judgement; how it counts
+is `SafetyPolicy`'s fallback rule (unsafe unless reward.rules.unparsable is safe too). Counters of timeouts,
+errors, retries, fallbacks, parse failures and truncated inputs are returned by `stats()` and logged by the
+driver.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from saferl.serving.client import EndpointPool
 from saferl.truncation import fit_messages
 from saferl.types import GuardVerdict, SafetyLabel
 
+# The fields of a verdict from `saferl serve guard` (saferl.serving.server.Verdict).
+VERDICT_FIELDS = ("safety", "categories", "refusal", "parse_ok", "raw")
 PROTOCOLS = ("saferl", "openai")
 FALLBACKS = ("unsafe", "safe", "error")
 
@@ -34,6 +40,10 @@ class RemoteGuardScorer:
                  max_input_chars: int = 16_000, concurrency: int = 64, batch_size: int = 64) -> None:
         if protocol not in PROTOCOLS or fallback not in FALLBACKS:
             raise ValueError(f"protocol must be one of {PROTOCOLS} and fallback one of {FALLBACKS}")
+        if fallback == "safe":  # printed where the client is built, so it is in every run's output
+            print("[saferl] warning: guard.fallback=safe: when every guard endpoint fails, rollouts get a "
+                  "stand-in Safe verdict; it counts as safe only if reward.rules.unparsable is safe too, "
+                  "and then answers no guard judged are rewarded as safe", flush=True)
         self.endpoints = EndpointPool(urls, token_env=token_env, timeout_s=timeout_s, retries=retries,
                                       backoff_s=backoff_s, concurrency=concurrency, what="guard")
         self.urls, self.retries = self.endpoints.urls, retries
@@ -69,19 +79,15 @@ class RemoteGuardScorer:
 
     def _moderate_batch(self, items: list[ModerationItem]) -> list[GuardVerdict]:
         body = {"items": [{"messages": it.messages, "response": it.response} for it in items]}
-        reply = self.endpoints.post("/v1/moderate", body)
-        if reply is None or len(reply.get("verdicts", [])) != len(items):
+        verdicts = self.endpoints.post("/v1/moderate", body, lambda reply: moderate_reply(reply, len(items)))
+        if verdicts is None:
             return [self._fallback(it) for it in items]
-        return [_verdict(v) for v in reply["verdicts"]]
+        return verdicts
 
     def _moderate_one(self, item: ModerationItem) -> GuardVerdict:
         body = {"model": self.model_name, "messages": moderation_messages(item.messages, item.response),
                 "temperature": 0.0, "max_tokens": self.max_new_tokens}
-        reply = self.endpoints.post("/v1/chat/completions", body)
-        try:
-            text = reply["choices"][0]["message"]["content"] if reply is not None else None
-        except (KeyError, IndexError, TypeError):
-            text = None
+        text = self.endpoints.post("/v1/chat/completions", body, chat_reply)
         if text is None:
             return self._fallback(item)
         return parse_verdict(text, "prompt" if item.response is None else "response")
@@ -92,7 +98,7 @@ class RemoteGuardScorer:
             raise RuntimeError(f"guard endpoints {self.urls} failed {self.retries + 1} times in a row")
         label = SafetyLabel.UNSAFE if self.fallback == "unsafe" else SafetyLabel.SAFE
         return GuardVerdict(label, (), None if item.response is None else False, parse_ok=True,
-                            raw=f"<fallback: {self.fallback}>")
+                            raw=f"<fallback: {self.fallback}>", fallback=True)
 
     def _truncate(self, item: ModerationItem) -> ModerationItem:
         """The item cut to `max_input_chars` characters of conversation, oldest context first and keeping the
@@ -114,7 +120,35 @@ def _chars(messages: list[dict[str, str]]) -> int:
     return sum(len(m["content"]) for m in messages)
 
 
-def _verdict(v: dict[str, Any]) -> GuardVerdict:
-    safety = SafetyLabel(v["safety"]) if v.get("safety") else None
-    return GuardVerdict(safety, tuple(v.get("categories", ())), v.get("refusal"), bool(v.get("parse_ok")),
-                        v.get("raw", ""))
+def moderate_reply(reply: Any, n: int) -> list[GuardVerdict]:
+    """The verdicts of a /v1/moderate reply: `{"verdicts": [n verdicts]}`, each with the server's fields and
+    types; ValueError for any other shape (the caller retries, then falls back)."""
+    verdicts = reply.get("verdicts") if isinstance(reply, dict) else None
+    if not isinstance(verdicts, list) or len(verdicts) != n:
+        raise ValueError(f"expected {{'verdicts': [{n} verdicts]}}, got {str(reply)[:200]}")
+    return [_verdict(v) for v in verdicts]
+
+
+def _verdict(v: Any) -> GuardVerdict:
+    if not isinstance(v, dict) or any(k not in v for k in VERDICT_FIELDS):
+        raise ValueError(f"a verdict needs the fields {VERDICT_FIELDS}, got {str(v)[:200]}")
+    safety, categories, refusal, parse_ok, raw = (v[k] for k in VERDICT_FIELDS)
+    if not (isinstance(parse_ok, bool) and isinstance(raw, str) and isinstance(refusal, bool | None)
+            and isinstance(categories, list) and all(isinstance(c, str) for c in categories)):
+        raise ValueError(f"a verdict field has the wrong type: {str(v)[:200]}")
+    if parse_ok and safety is None:  # a parsed verdict has a label
+        raise ValueError(f"a verdict with parse_ok true and no safety label: {str(v)[:200]}")
+    label = SafetyLabel(safety) if safety is not None else None  # ValueError for an unknown label
+    return GuardVerdict(label, tuple(categories), refusal, parse_ok, raw)
+
+
+def chat_reply(reply: Any) -> str:
+    """The text of an OpenAI chat completion, `choices[0].message.content`; ValueError for any other shape.
+    An unparsable text is the model's answer (counted as a parse failure), not a failed request."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(
+        choices[0], dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise ValueError(f"expected choices[0].message.content to be text, got {str(reply)[:200]}")
+    return content

@@ -8,11 +8,15 @@ endpoints with each retry moving to the next one, and counters the driver logs e
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class EndpointPool:
@@ -37,8 +41,13 @@ class EndpointPool:
         self.counters = {"timeouts": 0, "errors": 0, "retries": 0, "fallbacks": 0, "parse_failures": 0,
                          "truncated": 0}
 
-    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """The JSON reply, or None when every try failed."""
+    def post(self, path: str, body: dict[str, Any], validate: Callable[[Any], T]) -> T | None:
+        """`validate(reply JSON)`, or None when every try failed.
+
+        `validate` turns the decoded reply into the caller's result and raises ValueError when its shape is
+        wrong (fields missing, wrong types, a wrong number of results): such a 200 is counted as an error and
+        retried on the next endpoint like a 5xx, never passed on as a judgement.
+        """
         import httpx
 
         first = next(self._next)  # round-robin start; a retry moves on to the next endpoint
@@ -47,10 +56,10 @@ class EndpointPool:
             try:
                 response = self.client.post(url, json=body, headers=self.headers)
                 response.raise_for_status()
-                return response.json()
+                return validate(response.json())
             except httpx.TimeoutException:
                 self.count("timeouts")
-            except (httpx.HTTPError, ValueError):  # connection refused, 5xx, a body that is not JSON
+            except (httpx.HTTPError, ValueError):  # connection refused, 5xx, a body not JSON or of a wrong shape
                 self.count("errors")
             if attempt < self.retries:
                 self.count("retries")
@@ -68,7 +77,9 @@ class EndpointPool:
 
 class RemoteHelpfulnessScorer:
     """A helpfulness RM behind `saferl serve rm`: batched POST /v1/score, `score(pairs) -> scores` like
-    HelpfulnessScorer. When every try fails the batch gets `fallback_score`, or the error is raised (None)."""
+    HelpfulnessScorer. When every try fails the batch gets `fallback_score`, or the error is raised (None).
+    `score_with_fallbacks` marks each stand-in score, so the reward can tell it from a judgement (the hybrid
+    recipe caps a fallback-scored rollout at the refusal cap)."""
 
     def __init__(self, urls: list[str], *, token_env: str = "SAFERL_RM_TOKEN", timeout_s: float = 60.0,
                  retries: int = 3, backoff_s: float = 0.5, fallback_score: float | None = None,
@@ -78,19 +89,24 @@ class RemoteHelpfulnessScorer:
         self.fallback_score, self.batch_size = fallback_score, batch_size
 
     def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+        """One score per pair, fallbacks included."""
+        return [s for s, _ in self.score_with_fallbacks(pairs)]
+
+    def score_with_fallbacks(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[tuple[float, bool]]:
+        """(score, is the fallback) per pair."""
         chunks = [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         return [s for chunk in self.endpoints.threads.map(self._score_batch, chunks) for s in chunk]
 
-    def _score_batch(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
+    def _score_batch(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[tuple[float, bool]]:
         body = {"items": [{"messages": messages, "response": answer} for messages, answer in pairs]}
-        reply = self.endpoints.post("/v1/score", body)
-        if reply is not None and len(reply.get("scores", [])) == len(pairs):
-            return [float(x) for x in reply["scores"]]
+        scores = self.endpoints.post("/v1/score", body, lambda reply: score_reply(reply, len(pairs)))
+        if scores is not None:
+            return [(s, False) for s in scores]
         self.endpoints.count("fallbacks", len(pairs))
         if self.fallback_score is None:
             raise RuntimeError(f"reward-model endpoints {self.endpoints.urls} failed; set helpfulness.fallback_score "
-                               "to keep training with a neutral score instead")
-        return [self.fallback_score] * len(pairs)
+                               "to keep training with a stand-in score instead")
+        return [(self.fallback_score, True)] * len(pairs)
 
     def stats(self) -> dict[str, int]:
         return self.endpoints.stats()
@@ -100,3 +116,13 @@ class RemoteHelpfulnessScorer:
 
     def ready(self) -> bool:
         return True
+
+
+def score_reply(reply: Any, n: int) -> list[float]:
+    """The scores of a /v1/score reply, `{"scores": [n finite numbers]}`; ValueError for any other shape."""
+    scores = reply.get("scores") if isinstance(reply, dict) else None
+    if not isinstance(scores, list) or len(scores) != n:
+        raise ValueError(f"expected {{'scores': [{n} numbers]}}, got {str(reply)[:200]}")
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in scores):
+        raise ValueError(f"scores must be finite numbers, got {str(scores)[:200]}")
+    return [float(x) for x in scores]

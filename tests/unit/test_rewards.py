@@ -91,8 +91,10 @@ def test_components_and_metrics():
         "controversial_rate": 0.5,
         "refusal_rate": 0.25,
         "parse_failures": 1.0,
+        "guard_fallbacks": 0.0,
         "reward_mean": -10.0,
         "helpfulness_mean": 1.0,
+        "helpfulness_fallbacks": 0.0,
     }
     loose = hybrid(inputs, LOOSE)
     # Loose: 0 -> H = 1, 1 -> -10, 2 -> refusal min(-5, 3) = -5, 3 -> H = -2; mean = -16 / 4 = -4
