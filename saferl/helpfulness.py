@@ -70,11 +70,11 @@ class HelpfulnessScorer:
         self.compute_intervals.append((start, time.time()))
         return scores
 
-    def stats(self) -> dict[str, int]:
     def score_with_fallbacks(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[tuple[float, bool]]:
         """`score` as (score, False) pairs: a hosted model never stands in (RemoteHelpfulnessScorer can)."""
         return [(s, False) for s in self.score(pairs)]
 
+    def stats(self) -> dict[str, int]:
         return {"truncated": self.truncated}
 
     def pop_compute(self) -> list[tuple[float, float]]:
