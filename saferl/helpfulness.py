@@ -52,8 +52,9 @@ class HelpfulnessScorer:
         self.max_length = max_length
         overhead = template_size(lambda m: len(_chat_ids(self.tokenizer, m)), response=True)
         if overhead > max_length:
-            raise ValueError(f"helpfulness.max_length={max_length} is shorter than the {overhead} tokens of "
-                             f"the RM's chat template around an empty prompt and answer ({model})")
+            raise ValueError(f"helpfulness.max_length (--max-model-len) {max_length} is shorter than the "
+                             f"{overhead} tokens of the RM's chat template around an empty prompt and answer "
+                             f"({model})")
         self.truncated = 0
         self.classifier = make_classifier(backend, model, dtype=dtype, batch_size=batch_size,
                                           max_model_len=max_length, gpu_memory_utilization=gpu_memory_utilization,

@@ -59,9 +59,10 @@ class GuardScorer:
         instruction = max(template_size(lambda m: len(_guard_ids(self.tokenizer, m)), response=r)
                           for r in (False, True))
         if instruction > self.max_prompt_tokens:
-            raise ValueError(f"guard.max_model_len={max_model_len} leaves {self.max_prompt_tokens} prompt "
-                             f"tokens after max_new_tokens={max_new_tokens}, fewer than the {instruction} "
-                             f"tokens of the guard's own instruction and format lines ({model})")
+            raise ValueError(f"guard.max_model_len (--max-model-len) {max_model_len} leaves "
+                             f"{self.max_prompt_tokens} prompt tokens after max_new_tokens={max_new_tokens}, "
+                             f"fewer than the {instruction} tokens of the guard's own instruction and format "
+                             f"lines ({model})")
         self.truncated = 0
         self.compute_intervals: list[tuple[float, float]] = []
         self.engine = make_engine(backend, model, dtype=dtype, max_model_len=max_model_len, seed=seed,

@@ -128,6 +128,7 @@ def test_garbage_guard_output_and_oversize_input_leave_training_running(toy_worl
         assert r["batch/groups"] == 4  # 4 prompts x 4 samples, none lost
         assert r["reward/parse_failures"] == 16 and r["reward/unsafe_rate"] == 1.0  # unparsable -> unsafe
         assert r["guard/truncated"] >= 16 * r["step"]  # cumulative count of cut inputs
+        assert r["rm/truncated"] == 0  # counted too; 1024 tokens hold every toy pair
     assert (tmp_path / "run" / "checkpoints" / "final").is_dir()
 
 
