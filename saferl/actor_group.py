@@ -13,34 +13,86 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from saferl.runtime import CPU_ENV
+from saferl.runtime import actor_env, has_gpu
 
 READY_TIMEOUT_S = 600.0
 
 
-def start_ray(address: str | None, num_cpus: int | None, temp_dir: str) -> dict[str, float]:
-    """Start (or join) Ray; returns the cluster's resources. Idempotent within a process."""
+def start_ray(address: str | None, num_cpus: int | None, temp_dir: str,
+              torch_threads: int = 0) -> dict[str, float]:
+    """Start (or join) Ray; returns the cluster's resources. Idempotent within a process.
+
+    A cluster `address` is probed first (`check_ray_address`), so one that nothing answers fails in seconds
+    instead of Ray's minutes of reconnecting. Its nodes are taken to have GPUs; a local Ray has them when this
+    machine does. `torch_threads` is `run.torch_threads`, applied to every actor (`saferl.runtime.actor_env`).
+    """
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback listeners; before import
     import ray
 
     if not ray.is_initialized():
         if address:
-            ray.init(address=address, runtime_env={"env_vars": _actor_env(gpu=True)}, log_to_driver=True)
+            check_ray_address(address)
+            ray.init(address=address, runtime_env={"env_vars": actor_env(torch_threads, True, os.environ)},
+                     log_to_driver=True)
         else:
             Path(temp_dir).mkdir(parents=True, exist_ok=True)
+            env = actor_env(torch_threads, has_gpu(), os.environ)
             ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                      _temp_dir=str(Path(temp_dir).resolve()), _node_ip_address="127.0.0.1",
-                     runtime_env={"env_vars": _actor_env(gpu=False)}, log_to_driver=True)
+                     runtime_env={"env_vars": env}, log_to_driver=True)
     return dict(ray.cluster_resources())
 
 
-def _actor_env(gpu: bool) -> dict[str, str]:
-    """Environment for actors: one thread each; the single-process vLLM settings only where there is no GPU."""
-    env = dict(CPU_ENV)
-    if gpu:
-        for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TORCHDYNAMO_DISABLE"):
-            env.pop(key)
-    return env
+RAY_PROBE_TIMEOUT_S = 10.0
+RAY_CLIENT_PORT = 10001  # the default port of `ray://` addresses (Ray Client server)
+
+
+def ray_endpoint(address: str) -> tuple[str, int]:
+    """The host and port that `ray.init(address)` connects to first.
+
+    `ray://host[:port]` is a Ray Client address (port 10001 by default); `auto` is the cluster this node runs
+    (RAY_ADDRESS, else the one `ray start` recorded); `host:port` is a GCS address, with localhost names turned
+    into this node's IP as Ray does. Raises ConnectionError naming the address when `auto` finds no cluster,
+    ValueError when the address has no port.
+    """
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address.startswith("ray://"):
+        host, sep, port = address[len("ray://"):].rstrip("/").rpartition(":")
+        if not sep:
+            host, port = port, str(RAY_CLIENT_PORT)
+    else:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        try:
+            resolved = canonicalize_bootstrap_address(address)
+        except ConnectionError as e:
+            raise ConnectionError(f"ray.address={address}: no Ray cluster runs on this node ({e}); start one "
+                                  "with `ray start --head`, or set ray.address to its ip:port") from None
+        except ValueError as e:
+            raise ValueError(f"ray.address={address}: not an address Ray understands ({e}); use auto, "
+                             "ip:port or ray://ip:port") from None
+        if resolved is None:  # "local": ray.init starts a new cluster
+            raise ValueError(f"ray.address={address}: leave ray.address null to start a local Ray")
+        host, _, port = resolved.rpartition(":")
+    if not port.isdigit() or not host:
+        raise ValueError(f"ray.address={address}: expected host:port, e.g. 10.0.0.5:6379 or "
+                         "ray://10.0.0.5:10001")
+    return host.strip("[]"), int(port)
+
+
+def check_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> None:
+    """Raise ConnectionError naming `address` unless something accepts a TCP connection at its host and port
+    within `timeout_s` (ray.init itself retries an absent cluster for minutes)."""
+    import socket
+
+    host, port = ray_endpoint(address)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        where = "" if address.endswith(f"{host}:{port}") else f" (connecting to {host}:{port})"
+        raise ConnectionError(f"ray.address={address}: no Ray cluster answers{where}: {e}. Start it "
+                              "(`ray start --head`) or fix ray.address") from None
 
 
 def check_resources(requests: dict[str, tuple[int, float, float]], available: dict[str, float]) -> None:

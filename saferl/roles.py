@@ -17,7 +17,7 @@ from saferl.guard.scorer import GuardScorer
 from saferl.helpfulness import HelpfulnessScorer
 from saferl.rollout.worker import RolloutWorker
 from saferl.runtime import check_model_dir
-from saferl.serving.client import RemoteHelpfulnessScorer
+from saferl.serving.client import EndpointPool, RemoteHelpfulnessScorer
 from saferl.trainer.policy import PolicyTrainer, connect_ranks
 
 
@@ -28,6 +28,25 @@ def resolve(ref: str, cfg: SafeRLConfig) -> str:
     from saferl.toyworld.build import ensure_built
 
     return str(ensure_built(cfg.toyworld).part(ref.split(":", 1)[1]))
+
+
+def check_endpoints(cfg: SafeRLConfig, timeout_s: float = 10.0) -> None:
+    """Health-check the remote guard and reward-model endpoints before anything else starts: ConnectionError
+    naming the URLs when none of a pool answers (a wrong URL would train a whole run on fallback verdicts), a
+    warning naming the dead ones otherwise. `saferl serve` and vLLM's OpenAI server both answer GET /health;
+    other OpenAI-compatible servers may only have /v1/models."""
+    g, h = cfg.guard, cfg.helpfulness
+    pools = []
+    if g.backend in ("http", "openai"):
+        pools.append((g.urls, g.token_env, ("/health",) if g.backend == "http" else ("/health", "/v1/models"),
+                      "guard", g.timeout_s))
+    if h.model is not None and h.backend == "http":
+        pools.append((h.urls, h.token_env, ("/health",), "helpfulness", h.timeout_s))
+    for urls, token_env, paths, what, request_timeout_s in pools:
+        pool = EndpointPool(list(urls), token_env=token_env, timeout_s=request_timeout_s, retries=0,
+                            backoff_s=0.0, concurrency=max(1, len(urls)), what=what)
+        for url, why in pool.check_health(paths, min(timeout_s, request_timeout_s)).items():
+            print(f"[saferl] warning: {what} endpoint {url} is down ({why}); training on the others", flush=True)
 
 
 @dataclasses.dataclass

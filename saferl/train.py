@@ -28,7 +28,7 @@ from saferl.data import PromptSampler, load_prompts
 from saferl.eval.metrics import before_after_table
 from saferl.eval.policy_eval import evaluate, ground_truth_metrics
 from saferl.placement import format_plan, plan, requests
-from saferl.roles import Roles, build_roles, resolve
+from saferl.roles import Roles, build_roles, check_endpoints, resolve
 from saferl.runtime import configure_process
 from saferl.scoring import generate_and_score
 from saferl.tracking import PhaseTimer, Tracker, step_timing
@@ -103,7 +103,8 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def train(cfg: SafeRLConfig) -> dict[str, Any]:
     """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation."""
-    configure_process()
+    configure_process(cfg.run.torch_threads)
+    check_endpoints(cfg)  # before the toy world, Ray or any actor starts
     from rewards import load_recipe
     from rewards.base import RewardRules
 
@@ -123,7 +124,8 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
     resume_from = prepare_run_dir(cfg)
     print(format_plan(cfg), flush=True)
     if cfg.run.executor == "ray":
-        check_resources(requests(plan(cfg)), start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir))
+        resources = start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir, cfg.run.torch_threads)
+        check_resources(requests(plan(cfg)), resources)
     roles = build_roles(cfg)
     try:
         return _loop(cfg, roles, recipe, rules, train_prompts, eval_prompts, Path(cfg.run.dir), resume_from)

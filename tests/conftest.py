@@ -1,16 +1,17 @@
 """Test set-up: offline, one thread per process, and the built toy world shared by the slow tests.
 
-The default toy world is built once into the project cache (`.cache/toyworld`, the same one `make train`
-uses), so a second `make test` or a `make train` after it reuses it.
+Offline and one thread are the test suite's choice (the same as the Makefile's), not the library's: SafeRL
+itself leaves the model hub on. The default toy world is built once into the project cache
+(`.cache/toyworld`, the same one `make train` uses), so a second `make test` or a `make train` after it
+reuses it.
 """
 
 import os
 
-from saferl.runtime import CPU_ENV
-
-for _key, _value in CPU_ENV.items():
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                     "WANDB_MODE": "disabled"}.items():
     os.environ.setdefault(_key, _value)
-os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 

@@ -190,4 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"saferl: error: {e}", file=sys.stderr)
         return 2
+    except ConnectionError as e:  # an endpoint or Ray cluster that nothing answers, checked before any work
+        print(f"saferl: error: {e}", file=sys.stderr)
+        return 3
 

@@ -29,7 +29,7 @@ class EndpointPool:
             raise ValueError(f"{what}.urls is empty: a remote {what} needs at least one endpoint")
         import httpx
 
-        self.urls = [u.rstrip("/") for u in urls]
+        self.urls, self.what = [u.rstrip("/") for u in urls], what
         token = os.environ.get(token_env)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.retries, self.backoff_s = retries, backoff_s
@@ -73,6 +73,34 @@ class EndpointPool:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counters)
+    def check_health(self, paths: tuple[str, ...], timeout_s: float) -> dict[str, str]:
+        """GET `paths` in turn on every endpoint (in parallel, `timeout_s` each); an endpoint is up when one
+        answers 2xx.
+
+        Returns {url: why} for the endpoints that are down, and raises ConnectionError naming every URL when
+        none is up: a run must not train on fallback verdicts because of a wrong URL.
+        """
+        import httpx
+
+        def why_down(url: str) -> str:
+            reasons = []
+            for path in paths:
+                try:
+                    response = self.client.get(url + path, headers=self.headers, timeout=timeout_s)
+                except httpx.HTTPError as e:
+                    reasons.append(f"GET {path}: {type(e).__name__} {e}".strip())
+                    continue
+                if response.is_success:
+                    return ""
+                reasons.append(f"GET {path}: HTTP {response.status_code}")
+            return "; ".join(reasons)
+
+        dead = {url: why for url, why in zip(self.urls, self.threads.map(why_down, self.urls)) if why}
+        if len(dead) == len(self.urls):
+            detail = "; ".join(f"{url} ({why})" for url, why in dead.items())
+            raise ConnectionError(f"none of {self.what}.urls answers its health check: {detail}. Start the "
+                                  f"{self.what} server(s) or fix {self.what}.urls")
+        return dead
 
 
 class RemoteHelpfulnessScorer:

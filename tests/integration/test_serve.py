@@ -153,7 +153,7 @@ def vllm_openai_server(toy_world, tmp_path_factory):
     """The real OpenAI-compatible vLLM server (`vllm serve`'s app) of the toy guard on loopback."""
     import httpx
 
-    from saferl.runtime import CPU_ENV
+    from saferl.runtime import actor_env
 
     port = _free_port()
     log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
@@ -163,7 +163,8 @@ def vllm_openai_server(toy_world, tmp_path_factory):
                              str(toy_world.part("guard")), "--served-model-name", "guard", "--host", "127.0.0.1",
                              "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
                              "--kv-cache-memory-bytes", str(64 << 20), "--no-enable-chunked-prefill"],
-                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env={**os.environ, **CPU_ENV})
+                            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **actor_env(0, False, os.environ)})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
