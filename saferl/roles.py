@@ -114,7 +114,7 @@ def build_roles(cfg: SafeRLConfig) -> Roles:
                              lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,
                              weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, minibatches=t.minibatches,
                              micro_batch_size=t.micro_batch_size, loss=t.loss, clip_low=t.clip_low,
-                             clip_high=t.clip_high, aggregation=t.aggregation, temperature=r.temperature,
+                             clip_high=t.clip_high, aggregation=t.aggregation, temperature=r.temperature, top_p=r.top_p,
                              dtype=t.dtype, kl_coef=t.kl_coef, entropy_coef=t.entropy_coef, lora_rank=t.lora.rank,
                              lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
                              lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed))

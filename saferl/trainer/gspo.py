@@ -1,4 +1,5 @@
-"""Pure policy-gradient losses over tensors: GSPO, GSPO-token and GRPO (PPO-clip), plus token log-probs.
+"""Pure policy-gradient losses over tensors: GSPO, GSPO-token and GRPO (PPO-clip), plus the sampler's token
+log-probs and entropy.
 
 Owns the maths of one policy update and nothing else: no model, optimizer or batch object. Shapes use
 B = sequences in the (mini)batch and T = response positions; `mask` is 1.0 on response tokens, 0.0 on padding.
@@ -22,6 +23,11 @@ Shortcuts and choices:
   holds there too.
 - Optional k3 KL to a reference policy and an entropy bonus use the same aggregation as the policy term
   (`seq-mean-token-mean` for `gspo`). Both default to off: GSPO is run with beta = 0.
+- pi is the distribution the rollout engine samples from: logits / temperature, renormalised over the top-p
+  nucleus (`nucleus_mask`, vLLM's rule), so the policy optimised is the behaviour policy. The nucleus is chosen
+  on the trainer's own logits (no gradient through the choice); a token whose cumulative mass lies within
+  float rounding of the boundary may fall on the other side than in the engine, which then moves that
+  position's normaliser by the token's probability.
 """
 
 from __future__ import annotations
@@ -212,14 +218,40 @@ def policy_loss(
     return loss, metrics
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of the actual next tokens under tempered logits.
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The tokens a top-p sampler may draw, by vLLM's rule (`apply_top_k_top_p_pytorch`; HF's TopPLogitsWarper
+    is the same): sort ascending, drop a token while the cumulative probability up to and including it is
+    <= 1 - top_p, always keep the most likely one.
+
+    Args:
+        logits: [..., V] float32 logits, already divided by the temperature.
+        top_p: nucleus mass in (0, 1]; 1 keeps every token.
+
+    Returns:
+        [..., V] bool, True on the kept tokens.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    ascending, order = logits.sort(dim=-1)
+    # 1 - top_p in float32, as vLLM computes it from its float32 top_p tensor: the same boundary to the last bit.
+    threshold = 1.0 - torch.tensor(top_p, dtype=torch.float32, device=logits.device)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= threshold
+    drop[..., -1] = False
+    return ~torch.empty_like(drop).scatter_(-1, order, drop)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """Log-probs of the actual next tokens under the sampler's distribution: tempered logits, renormalised over
+    the top-p nucleus.
 
     Args:
         logits: [B, T, V] model outputs for input_ids; position t predicts input_ids[:, t + 1].
         input_ids: [B, T] token ids.
-        temperature: the sampler's temperature; logits are divided by it first so pi_old matches the tempered
-            behaviour log-probs vLLM reports (`logprobs_mode="processed_logprobs"`).
+        temperature: the sampler's temperature; logits are divided by it first.
+        top_p: the sampler's nucleus mass; tokens outside the nucleus (`nucleus_mask`) get probability 0.
+            Together these give the processed behaviour log-probs vLLM reports
+            (`logprobs_mode="processed_logprobs"`), so pi_old and pi are the policy that sampled.
 
     Returns:
         [B, T - 1] float32 log p(input_ids[:, t + 1] | input_ids[:, :t + 1]).
@@ -232,6 +264,24 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
     # bf16 logits do not lose precision in the logsumexp.
     for row_logits, row_targets in zip(logits[:, :-1], targets, strict=True):
         row = row_logits.float() if temperature == 1.0 else row_logits.float() / temperature  # [T-1, V]
+        if top_p < 1.0:
+            # The target stays in the support: where this forward's rounding puts a sampled token just outside
+            # the nucleus the engine saw, its log-prob must stay finite (-inf would make the ratio NaN).
+            keep = nucleus_mask(row.detach(), top_p).scatter_(-1, row_targets, True)
+            row = row.masked_fill(~keep, float("-inf"))
         picked = row.gather(-1, row_targets).squeeze(-1)  # [T-1]
         rows.append(picked - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """Per-position entropy [...] of the sampler's distribution (logits [..., V] / temperature, over the top-p
+    nucleus), differentiable: the entropy of the policy that `token_logprobs` scores."""
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    if top_p >= 1.0:
+        logp = torch.log_softmax(scaled, dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+    keep = nucleus_mask(scaled.detach(), top_p)
+    logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+    # Outside the nucleus p log p = 0 * -inf: count it as 0, which also keeps the gradient finite.
+    return -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)

@@ -4,8 +4,8 @@ One `train_step` per rollout batch. Every rank receives the whole batch and the 
 it into `minibatches` optimizer steps, this rank's share of each, and micro-batches (`batching.assign`).
 pi_old is the policy before the step: for the first minibatch it is the live forward itself (so the ratio is
 exactly 1 there), for the later, off-policy ones it is recomputed without gradient before the first update.
-That is where GSPO's sequence-ratio clip acts. The rollout engine's own log-probs are only compared with
-pi_old, as a health metric.
+That is where GSPO's sequence-ratio clip acts. pi is the engine's sampling distribution (temperature and top-p
+nucleus, see gspo.py). The rollout engine's own log-probs are only compared with pi_old, as a health metric.
 
 Lifecycle: `PolicyTrainer(...)` loads the model on every rank; with several ranks, `address()` on rank 0
 names a rendezvous and `connect(address)` on all joins the process group and builds the engine (plain
@@ -26,7 +26,7 @@ import torch
 from saferl.rollout.weights import state_dict_blob
 from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer import batching, distributed, lora
-from saferl.trainer.gspo import policy_loss, token_logprobs, warn_if_misconfigured
+from saferl.trainer.gspo import policy_loss, token_entropy, token_logprobs, warn_if_misconfigured
 from saferl.types import TrainBatch
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -52,16 +52,18 @@ class PolicyTrainer:
                  zero_stage: int = 2, lr: float = 1e-4, lr_schedule: str = "constant", warmup_steps: int = 0,
                  total_steps: int = 1, weight_decay: float = 0.0, max_grad_norm: float = 1.0, minibatches: int = 2,
                  micro_batch_size: int = 16, loss: str = "gspo", clip_low: float = 3e-4, clip_high: float = 4e-4,
-                 aggregation: str = "seq-mean-token-mean", temperature: float = 1.0, dtype: str = "float32",
-                 kl_coef: float = 0.0, entropy_coef: float = 0.0, lora_rank: int = 0, lora_alpha: float = 32.0,
-                 lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj",
-                 "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0) -> None:
+                 aggregation: str = "seq-mean-token-mean", temperature: float = 1.0, top_p: float = 1.0,
+                 dtype: str = "float32", kl_coef: float = 0.0, entropy_coef: float = 0.0, lora_rank: int = 0,
+                 lora_alpha: float = 32.0, lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = (
+                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0) -> None:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_model_dir(model)
         if strategy not in ("torch", "deepspeed"):
             raise ValueError(f"trainer.strategy must be 'torch' or 'deepspeed', got {strategy!r}")
+        if dtype not in ("float32", "bfloat16"):  # float16 would need a loss scaler, which neither engine has
+            raise ValueError(f"trainer.dtype must be 'float32' or 'bfloat16', got {dtype!r}")
         self.rank, self.world_size, self.strategy, self.zero_stage = rank, world_size, strategy, zero_stage
         torch.manual_seed(seed)
         random.seed(seed)
@@ -87,7 +89,7 @@ class PolicyTrainer:
         self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
         self.minibatches, self.micro_batch_size = minibatches, micro_batch_size
         self.loss_kwargs = dict(mode=loss, clip_low=clip_low, clip_high=clip_high, aggregation=aggregation)
-        self.temperature = temperature
+        self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank: one permutation
         self.steps_done = 0
         self.engine: distributed.Engine | None = None
@@ -142,7 +144,8 @@ class PolicyTrainer:
         # Logit column j (of width + 1) predicts response token j; `token_logprobs` pairs column j with
         # target j + 1, so the targets get one leading placeholder.
         response_ids = padded.input_ids[:, -width:].to(device)
-        lp = token_logprobs(logits, torch.cat([response_ids[:, :1], response_ids], 1), self.temperature)
+        lp = token_logprobs(logits, torch.cat([response_ids[:, :1], response_ids], 1), self.temperature,
+                            self.top_p)
         return lp, padded.response_mask.to(device), logits[:, :-1]
 
     @torch.no_grad()
@@ -158,7 +161,9 @@ class PolicyTrainer:
         """One GSPO/GRPO update over a rollout batch (every rank gets the whole batch).
 
         Returns this rank's metrics: loss terms, clip fractions, ratio mean/max, entropy, KL, gradient norm,
-        learning rate, tokens and tokens/s.
+        learning rate, tokens and tokens/s, with the counts `merge_rank_metrics` weights them by: `loss_terms`
+        (micro-batch losses averaged; 0 on a rank that held only padding, which then reports no loss metrics),
+        `tokens` and `rollout_logprob_tokens` (the first minibatch's tokens, compared with the engine's).
         """
         if self.engine is None:
             raise RuntimeError("PolicyTrainer.connect() must run before train_step()")
@@ -174,7 +179,7 @@ class PolicyTrainer:
             old = {id(m): self._forward(batch, m, model=self._unwrapped())[0] for _, micros in steps[1:]
                    for m in micros}
         sums: dict[str, float] = {}
-        terms, grad_norms, ratio_max = 0, [], 1.0
+        terms, grad_norms, ratio_max = 0, [], -math.inf
         tokens = entropy = mismatch = first_tokens = 0.0
         for index, (rows, micros) in enumerate(steps):
             global_count = max(1.0, batching.loss_count(
@@ -184,7 +189,7 @@ class PolicyTrainer:
                 lp, mask, logits = self._forward(batch, micro, last=last)
                 old_lp = lp.detach() if index == 0 else old.pop(id(micro))
                 # The entropy bonus needs the per-token entropy with its gradient; otherwise it is only a metric.
-                bonus = _entropy(logits, self.temperature) if self.entropy_coef > 0 else None
+                bonus = token_entropy(logits, self.temperature, self.top_p) if self.entropy_coef > 0 else None
                 loss, m = policy_loss(lp, old_lp, advantages[micro.rows].to(lp.device), mask, **self.loss_kwargs,
                                       kl_coef=self.kl_coef, ref_logprobs=self._reference_logprobs(batch, micro),
                                       entropy=bonus, entropy_coef=self.entropy_coef)
@@ -192,7 +197,7 @@ class PolicyTrainer:
                 # Weighted by its share of the minibatch, summed over micro-batches and ranks (see batching.py).
                 self.engine.backward(loss * (local_count / global_count) * self.world_size, last)
                 with torch.no_grad():
-                    per_token = bonus if bonus is not None else _entropy(logits, self.temperature)
+                    per_token = bonus if bonus is not None else token_entropy(logits, self.temperature, self.top_p)
                     entropy += float((per_token * mask).sum())
                     tokens += float(mask.sum())
                     if index == 0:
@@ -205,9 +210,10 @@ class PolicyTrainer:
                     terms += 1
                 del logits, lp, loss
             grad_norms.append(self.engine.step(lr))
-        metrics = {k: v / max(1, terms) for k, v in sums.items()}
-        metrics.update(ratio_max=ratio_max, grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, tokens=tokens,
-                       entropy=entropy / max(1.0, tokens), rollout_logprob_abs_diff=mismatch / max(1.0, first_tokens),
+        metrics = {k: v / terms for k, v in sums.items()} | ({"ratio_max": ratio_max} if terms else {})
+        metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, loss_terms=float(terms), tokens=tokens,
+                       entropy=entropy / max(1.0, tokens), rollout_logprob_tokens=first_tokens,
+                       rollout_logprob_abs_diff=mismatch / max(1.0, first_tokens),
                        tokens_per_s=tokens / max(1e-9, time.time() - start))
         self.compute_intervals.append((start, time.time()))
         return metrics
@@ -217,7 +223,7 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def sequence_logprobs(self, batch: TrainBatch) -> list[list[float]]:
-        """Log-probs of each response token under the current weights (at the sampling temperature)."""
+        """Log-probs of each response token under the current weights (at the sampling temperature and top-p)."""
         micro = batching.MicroBatch(list(range(len(batch.input_ids))), [False] * len(batch.input_ids))
         lp, mask, _ = self._forward(batch, micro, model=self._unwrapped())
         return [lp[i][mask[i].bool()].tolist() for i in range(len(batch.input_ids))]
@@ -283,13 +289,6 @@ class PolicyTrainer:
         return self.steps_done
 
 
-def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-position entropy [b, C] of the tempered distribution from logits [b, C, V] (differentiable)."""
-    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
-    logp = torch.log_softmax(scaled, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def _engine_mismatch(old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch, micro: batching.MicroBatch) -> float:
     """Sum over response tokens of |trainer log-prob - rollout engine log-prob| (0 where none was given)."""
     behaviour = torch.zeros_like(old)
@@ -307,14 +306,31 @@ def connect_ranks(group: Any) -> None:
     group.call("connect", address)
 
 
-def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    """One value per metric across data-parallel ranks: summed counts, the max of maxima, else the mean.
+# What a rank metric is a mean over: merged means are weighted by it, so a rank whose share was only padding
+# (count 0) does not pull them towards its zeros. Unlisted metrics (pg_loss, clip fractions, ratio_mean, kl, and
+# grad_norm and lr, which every rank shares) are means over the rank's micro-batch loss terms.
+MEAN_OVER = {"entropy": "tokens", "rollout_logprob_abs_diff": "rollout_logprob_tokens"}
+SUMMED = ("loss_terms", "tokens", "rollout_logprob_tokens", "tokens_per_s")
 
-    A rank whose share was only dummy rows reports no loss terms; the others' values stand for them.
+
+def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One value per metric across data-parallel ranks: counts (and tokens/s) summed, the max of maxima, every
+    other metric the mean over all ranks' tokens or loss terms (`MEAN_OVER`) - as one rank would report it.
+
+    A rank whose share was only dummy rows has no loss terms and reports no loss metrics. Where no rank has any
+    count (every response empty) a mean falls back to the plain mean over ranks.
     """
     merged = {}
     for key in dict.fromkeys(k for m in per_rank for k in m):
-        values = [m[key] for m in per_rank if key in m]
-        merged[key] = (sum(values) if key in ("tokens", "tokens_per_s") else max(values) if key.endswith("_max")
-                       else sum(values) / len(values))
+        ranks = [m for m in per_rank if key in m]
+        values = [m[key] for m in ranks]
+        if key in SUMMED:
+            merged[key] = sum(values)
+        elif key.endswith("_max"):
+            merged[key] = max(values)
+        else:
+            weights = [m[MEAN_OVER.get(key, "loss_terms")] for m in ranks]
+            total = sum(weights)
+            merged[key] = (sum(w * v for w, v in zip(weights, values)) / total if total > 0
+                           else sum(values) / len(values))
     return merged

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from saferl.trainer.gspo import policy_loss, token_logprobs, warn_if_misconfigured
+from saferl.trainer.gspo import nucleus_mask, policy_loss, token_entropy, token_logprobs, warn_if_misconfigured
 
 
 def _grad(loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +219,80 @@ def test_token_logprobs_matches_log_softmax_and_keeps_grad():
     ref = torch.log_softmax(logits[:, :-1] / 0.8, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(out, ref)
     assert out.requires_grad
+
+
+# ---- the sampler's distribution under top-p ----------------------------------------------------------------------
+# Probabilities 0.15, 0.5, 0.05, 0.3 over a vocabulary of 4, in shuffled order so the mask has to be put back
+# where the tokens are. Ascending: 0.05 (id 2), 0.15 (id 0), 0.3 (id 3), 0.5 (id 1); cumulative 0.05, 0.2, 0.5, 1.
+_PROBS = [0.15, 0.5, 0.05, 0.3]
+
+
+@pytest.mark.parametrize("top_p, kept", [
+    (1.0, [True, True, True, True]),
+    (0.85, [True, True, False, True]),   # 1 - p = 0.15: drops 0.05 (cum 0.05); 0.15 + 0.3 + 0.5 = 0.95 >= 0.85
+    (0.75, [False, True, False, True]),  # 1 - p = 0.25: drops 0.05, 0.15 (cum 0.2); 0.3 + 0.5 = 0.8 >= 0.75
+    (0.4, [False, True, False, False]),  # 1 - p = 0.6: only 0.5 is left, and it reaches 0.4
+    (0.01, [False, True, False, False]),  # the most likely token is always kept
+])
+def test_nucleus_mask_keeps_the_smallest_set_reaching_top_p(top_p, kept):
+    logits = torch.tensor(_PROBS).log().repeat(2, 1, 1)  # [2, 1, 4]: any leading shape
+    assert nucleus_mask(logits, top_p).tolist() == [[kept]] * 2
+
+
+def test_token_logprobs_renormalise_over_the_nucleus():
+    """The engine's processed log-probs: tempered, outside the nucleus dropped, renormalised over the rest."""
+    logits = torch.tensor(_PROBS).log().expand(1, 5, 4)
+    ids = torch.tensor([[0, 1, 3, 1, 2]])  # targets 1, 3, 1, 2 at positions 0..3
+    out = token_logprobs(logits, ids, temperature=1.0, top_p=0.75)
+    # Nucleus {1: 0.5, 3: 0.3}, mass 0.8: log(0.5 / 0.8) = -0.4700036, log(0.3 / 0.8) = -0.9808293.
+    # Target 2 (p 0.05) lies outside the nucleus: it is kept in the support so its log-prob stays finite,
+    # over {1, 3, 2}, mass 0.85: log(0.05 / 0.85) = -2.8332133.
+    torch.testing.assert_close(out, torch.tensor([[-0.4700036, -0.9808293, -0.4700036, -2.8332133]]))
+    # Temperature first: T = 0.5 squares the probabilities, 0.0225, 0.25, 0.0025, 0.09 (sum 0.365), i.e. 0.061644,
+    # 0.684932, 0.006849, 0.246575. top_p 0.9 (1 - p = 0.1): cumulative 0.006849, 0.068493 dropped, 0.315068
+    # kept -> nucleus {1, 3}, mass 0.34: log(0.25 / 0.34) = -0.3074847, log(0.09 / 0.34) = -1.3291360.
+    out = token_logprobs(logits, ids, temperature=0.5, top_p=0.9)
+    torch.testing.assert_close(out[0, :2], torch.tensor([-0.3074847, -1.3291360]))
+
+
+def test_token_logprobs_top_p_keeps_the_gradient_finite_and_inside_the_nucleus():
+    """The gradient of a log-prob flows to the nucleus logits only; a target outside it gives no NaN."""
+    logits = torch.tensor(_PROBS).log().expand(1, 3, 4).clone().requires_grad_(True)
+    ids = torch.tensor([[0, 1, 2]])  # target 1 (in the nucleus), then 2 (outside it)
+    (g,) = torch.autograd.grad(token_logprobs(logits, ids, top_p=0.75).sum(), logits)
+    # d log q_1 / d z = onehot(1) - q over the nucleus {1: 0.625, 3: 0.375}; 0 on dropped tokens.
+    torch.testing.assert_close(g[0, 0], torch.tensor([0.0, 0.375, 0.0, -0.375]))
+    # Target 2 over {1, 2, 3}, mass 0.85: onehot(2) - (0.5, 0.05, 0.3) / 0.85.
+    torch.testing.assert_close(g[0, 1], torch.tensor([0.0, -0.5882353, 1 - 0.0588235, -0.3529412]))
+    assert torch.isfinite(g).all()
+
+
+def test_token_entropy_is_the_entropy_of_the_nucleus():
+    """Entropy of the distribution the sampler draws from, with a finite gradient that stays in the nucleus."""
+    logits = torch.tensor(_PROBS).log().expand(2, 4).clone().requires_grad_(True)
+    # Full: -(0.15 ln 0.15 + 0.5 ln 0.5 + 0.05 ln 0.05 + 0.3 ln 0.3) = 1.1421247
+    torch.testing.assert_close(token_entropy(logits), torch.tensor([1.1421247] * 2))
+    # Nucleus at top_p 0.75: {0.625, 0.375} -> -(0.625 ln 0.625 + 0.375 ln 0.375) = 0.6615632
+    ent = token_entropy(logits, top_p=0.75)
+    torch.testing.assert_close(ent, torch.tensor([0.6615632] * 2))
+    (g,) = torch.autograd.grad(ent.sum(), logits)
+    assert torch.isfinite(g).all() and (g[:, [0, 2]] == 0).all() and (g[:, [1, 3]] != 0).all()
+
+
+def test_token_logprobs_agree_with_the_hf_engines_processed_logprobs():
+    """The trainer and the HF rollout engine apply the same temperature and nucleus: on tokens drawn from the
+    engine's distribution (random logits) the two log-probs agree."""
+    from saferl.engines import processed_logprobs
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 9, 40, generator=gen) * 2
+    for temperature, top_p in ((1.0, 0.9), (0.7, 0.5), (1.3, 0.95)):
+        engine = processed_logprobs(logits[:, :-1].reshape(-1, 40), temperature, top_p)  # [24, 40]
+        drawn = torch.multinomial(engine.exp(), 1, generator=gen).view(3, 8)
+        ids = torch.cat([torch.zeros(3, 1, dtype=torch.long), drawn], 1)
+        expected = engine.gather(-1, drawn.view(-1, 1)).view(3, 8)
+        assert (engine == float("-inf")).any()  # the nucleus really drops tokens
+        torch.testing.assert_close(token_logprobs(logits, ids, temperature, top_p), expected)
 
 
 def _grpo_padded_example():

@@ -72,19 +72,20 @@ def test_lr_unknown_schedule_raises_even_during_warmup():
 
 
 def test_merge_rank_metrics_sums_counts_maxes_maxima_and_averages_the_rest():
-    """tokens and tokens_per_s are summed over ranks, *_max keys take the max, everything else the mean."""
+    """Counts and tokens_per_s are summed over ranks, *_max keys take the max, means are weighted by their count."""
     per_rank = [
-        {"tokens": 10.0, "tokens_per_s": 100.0, "ratio_max": 1.2, "pg_loss": 0.5, "grad_norm": 1.0,
-         "clip_frac_high": 0.1, "lr": 1e-4},
-        {"tokens": 30.0, "tokens_per_s": 50.0, "ratio_max": 1.5, "pg_loss": -0.1, "grad_norm": 3.0,
-         "clip_frac_high": 0.3, "lr": 1e-4},
+        {"loss_terms": 1.0, "tokens": 10.0, "tokens_per_s": 100.0, "ratio_max": 1.2, "pg_loss": 0.5,
+         "grad_norm": 1.0, "clip_frac_high": 0.1, "lr": 1e-4},
+        {"loss_terms": 1.0, "tokens": 30.0, "tokens_per_s": 50.0, "ratio_max": 1.5, "pg_loss": -0.1,
+         "grad_norm": 3.0, "clip_frac_high": 0.3, "lr": 1e-4},
     ]
     merged = merge_rank_metrics(per_rank)
     assert merged == pytest.approx({
+        "loss_terms": 2.0,
         "tokens": 40.0,           # 10 + 30
         "tokens_per_s": 150.0,    # 100 + 50: the throughput of all ranks together
         "ratio_max": 1.5,         # max(1.2, 1.5)
-        "pg_loss": 0.2,           # (0.5 - 0.1) / 2
+        "pg_loss": 0.2,           # (0.5 - 0.1) / 2: one loss term each
         "grad_norm": 2.0,         # (1 + 3) / 2
         "clip_frac_high": 0.2,    # a fraction, not a maximum: (0.1 + 0.3) / 2
         "lr": 1e-4,
@@ -93,25 +94,42 @@ def test_merge_rank_metrics_sums_counts_maxes_maxima_and_averages_the_rest():
 
 
 def test_merge_rank_metrics_single_rank_is_identity():
-    """With one rank every metric passes through unchanged."""
-    one = {"tokens": 7.0, "ratio_max": 1.01, "kl": 0.003, "tokens_per_s": 12.5}
+    """With one rank every metric passes through unchanged, with counts or without any (all responses empty)."""
+    one = {"loss_terms": 2.0, "tokens": 7.0, "ratio_max": 1.01, "kl": 0.003, "tokens_per_s": 12.5, "entropy": 1.5,
+           "rollout_logprob_tokens": 4.0, "rollout_logprob_abs_diff": 0.01}
     assert merge_rank_metrics([one]) == one
+    empty = {"loss_terms": 0.0, "tokens": 0.0, "entropy": 0.0, "grad_norm": 0.0, "lr": 1e-4,
+             "rollout_logprob_tokens": 0.0, "rollout_logprob_abs_diff": 0.0, "tokens_per_s": 0.0}
+    assert merge_rank_metrics([empty]) == empty
 
 
-def test_merge_rank_metrics_with_a_rank_that_only_ran_dummy_rows():
-    """Ranks whose whole share was dummy rows report no loss terms; the merge averages over those that do."""
+def test_merge_rank_metrics_with_ranks_that_only_ran_dummy_rows():
+    """Ranks whose whole share was dummy rows count for nothing in a mean: each metric is the mean over all ranks'
+    tokens or loss terms, as one rank holding the whole batch would report it."""
     # 2 samples over 4 ranks: ranks 2 and 3 get only a dummy row (nothing to train on) in their one step.
     for rank in (2, 3):
         steps = assign(2, 1, 4, rank, 16, torch.Generator().manual_seed(0))
         assert all(e for _, micros in steps for m in micros for e in m.empty)
-    trained = {"pg_loss": 0.4, "clip_frac": 0.0, "ratio_mean": 1.0, "ratio_max": 1.0, "grad_norm": 0.5,
-               "lr": 1e-4, "tokens": 5.0, "entropy": 2.0, "rollout_logprob_abs_diff": 0.0, "tokens_per_s": 10.0}
-    dummy = {"ratio_max": 1.0, "grad_norm": 0.5, "lr": 1e-4, "tokens": 0.0, "entropy": 0.0,
-             "rollout_logprob_abs_diff": 0.0, "tokens_per_s": 0.0}  # what train_step returns with no real row
-    trained_2 = {**trained, "pg_loss": 0.2, "tokens": 3.0}
+    trained = {"pg_loss": 0.4, "clip_frac": 0.5, "ratio_mean": 1.2, "ratio_max": 1.3, "grad_norm": 0.5, "lr": 1e-4,
+               "loss_terms": 2.0, "tokens": 6.0, "entropy": 2.0, "rollout_logprob_tokens": 4.0,
+               "rollout_logprob_abs_diff": 0.1, "tokens_per_s": 10.0}
+    trained_2 = {**trained, "pg_loss": 0.1, "clip_frac": 0.2, "ratio_mean": 0.9, "ratio_max": 1.1,
+                 "loss_terms": 1.0, "tokens": 2.0, "entropy": 1.0, "rollout_logprob_tokens": 1.0,
+                 "rollout_logprob_abs_diff": 0.6, "tokens_per_s": 4.0}
+    # What train_step returns with no real row: counts 0, no loss metrics, zeros for the per-token means.
+    dummy = {"grad_norm": 0.5, "lr": 1e-4, "loss_terms": 0.0, "tokens": 0.0, "entropy": 0.0,
+             "rollout_logprob_tokens": 0.0, "rollout_logprob_abs_diff": 0.0, "tokens_per_s": 0.0}
     merged = merge_rank_metrics([trained, trained_2, dummy, dummy])
-    assert merged["pg_loss"] == pytest.approx(0.3)  # (0.4 + 0.2) / 2
-    assert merged["tokens"] == 8.0
+    assert merged == pytest.approx({
+        "pg_loss": (2 * 0.4 + 1 * 0.1) / 3,         # 0.3, over 3 loss terms (a plain mean of ranks: 0.25)
+        "clip_frac": (2 * 0.5 + 1 * 0.2) / 3,       # 0.4
+        "ratio_mean": (2 * 1.2 + 1 * 0.9) / 3,      # 1.1
+        "ratio_max": 1.3,
+        "grad_norm": 0.5, "lr": 1e-4,
+        "loss_terms": 3.0, "tokens": 8.0, "rollout_logprob_tokens": 5.0, "tokens_per_s": 14.0,
+        "entropy": (6 * 2.0 + 2 * 1.0) / 8,         # 1.75 per token (with the dummies' zeros: 0.75)
+        "rollout_logprob_abs_diff": (4 * 0.1 + 1 * 0.6) / 5,  # 0.2 per token (with the zeros: 0.175)
+    })
 
 
 # ---- select_groups / n_informative / trained_metrics ------------------------------------------------------------
