@@ -1,6 +1,5 @@
 """The built toy world: acceptance metrics, cache reuse, plain HF loading, the guard's exact output format."""
 
-import json
 import re
 import time
 
@@ -18,10 +17,17 @@ RESPONSE_FORMAT = re.compile(rf"Safety: (Safe|Unsafe|Controversial)\nCategories:
 
 
 def test_built_world_meets_its_targets(toy_world):
-    metrics = json.loads((toy_world.root / "metrics.json").read_text())
-    for key, (lo, hi) in TARGETS.items():
-        assert lo <= metrics[key] <= hi, f"{key}={metrics[key]:.3f} outside [{lo}, {hi}]"
-    assert metrics["build_seconds"] < 300
+    """Measured now on the models on disk (not read from metrics.json, which an earlier build wrote): the guard
+    on every fourth held-out prompt (560 verdicts), the RM and the policy (2 samples) on all 640."""
+    from saferl.data import load_prompts
+    from saferl.toyworld.evaluate import evaluate_guard, evaluate_policy, evaluate_reward_model, missed_targets
+
+    prompts = load_prompts(toy_world.part("heldout"))
+    metrics = {**evaluate_guard(str(toy_world.part("guard")), prompts[::4]),
+               **evaluate_reward_model(str(toy_world.part("reward_model")), prompts),
+               **evaluate_policy(str(toy_world.part("policy")), prompts, seed=0)}
+    assert metrics["guard_items"] == 560 and set(TARGETS) <= set(metrics)
+    assert missed_targets(metrics) == [], metrics
 
 
 def test_second_build_reuses_the_cache(toy_world):
@@ -33,7 +39,7 @@ def test_second_build_reuses_the_cache(toy_world):
 
 def test_changed_config_changes_the_cache_key():
     a = load_config(None).toyworld
-    b = load_config(None, ["toyworld.guard_sft.steps=10"]).toyworld
+    b = load_config(None, ["toyworld.guard_sft.steps=30"]).toyworld
     c = load_config(None, ["toyworld.cache_dir=/elsewhere"]).toyworld
     assert world_key(a) != world_key(b)
     assert world_key(a) == world_key(c)
