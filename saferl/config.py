@@ -416,6 +416,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
         "harmful_unsafe", "harmful_refusal", "benign_refusal", "controversial_comply")},
     "toyworld.vocab_size": (AT_LEAST_ONE, ""),
     "ray.num_cpus": (AT_LEAST_ONE, "or null for all of this machine's"),
+    "run.torch_threads": (COUNT, "0 = automatic"),
     "data.prompts_per_step": (AT_LEAST_ONE, ""),
     "rollout.num_engines": (AT_LEAST_ONE, ""),
     "rollout.samples_per_prompt": (Bound(2), "a group of one sample has no group advantage"),

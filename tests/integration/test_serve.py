@@ -196,6 +196,18 @@ def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server,
                               "truncated": 0}
 
 
+def test_both_servers_pass_the_start_health_check(servers, vllm_openai_server, monkeypatch):
+    """`saferl train` health-checks remote endpoints first: `saferl serve` (token set) and vLLM's OpenAI server
+    both answer the first path tried, GET /health."""
+    from saferl.serving.client import EndpointPool
+
+    monkeypatch.setenv("SAFERL_GUARD_TOKEN", TOKEN)
+    urls = [servers["guard"], servers["rm"], vllm_openai_server]
+    pool = EndpointPool(urls, token_env="SAFERL_GUARD_TOKEN", timeout_s=10.0, retries=0, backoff_s=0.0,
+                        concurrency=3, what="guard")
+    assert pool.check_health(("/health",), timeout_s=10.0) == {}
+
+
 def test_training_with_the_guard_and_rm_behind_http(toy_world, servers, tmp_path, monkeypatch):
     """guard.backend=http and helpfulness.backend=http: a 2-step run scores through `saferl serve guard|rm`.
     The guard pool also holds an endpoint that accepts connections and never answers: its requests time out,

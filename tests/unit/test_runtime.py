@@ -114,3 +114,10 @@ def test_train_applies_run_torch_threads_to_the_driver(restore_threads, monkeypa
     with pytest.raises(Stop):
         saferl.train.train(load_config(None, ["run.torch_threads=2"]))
     assert torch.get_num_threads() == 2
+
+
+def test_a_negative_thread_count_is_refused_at_load():
+    from saferl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"'run.torch_threads' must be >= 0 \(0 = automatic\), got -1"):
+        load_config(None, ["run.torch_threads=-1"])
