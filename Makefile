@@ -2,6 +2,8 @@
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 PY := .venv/bin/python
+# Offline hub and one torch thread per process are this CPU contract's choice: SafeRL itself sets neither
+# (run.torch_threads=0 pins one thread only where there is no GPU; GPU clusters download from the hub).
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
