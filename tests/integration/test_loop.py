@@ -99,16 +99,44 @@ def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
     assert len(out[0][0].token_ids) == 4
 
 
-def test_two_gspo_steps_in_one_process(toy_world, tmp_path):
+def test_two_gspo_steps_in_one_process(toy_world, tmp_path, monkeypatch):
+    import torch
+
+    import saferl.train
     from saferl.train import train
+    from saferl.trainer.advantages import zero_variance_groups
 
     # Groups with equal rewards are dropped and one refill round tops the batch up; a checkpoint every step.
+    # The driver's selection is recorded, so the test sees what was dropped, refilled and trained on.
+    selections = []
+    select = saferl.train.select_groups
+
+    def recording_select(rounds, group_size, drop, max_groups):
+        trained = select(rounds, group_size, drop, max_groups)
+        selections.append((list(rounds), trained))
+        return trained
+
+    monkeypatch.setattr(saferl.train, "select_groups", recording_select)
     train(_cfg(toy_world, tmp_path, "run.executor=local", "rollout.num_engines=2",
                "trainer.drop_zero_variance_groups=true", "rollout.refill_rounds=1", "checkpoint.every=1"))
     _check_run(tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    for r in (r for r in rows if "batch/groups" in r):
-        assert 1 <= r["batch/rounds"] <= 2 and r["batch/groups"] <= 4
+    steps = [r for r in rows if "batch/groups" in r]
+    assert len(selections) == len(steps) == 2
+    refilled = 0
+    for r, (rounds, trained) in zip(steps, selections):
+        flat = [zero_variance_groups(torch.tensor(s.rewards.total), 4).tolist() for s in rounds]
+        informative = [sum(not f for f in round_flat) for round_flat in flat]
+        assert r["batch/rounds"] == len(rounds) == (2 if informative[0] < 4 else 1)  # refilled iff one dropped
+        if len(rounds) == 2:
+            assert len(rounds[1].rollouts) == 4 * (4 - informative[0])  # a fresh prompt per dropped group
+            refilled += 1
+        assert r["batch/groups"] == min(4, sum(informative)) == len(trained.rollouts) / 4
+        kept = {id(x) for s, round_flat in zip(rounds, flat) for g, f in enumerate(round_flat) if not f
+                for x in s.rollouts[4 * g: 4 * g + 4]}
+        assert {id(x) for x in trained.rollouts} <= kept  # only groups whose rewards differ are trained on
+        assert not zero_variance_groups(torch.tensor(trained.rewards.total), 4).any()
+    assert refilled >= 1, "no group was dropped: the refill path never ran"
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "final"
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "saferl_state.json").is_file()
 
