@@ -68,6 +68,10 @@ def test_two_ranks_over_gloo_equal_one_rank(toy_world, strategy, zero_stage):
     merged = merge_rank_metrics(per_rank)
     assert merged["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-5)
     assert merged["tokens"] == single["tokens"]
+    # Per-token means over ranks holding different numbers of tokens merge to the one-rank value (#14.6).
+    assert per_rank[0]["tokens"] != per_rank[1]["tokens"]
+    for key in ("entropy", "rollout_logprob_abs_diff"):
+        assert merged[key] == pytest.approx(single[key], rel=1e-4), key
 
 
 def test_lora_trains_adapters_and_exports_merged_or_adapter(toy_world, tmp_path):
@@ -114,3 +118,31 @@ def test_entropy_bonus_alone_raises_entropy(toy_world):
     second = trainer.train_step(batch)
     assert first["pg_loss"] == 0.0
     assert second["entropy"] > first["entropy"] + 1e-3, (first["entropy"], second["entropy"])
+
+
+def test_trainer_logprobs_match_vllm_under_top_p(toy_world):
+    """With rollout.top_p 0.9 vLLM reports processed log-probs (renormalised over the nucleus): the trainer's pi is
+    that same distribution, token for token. Temperature alone (the trainer before #14.2, top_p=1 here) is not."""
+    from saferl.data import load_prompts
+    from saferl.rollout.worker import RolloutWorker
+    from saferl.trainer.policy import PolicyTrainer
+
+    policy = str(toy_world.part("policy"))
+    prompts = load_prompts(toy_world.part("heldout"))[::80]
+    rollouts = RolloutWorker(policy).generate(prompts, 2, top_p=0.9, seed=7)
+    batch = TrainBatch([r.prompt_ids + r.response_ids for r in rollouts], [len(r.prompt_ids) for r in rollouts],
+                       [r.logprobs for r in rollouts], [0.0] * len(rollouts))
+    trainer = PolicyTrainer(policy, top_p=0.9)
+
+    def abs_diffs() -> list[float]:
+        scored = trainer.sequence_logprobs(batch)
+        return [abs(a - b) for r, t in zip(rollouts, scored, strict=True) for a, b in zip(r.logprobs, t, strict=True)]
+
+    nucleus = abs_diffs()
+    trainer.top_p = 1.0
+    tempered = abs_diffs()
+    print(f"{len(nucleus)} tokens; |trainer - vLLM| at top_p 0.9: max {max(nucleus):.2e} mean "
+          f"{sum(nucleus) / len(nucleus):.2e}; temperature only: max {max(tempered):.2e} "
+          f"mean {sum(tempered) / len(tempered):.2e}")
+    assert max(nucleus) < 1e-4, max(nucleus)
+    assert max(tempered) > 1e-2, max(tempered)  # the nucleus really cut mass: the test can tell the two apart
