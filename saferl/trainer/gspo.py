@@ -275,13 +275,24 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: f
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """Per-position entropy [...] of the sampler's distribution (logits [..., V] / temperature, over the top-p
-    nucleus), differentiable: the entropy of the policy that `token_logprobs` scores."""
-    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
-    if top_p >= 1.0:
-        logp = torch.log_softmax(scaled, dim=-1)
-        return -(logp.exp() * logp).sum(-1)
-    keep = nucleus_mask(scaled.detach(), top_p)
-    logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
-    # Outside the nucleus p log p = 0 * -inf: count it as 0, which also keeps the gradient finite.
-    return -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
+    """Per-position entropy of the sampler's distribution: the policy that `token_logprobs` scores.
+
+    Args:
+        logits: [B, T, V] model outputs.
+        temperature, top_p: as in `token_logprobs`.
+
+    Returns:
+        [B, T] float32 entropy, differentiable.
+    """
+    rows = []
+    for row in logits:  # one [T, V] slab at a time, as in token_logprobs (the nucleus sort doubles it)
+        scaled = row.float() if temperature == 1.0 else row.float() / temperature
+        if top_p >= 1.0:
+            logp = torch.log_softmax(scaled, dim=-1)
+            rows.append(-(logp.exp() * logp).sum(-1))
+            continue
+        keep = nucleus_mask(scaled.detach(), top_p)
+        logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+        # Outside the nucleus p log p = 0 * -inf: count it as 0, which also keeps the gradient finite.
+        rows.append(-(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1))
+    return torch.stack(rows)

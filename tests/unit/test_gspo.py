@@ -269,14 +269,17 @@ def test_token_logprobs_top_p_keeps_the_gradient_finite_and_inside_the_nucleus()
 
 def test_token_entropy_is_the_entropy_of_the_nucleus():
     """Entropy of the distribution the sampler draws from, with a finite gradient that stays in the nucleus."""
-    logits = torch.tensor(_PROBS).log().expand(2, 4).clone().requires_grad_(True)
+    logits = torch.tensor(_PROBS).log().expand(2, 3, 4).clone().requires_grad_(True)
     # Full: -(0.15 ln 0.15 + 0.5 ln 0.5 + 0.05 ln 0.05 + 0.3 ln 0.3) = 1.1421247
-    torch.testing.assert_close(token_entropy(logits), torch.tensor([1.1421247] * 2))
+    torch.testing.assert_close(token_entropy(logits), torch.full((2, 3), 1.1421247))
     # Nucleus at top_p 0.75: {0.625, 0.375} -> -(0.625 ln 0.625 + 0.375 ln 0.375) = 0.6615632
     ent = token_entropy(logits, top_p=0.75)
-    torch.testing.assert_close(ent, torch.tensor([0.6615632] * 2))
+    torch.testing.assert_close(ent, torch.full((2, 3), 0.6615632))
+    # Temperature first: T = 0.5 gives the nucleus {0.735294, 0.264706} at top_p 0.9 (see above):
+    # 0.7352941 * 0.3074847 + 0.2647059 * 1.3291360 = 0.5779218
+    torch.testing.assert_close(token_entropy(logits, 0.5, 0.9), torch.full((2, 3), 0.5779218))
     (g,) = torch.autograd.grad(ent.sum(), logits)
-    assert torch.isfinite(g).all() and (g[:, [0, 2]] == 0).all() and (g[:, [1, 3]] != 0).all()
+    assert torch.isfinite(g).all() and (g[..., [0, 2]] == 0).all() and (g[..., [1, 3]] != 0).all()
 
 
 def test_token_logprobs_agree_with_the_hf_engines_processed_logprobs():
