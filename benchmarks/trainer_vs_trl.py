@@ -11,13 +11,23 @@ advantages. Both sides then run full optimisation steps on exactly that batch, f
           call, old log-probs = the detached current ones as TRL itself does here), then what the HF Trainer
           loop does after it: `accelerator.clip_grad_norm_`, `optimizer.step()` (TRL's default optimizer).
 
+The same work on both sides: the same sequences in the same layout (prompts left-padded, completions
+right-padded, one micro-batch of all B rows, float32), one forward with the LM head on the completion
+positions only, the same metrics (per-token entropy, clip fractions; no KL, no reference model), backward,
+gradient clipping at 1.0 and one AdamW step. TRL passes no position ids (its RoPE positions start at the
+first pad of a left-padded row, ours at the first real token), which RoPE's relative form makes equal up to
+rounding.
+
 Warm-up steps, then timed steps interleaved (ours, TRL, ours, TRL, ...) so machine drift hits both. The
-first step of each side starts from identical weights, so its losses, clipped gradients (caught by an
-optimizer step pre-hook) and the weights after it are compared: the two implement the same maths and should
-agree to float32 rounding (the loss is ~0: the ratio is exactly 1 and group-normalised advantages average to
-0). One torch thread everywhere.
+first step of each side starts from identical weights, so its losses and clipped gradients (caught by an
+optimizer step pre-hook) are compared: the two implement the same maths, so the script exits 1 unless
+|loss difference| <= LOSS_ATOL and max |gradient difference| <= GRAD_RTOL x max |gradient| (float32
+rounding of different summation orders; printed with the measured values). The loss itself is ~0 (the ratio
+is exactly 1 and group-normalised advantages average to 0), so the gradients are the real check. One torch
+thread everywhere.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trainer_vs_trl.py [--steps 10] [--random-qwen3-vocab]
+        [--out benchmarks/results/trainer_vs_trl.md]
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -39,9 +50,12 @@ for _k, _v in {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARAL
     os.environ.setdefault(_k, _v)
 
 import torch  # noqa: E402
+from record import recorded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN3_VOCAB = 151_936
+LOSS_ATOL = 1e-6  # the loss is a mean of O(1) advantages times a ratio of exactly 1
+GRAD_RTOL = 1e-4  # of the largest gradient entry: float32 rounding, not a different formula
 
 
 def toyworld_part(name: str) -> str:
@@ -179,7 +193,20 @@ def differences(ours: torch.nn.Module, theirs: torch.nn.Module, g_ours: dict[int
     return dg, g, dw
 
 
-def main() -> None:
+def same_maths(loss_ours: float, loss_trl: float, dg: float, g: float, ent_ours: float, ent_trl: float
+               ) -> list[str]:
+    """The checks of the first step (identical weights) that failed, each with its measured value."""
+    failed = []
+    if not abs(loss_ours - loss_trl) <= LOSS_ATOL:  # `not <=` also catches NaN
+        failed.append(f"loss differs by {abs(loss_ours - loss_trl):.3e} > {LOSS_ATOL:.0e}")
+    if not dg <= GRAD_RTOL * g:
+        failed.append(f"gradients differ by {dg:.3e} > {GRAD_RTOL:.0e} x max |grad| {g:.3e}")
+    if not abs(ent_ours - ent_trl) <= GRAD_RTOL * abs(ent_trl):
+        failed.append(f"entropy metric {ent_ours:.6f} against TRL's {ent_trl:.6f}")
+    return failed
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF causal LM dir (default: the toy-world policy, built if missing)")
@@ -193,7 +220,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side (incl. the checked first)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per side")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="also write the output, command and date to this Markdown file")
     a = ap.parse_args()
+    with recorded(a.out):
+        failed = run(a)
+    return 1 if failed else 0
+
+
+def run(a: argparse.Namespace) -> list[str]:
+    """Check the first step, time the rest, print both; returns the failed checks."""
     warnings.filterwarnings("ignore")
     import transformers
 
@@ -221,8 +256,9 @@ def main() -> None:
     our_model, our_opt = ours_parts(ours)
     (g_ours, h_ours), (g_trl, h_trl) = capture_grads(our_opt), capture_grads(trl.optimizer)
     metrics = ours.train_step(batch)
-    loss_ours = metrics.get("loss", metrics.get("pg_loss", float("nan")))
+    loss_ours = metrics.get("pg_loss", float("nan"))
     loss_trl = trl_step(trl, inputs)
+    ent_ours, ent_trl = metrics.get("entropy", float("nan")), trl._metrics["train"]["entropy"][-1]
     h_ours.remove()
     h_trl.remove()
     dg, g, dw = differences(our_model, trl.model, g_ours, g_trl)
@@ -254,10 +290,18 @@ def main() -> None:
         print(f"{name:17}{med:10.4f}{statistics.mean(ts):10.4f}{tokens / med:10.0f}")
     ratio = statistics.median(times["SafeRL"]) / statistics.median(times["TRL GRPOTrainer"])
     print(f"ratio SafeRL/TRL (median): {ratio:.2f}x (goal <= 1.0)")
-    print(f"loss of the first step (same weights): SafeRL {loss_ours:.3e}  TRL {loss_trl:.3e}")
-    print(f"max |d grad| (clipped, as AdamW gets it) in one identical step: {dg:.3e} (max |grad| {g:.3e})")
-    print(f"max |dW| after one identical step: {dw:.3e} (AdamW's first update is ~lr = 1e-6 per weight)")
+    print(f"first step, identical weights and batch (tolerances: loss {LOSS_ATOL:.0e} absolute; gradients and "
+          f"the entropy metric {GRAD_RTOL:.0e} relative):")
+    print(f"  loss              SafeRL {loss_ours:.3e}  TRL {loss_trl:.3e}  "
+          f"|diff| {abs(loss_ours - loss_trl):.3e}")
+    print(f"  clipped gradients max |diff| {dg:.3e}  max |grad| {g:.3e}  relative {dg / max(g, 1e-30):.3e}")
+    print(f"  entropy (metric)  SafeRL {ent_ours:.6f}  TRL {ent_trl:.6f}")
+    print(f"  max |dW| after the step {dw:.3e} (not checked: AdamW's first update is ~lr = 1e-6 per weight, "
+          "whatever the gradient's size)")
+    failed = same_maths(loss_ours, loss_trl, dg, g, ent_ours, ent_trl)
+    print("same maths: " + ("yes" if not failed else "NO: " + "; ".join(failed)))
+    return failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
