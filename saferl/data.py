@@ -36,17 +36,27 @@ def _row_to_prompt(row: object, where: str) -> Prompt:
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
         raise ValueError(f"{where}: missing field 'messages' (or a string 'prompt')")
+    text = messages[-1]["content"]
+    if not isinstance(text, str) or not text.strip():  # the policy would answer nothing
+        field = "the last message of 'messages'" if "messages" in row else "'prompt'"
+        raise ValueError(f"{where}: the prompt is empty ({field}: {text!r})")
     return Prompt(id=str(row.get("id", where)), messages=messages, kind=str(row.get("kind", "unknown")),
                   category=row.get("category"), meta=dict(row.get("meta") or {}))
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
-    """(`file:line`, parsed object) for each non-blank line; a missing file or bad JSON names file and line."""
+    """(`file:line`, parsed object) for each non-blank line; a missing file, bad UTF-8 or bad JSON names the
+    file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"File not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line: a text-mode read would fail without the line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at position "
+                                 f"{e.start + 1} of the line)") from e
             if not line.strip():
                 continue
             try:

@@ -86,9 +86,12 @@ def _guard_model_args(p: argparse.ArgumentParser) -> None:
 def _cmd_guard_moderate(args: argparse.Namespace) -> int:
     from saferl.guard.gen import GenGuard, moderate_file, read_records
 
-    records = read_records(args.input)  # bad input fails before any weights load
-    guard = GenGuard.from_model(args.model, backend=args.backend, max_new_tokens=args.max_new_tokens,
-                                max_model_len=args.max_model_len, dtype=args.dtype)
+    records = read_records(args.input)  # bad input fails before any weights load (or heavy import)
+    from saferl.guard.stream_toy import resolve_toy_ref
+
+    guard = GenGuard.from_model(resolve_toy_ref(args.model), backend=args.backend,
+                                max_new_tokens=args.max_new_tokens, max_model_len=args.max_model_len,
+                                dtype=args.dtype)
     counts = moderate_file(guard, records, args.output, args.mode, batch_size=args.batch_size,
                            progress=args.progress)
     print(f"[guard] {counts['records']} records -> {args.output} ({args.mode}): {counts['unsafe']} Unsafe, "
@@ -162,7 +165,8 @@ def add_guard_parser(sub: argparse._SubParsersAction) -> None:
                              "without a response, response moderation (with the refusal judgement) with one;\n"
                              "a thinking text is judged as its own (prompt, thinking) pair, as the SafeRL\n"
                              "reward does.")
-    q.add_argument("-m", "--model", required=True, help="Gen guard model directory (or hub id with access)")
+    q.add_argument("-m", "--model", required=True,
+                   help="Gen guard model directory, hub id with access, or toyworld:guard")
     q.add_argument("-i", "--input", required=True, help="input JSONL records")
     q.add_argument("-o", "--output", required=True, help="output JSONL, one row per record in input order")
     _guard_model_args(q)
@@ -251,6 +255,9 @@ def _typed_turns():
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
+    if args.prompt is not None and not args.prompt.strip():  # before any weights load
+        raise ValueError("the PROMPT argument is empty: give a message, or leave PROMPT out for an interactive "
+                         "chat")
     settings = _care_settings(args)
     if args.eval:
         from saferl.eval.care_eval import run_care_eval

@@ -56,11 +56,11 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from saferl.runtime import configure_process
 
     configure_process()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
 
     rows = load_chat_jsonl(args.data)  # validate the data before loading any weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model)
     examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
@@ -76,7 +76,7 @@ def _cmd_sft(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from saferl.serving.server import build_app, check_bind
+    from saferl.serving.server import bind_socket, build_app, check_bind
 
     token = os.environ.get("SAFERL_SERVE_TOKEN")
     if args.token_file:
@@ -84,25 +84,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if not token:
             raise ValueError(f"{args.token_file}: the token file is empty")
     check_bind(args.host, token)  # before any weights load
+    sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the model has loaded
+    from saferl.guard.stream_toy import resolve_toy_ref
     from saferl.runtime import configure_process
 
     configure_process()
+    model = resolve_toy_ref(args.model)
     if args.kind == "guard":
         from saferl.guard.scorer import GuardScorer
 
-        scorer = GuardScorer(args.model, backend=args.backend, max_new_tokens=args.max_new_tokens,
+        scorer = GuardScorer(model, backend=args.backend, max_new_tokens=args.max_new_tokens,
                              max_model_len=args.max_model_len, dtype=args.dtype)
     else:
         from saferl.helpfulness import HelpfulnessScorer
 
-        scorer = HelpfulnessScorer(args.model, backend=args.backend, dtype=args.dtype, max_length=args.max_model_len)
+        scorer = HelpfulnessScorer(model, backend=args.backend, dtype=args.dtype, max_length=args.max_model_len)
     app = build_app(args.kind, scorer, model=args.model, token=token, max_body_bytes=args.max_body_mib << 20,
                     max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000)
     import uvicorn
 
-    print(f"[saferl] serving {args.kind} {args.model} on http://{args.host}:{args.port} "
+    print(f"[saferl] serving {args.kind} {args.model} on http://{args.host}:{sock.getsockname()[1]} "
           f"(auth: {'bearer token' if token else 'none, loopback only'})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 
@@ -154,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "needs a bearer token (--token-file or SAFERL_SERVE_TOKEN). Concurrent requests are "
                        "batched together.")
     p.add_argument("kind", choices=("guard", "rm"), help="guard: Qwen3Guard-Gen-format model; rm: reward model")
-    p.add_argument("-m", "--model", required=True, help="model directory (or hub id on a machine with access)")
+    p.add_argument("-m", "--model", required=True,
+                   help="model directory, hub id on a machine with access, or toyworld:guard / toyworld:reward_model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--token-file", default=None, help="file holding the bearer token clients must send")

@@ -47,6 +47,8 @@ def _messages(value: object, column: str, where: str) -> list[dict[str, str]]:
         if value[-1]["role"] != "user":
             raise ValueError(f"{where}: the last message of column '{column}' must be the user's, got "
                              f"{value[-1]['role']!r}")
+        if not value[-1]["content"].strip():
+            raise ValueError(f"{where}: the last message of column '{column}' (the prompt) is empty")
         return [{"role": m["role"], "content": m["content"]} for m in value]
     raise ValueError(f"{where}: column '{column}' must be a string or a non-empty list of {{role, content}} "
                      f"messages, got {type(value).__name__}")

@@ -132,6 +132,9 @@ def parse_record(row: object, where: str) -> GenRecord:
         messages = [{"role": "user", "content": row["prompt"]}]
     else:
         raise ValueError(f"{where}: missing field 'prompt' (a string) or 'messages' (a list)")
+    if not messages[-1]["content"].strip():  # nothing to moderate, and the verdict would still be counted
+        field = "the last user message" if "messages" in row else "'prompt'"
+        raise ValueError(f"{where}: the prompt is empty ({field})")
     if thinking is not None and response is None:
         raise ValueError(f"{where}: 'thinking' is given without a 'response'")
     return GenRecord(id=str(row.get("id", where)), messages=messages, response=response,
@@ -294,10 +297,33 @@ DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
     """(`file row i`, row) of a parquet file, read with pyarrow (a `datasets` dependency)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except pa.ArrowException as e:  # not parquet, truncated, ...: pyarrow's message does not name the file
+        raise ValueError(f"{path}: cannot read it as parquet ({e})") from e
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} {_first_bad_utf8(table)}: not valid UTF-8 ({e.reason})") from e
+    for i, row in enumerate(rows):
         yield f"{path} row {i}", row
+
+
+def _first_bad_utf8(table: Any) -> str:
+    """`row i, column 'c'` of the first string cell that is not valid UTF-8 (the error path only: slow)."""
+    bad = []
+    for name in table.column_names:
+        for i, cell in enumerate(table.column(name)):
+            try:
+                cell.as_py()
+            except UnicodeDecodeError:
+                bad.append((i, name))
+                break
+    i, name = min(bad)
+    return f"row {i}, column '{name}'"
 
 
 def read_rows(path: Path) -> Iterator[tuple[str, object]]:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hmac
 import ipaddress
+import socket
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -78,6 +80,28 @@ def check_bind(host: str, token: str | None) -> None:
     if not is_loopback(host) and not token:
         raise ValueError(f"refusing to bind {host} without a bearer token: pass --token-file (or set "
                          "SAFERL_SERVE_TOKEN), or bind 127.0.0.1")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, taken before any weights load so a busy or invalid address fails at
+    once; the server later serves on this very socket (connections made meanwhile wait in its backlog)."""
+    where = f"{host}:{port}"
+    if not 0 <= port <= 65535:
+        raise ValueError(f"cannot bind {where}: the port must be in 0-65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"cannot bind {where}: unknown host ({e.strerror})") from e
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may rebind at once
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        hint = " (another server is using it)" if e.errno == errno.EADDRINUSE else ""
+        raise ValueError(f"cannot bind {where}: {e.strerror}{hint}") from e
+    sock.listen()  # only a listening socket keeps others (binding with SO_REUSEADDR too) off the port
+    return sock
 
 
 def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body_bytes: int = 8 << 20,

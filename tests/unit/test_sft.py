@@ -75,6 +75,6 @@ def test_sft_cli_trains_a_gen_format_guard(tmp_path):
 
 def test_sft_jsonl_errors_name_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"messages": [], "completion": "x"}\n{"messages": []}\n')
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}], "completion": "x"}\n{"messages": []}\n')
     assert main(["sft", "--model", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: expected an object with 'messages' and 'completion'" in capsys.readouterr().err
