@@ -22,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(kind: str, model: Path, tmp_path: Path, *extra: str):
+def _serve(kind: str, model: Path | str, tmp_path: Path, *extra: str):
     """Start `saferl serve` as a subprocess; yield (base URL, process); stop it at the end."""
     import httpx
 
@@ -48,7 +48,8 @@ def _serve(kind: str, model: Path, tmp_path: Path, *extra: str):
 @pytest.fixture(scope="module")
 def servers(toy_world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
-    guard = _serve("guard", toy_world.part("guard"), tmp, "--max-body-mib", "1")
+    # A toyworld: reference, as every other command takes (the RM server gets a directory).
+    guard = _serve("guard", "toyworld:guard", tmp, "--max-body-mib", "1")
     rm = _serve("rm", toy_world.part("reward_model"), tmp)
     yield {"guard": guard[0], "rm": rm[0]}
     for _, proc in (guard, rm):
@@ -113,7 +114,8 @@ def test_bad_requests_get_4xx_and_the_server_stays_up(servers):
     for response, status, message in checks:
         assert response.status_code == status, (response.status_code, response.text)
         assert message in response.text
-    assert httpx.get(servers["guard"] + "/health").json()["status"] == "ok"
+    health = httpx.get(servers["guard"] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "toyworld:guard"
     ok = httpx.post(url, json=good, headers=_auth(), timeout=60)
     assert ok.status_code == 200 and len(ok.json()["verdicts"]) == 1
     schema = httpx.get(servers["guard"] + "/openapi.json").json()
