@@ -5,7 +5,12 @@ Starts `saferl serve guard` twice on loopback with the same model and engine: on
 naive reward server does). A client then sends the same N one-item moderation requests from C concurrent
 threads to each and prints requests/s and the ratio. Defaults: the toy guard on vLLM, N=256, C=64.
 
+Model calls are measured on both sides, never assumed: over HTTP as the change in the server's count of
+batches run (GET /health; each batch is one `GuardScorer.moderate`, one engine call), in-process by counting
+the guard engine's `generate` calls and the items they carried.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/guard_batching.py [--requests 256] [--concurrency 64]
+        [--out benchmarks/results/guard_batching.md]
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from record import recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,8 +97,23 @@ def run_load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, lis
     return asyncio.run(go())
 
 
+class CountingEngine:
+    """Wraps an engine and counts its `generate` calls and the prompts they carried."""
+
+    def __init__(self, engine: object) -> None:
+        self.engine, self.calls, self.items = engine, 0, 0
+
+    def generate(self, prompts: list, *args: object, **kwargs: object) -> list:
+        self.calls += 1
+        self.items += len(prompts)
+        return self.engine.generate(prompts, *args, **kwargs)
+
+    def reset(self) -> None:
+        self.calls = self.items = 0
+
+
 def in_process(model: str, backend: str, bodies: list[dict], concurrency: int, max_wait_ms: float
-               ) -> dict[str, tuple[float, list, float]]:
+               ) -> dict[str, tuple[float, list, float, float]]:
     """The same load without HTTP: threads calling a DynamicBatcher around one GuardScorer, against the same
     scorer called one request at a time (a lock around it)."""
     import threading
@@ -101,6 +123,7 @@ def in_process(model: str, backend: str, bodies: list[dict], concurrency: int, m
     from saferl.serving.batcher import DynamicBatcher
 
     scorer = GuardScorer(model, backend=backend)
+    engine = scorer.engine = CountingEngine(scorer.engine)
     items = [ModerationItem(b["items"][0]["messages"], b["items"][0]["response"]) for b in bodies]
     scorer.moderate(items[:1])  # warm-up
     lock = threading.Lock()
@@ -113,20 +136,24 @@ def in_process(model: str, backend: str, bodies: list[dict], concurrency: int, m
     for name, max_batch in (("dynamic batching (max 64)", 64), ("one request at a time", 1)):
         batcher = DynamicBatcher(scorer.moderate, max_batch=max_batch, max_wait_s=max_wait_ms / 1000)
         call = (lambda it: batcher([it])[0]) if max_batch > 1 else single
+        engine.reset()
         start = time.monotonic()
         with ThreadPoolExecutor(concurrency) as pool:
             verdicts = list(pool.map(call, items))
-        out[name] = (time.monotonic() - start, verdicts, batcher.stats()["batches"] if max_batch > 1 else len(items))
+        seconds = time.monotonic() - start
+        out[name] = (seconds, verdicts, engine.calls, engine.items)
         batcher.close()
     return out
 
 
-def report(title: str, results: dict[str, tuple[float, list, float]], n: int) -> None:
-    (fast_s, fast_v, _), (slow_s, slow_v, _) = results.values()
+def report(title: str, results: dict[str, tuple[float, list, float, float]], n: int) -> None:
+    """Each side's time, throughput and measured model calls (with the items they carried)."""
+    (fast_s, fast_v, *_), (slow_s, slow_v, *_) = results.values()
     print(f"\n{title}")
-    print(f"{'':28s} {'seconds':>8s} {'req/s':>8s} {'model calls':>12s}")
-    for name, (seconds, _, calls) in results.items():
-        print(f"{name:28s} {seconds:8.2f} {n / seconds:8.1f} {calls:12.0f}")
+    print(f"{'':28s} {'seconds':>8s} {'req/s':>8s} {'model calls':>12s} {'items':>6s} {'items/call':>11s}")
+    for name, (seconds, _, calls, items) in results.items():
+        print(f"{name:28s} {seconds:8.2f} {n / seconds:8.1f} {calls:12.0f} {items:6.0f} "
+              f"{items / max(calls, 1):11.1f}")
     print(f"throughput ratio (batched / one at a time): {slow_s / fast_s:.1f}x (goal >= 8x); "
           f"identical verdicts: {fast_v == slow_v}")
 
@@ -141,6 +168,7 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true",
                         help="only the in-process comparison (for a machine without the server stack, e.g. a GPU box "
                              "with torch and transformers only: use it with --backend hf)")
+    parser.add_argument("--out", help="also write the output, command and date to this Markdown file")
     args = parser.parse_args()
     from saferl.config import SafeRLConfig
     from saferl.toyworld.build import ensure_built
@@ -163,13 +191,16 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-        calls = after["batches"] - before["batches"]
-        results[name] = (seconds, verdicts, calls)
-    if results:
-        report(f"guard scoring over HTTP: {args.requests} one-item requests, {args.concurrency} concurrent, "
-               f"{args.backend} backend, {Path(model).name}", results, args.requests)
-    report("the same load in-process (no HTTP): threads -> DynamicBatcher -> GuardScorer",
-           in_process(model, args.backend, bodies, args.concurrency, args.max_wait_ms), args.requests)
+        # Counted by the server around the whole load, so its one warm-up request is in the counts.
+        results[name] = (seconds, verdicts, after["batches"] - before["batches"],
+                         after["items"] - before["items"])
+    local = in_process(model, args.backend, bodies, args.concurrency, args.max_wait_ms)
+    with recorded(args.out):
+        if results:
+            report(f"guard scoring over HTTP: {args.requests} one-item requests, {args.concurrency} concurrent, "
+                   f"{args.backend} backend, {Path(model).name}", results, args.requests)
+        report("the same load in-process (no HTTP): threads -> DynamicBatcher -> GuardScorer", local,
+               args.requests)
 
 if __name__ == "__main__":
     main()

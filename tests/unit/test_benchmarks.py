@@ -1,0 +1,48 @@
+"""The benchmarks' own checks: the trainer comparison fails on different maths, model calls are counted, and a
+results file records how it was made."""
+
+import math
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import guard_batching  # noqa: E402
+import record  # noqa: E402
+import trainer_vs_trl  # noqa: E402
+
+
+def test_trainer_vs_trl_passes_only_when_loss_gradients_and_entropy_agree():
+    same = dict(loss_ours=2.2e-8, loss_trl=1.5e-8, dg=2.8e-8, g=1.9e-2, ent_ours=0.068134, ent_trl=0.068134)
+    assert trainer_vs_trl.same_maths(**same) == []
+    for change, what in ((dict(dg=1e-5), "gradients"), (dict(loss_ours=math.nan), "loss"),
+                         (dict(loss_ours=2e-6), "loss"), (dict(ent_ours=0.0438), "entropy")):
+        failed = trainer_vs_trl.same_maths(**{**same, **change})
+        assert len(failed) == 1 and what in failed[0], (change, failed)
+
+
+class _Engine:
+    def generate(self, prompts, sampling, seeds):
+        return [[f"out {p}"] for p in prompts]
+
+
+def test_guard_batching_counts_the_engine_calls_it_measures():
+    engine = guard_batching.CountingEngine(_Engine())
+    assert engine.generate([1, 2, 3], None, seeds=[0, 0, 0]) == [["out 1"], ["out 2"], ["out 3"]]
+    engine.generate([4], None, seeds=[0])
+    assert (engine.calls, engine.items) == (2, 4)
+    engine.reset()
+    assert (engine.calls, engine.items) == (0, 0)
+
+
+def test_recorded_results_file_has_command_date_and_output(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(record.ROOT / "benchmarks" / "x.py"), "--steps", "2"])
+    out = tmp_path / "results" / "x.md"
+    with record.recorded(str(out)):
+        print("ratio 0.83x")
+    assert capsys.readouterr().out == "ratio 0.83x\n"  # still printed
+    text = out.read_text()
+    assert "- command: `python benchmarks/x.py --steps 2`" in text
+    assert re.search(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", text)
+    assert "```\nratio 0.83x\n```" in text
