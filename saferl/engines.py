@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from saferl.runtime import check_model_dir
+from saferl.trainer.gspo import nucleus_mask
 
 
 @dataclass
@@ -133,14 +134,10 @@ class VLLMEngine:
 
 def processed_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Log-probs [N, V] a sample is drawn from: `logits` / temperature, outside the top-p nucleus -inf,
-    renormalised (vLLM's and HF's rule: drop the least likely tokens whose mass is at most 1 - top_p, always
-    keeping the most likely one)."""
+    renormalised. The nucleus is the trainer's `nucleus_mask` (vLLM's rule), so pi_old and the trainer agree."""
     logits = logits / temperature
     if top_p < 1.0:
-        ascending, order = logits.sort(dim=-1)
-        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
-        drop[:, -1] = False
-        logits = logits.scatter(-1, order, ascending.masked_fill(drop, float("-inf")))
+        logits = logits.masked_fill(~nucleus_mask(logits, top_p), float("-inf"))
     return torch.log_softmax(logits, dim=-1)
 
 

@@ -95,14 +95,18 @@ def test_hf_engine_greedy_equals_generate_and_logprobs_are_the_models(tiny_polic
             out = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             assert s.token_ids == out[0, len(p):].tolist()
-    sampled = engine.generate(ids, Sampling(n=2, temperature=0.7, max_tokens=10), seeds=list(range(len(ids))))
-    with torch.no_grad():
-        for p, group in zip(ids, sampled):
-            for s in group:
-                logits = model(torch.tensor([p + s.token_ids])).logits[0, len(p) - 1: -1] / 0.7
-                expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(s.token_ids)[:, None])[:, 0]
-                assert s.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
-                assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
+    from saferl.trainer.gspo import token_logprobs
+
+    for top_p in (1.0, 0.8):  # pi_old as the trainer scores it (tempered, renormalised over the nucleus)
+        sampling = Sampling(n=2, temperature=0.7, top_p=top_p, max_tokens=10)
+        sampled = engine.generate(ids, sampling, seeds=list(range(len(ids))))
+        with torch.no_grad():
+            for p, group in zip(ids, sampled):
+                for s in group:
+                    seq = torch.tensor([p + s.token_ids])
+                    expected = token_logprobs(model(seq).logits, seq, 0.7, top_p)[0, len(p) - 1:]
+                    assert s.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+                    assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
 
 
 def test_processed_logprobs_temperature_and_nucleus():
