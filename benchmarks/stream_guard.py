@@ -16,6 +16,7 @@ The sides of each comparison are called in turn, round after round, so that load
 the machine hits both alike.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/stream_guard.py [--steps 32] [--streams 32]
+        [--out benchmarks/results/stream_guard.md]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from record import recorded
 
 from saferl.guard.stream import RoleTokens, StreamBatch
 from saferl.guard.stream_model import Qwen3StreamGuard, stream_guard_config
@@ -173,12 +175,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=32, help="timed rounds of one-token steps for (a)")
     parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--out", help="also write the output, command and date to this Markdown file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = {name: measure(guard, args.steps, args.streams) for name, guard in guards().items()}
+    with recorded(args.out):
+        report(results, args.streams)
+
+
+def report(results: dict[str, dict[str, float]], streams: int) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread, float32; medians, ms per token")
     head = ["model", "@64", "@1024", "(a) 1024/64", "DynamicCache @64", "@1024", "1024/64", "refeed @1024",
-            "step @1024", "(b) speedup", f"{args.streams} batched tok/s", "serial tok/s",
+            "step @1024", "(b) speedup", f"{streams} batched tok/s", "serial tok/s",
             "(c) ratio"]  # fmt: skip
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
