@@ -30,7 +30,8 @@ from typing import NamedTuple
 import torch
 from record import recorded
 
-from saferl.guard.stream import RoleTokens, StreamBatch
+from saferl.guard.conversation import RoleTokens
+from saferl.guard.stream import StreamBatch
 from saferl.guard.stream_model import Qwen3StreamGuard, stream_guard_config
 
 VOCAB = 1050
@@ -65,9 +66,9 @@ def toy_guard() -> Guard | None:
     from transformers import AutoTokenizer
 
     from saferl.config import ToyWorldConfig
-    from saferl.guard.stream import role_tokens
+    from saferl.guard.conversation import role_tokens
     from saferl.guard.stream_model import load_stream_guard
-    from saferl.guard.stream_toy import toy_stream_paths
+    from saferl.toyworld.stream import toy_stream_paths
     from saferl.toyworld.build import toyworld_paths
 
     path = toy_stream_paths(toyworld_paths(ToyWorldConfig()).root).guard

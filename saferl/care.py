@@ -48,7 +48,8 @@ from saferl.guard.decisions import debounce, is_unsafe
 if TYPE_CHECKING:
     import torch
 
-    from saferl.guard.stream import RoleTokens, StreamBatch
+    from saferl.guard.conversation import RoleTokens
+    from saferl.guard.stream import StreamBatch
     from saferl.guard.stream_model import Qwen3StreamGuard
 
 
@@ -342,7 +343,7 @@ def load_care_models(policy: str, stream_guard: str | None, *, device: str | Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from saferl.guard.stream import role_tokens
+    from saferl.guard.conversation import role_tokens
     from saferl.guard.stream_model import load_stream_guard
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

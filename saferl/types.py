@@ -66,6 +66,14 @@ class GuardVerdict:
     fallback: bool = False
 
 
+@dataclass(frozen=True)
+class ModerationItem:
+    """What a guard judges: the prompt conversation and, for response moderation, the response text."""
+
+    messages: list[dict[str, str]]
+    response: str | None = None
+
+
 UNPARSABLE_CHOICES = ("unsafe", "safe")
 
 

@@ -87,7 +87,7 @@ def _cmd_guard_moderate(args: argparse.Namespace) -> int:
     from saferl.guard.gen import GenGuard, moderate_file, read_records
 
     records = read_records(args.input)  # bad input fails before any weights load (or heavy import)
-    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.toyworld.stream import resolve_toy_ref
 
     guard = GenGuard.from_model(resolve_toy_ref(args.model), backend=args.backend,
                                 max_new_tokens=args.max_new_tokens, max_model_len=args.max_model_len,
@@ -113,7 +113,7 @@ def _cmd_guard_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
-    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.toyworld.stream import resolve_toy_ref
     from saferl.guard.stream_train import load_stream_rows
 
     rows = load_stream_rows(resolve_toy_ref(args.data))  # bad input fails before any weights load
@@ -267,7 +267,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                       batch_size=args.batch_size, judge=args.judge, rm=None if args.rm == "none" else args.rm,
                       backend=args.backend, device=args.device, dtype=args.dtype, output=args.output)
         return 0
-    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.toyworld.stream import resolve_toy_ref
     from saferl.runtime import configure_process
 
     configure_process()

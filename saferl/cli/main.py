@@ -45,7 +45,7 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
 
         print(f"[toyworld] reusing cached build {paths.root} ({time.monotonic() - start:.1f}s)")
         print(format_metrics(metrics))
-    from saferl.guard.stream_toy import ensure_toy_stream
+    from saferl.toyworld.stream import ensure_toy_stream
 
     stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
     print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
@@ -85,7 +85,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.token_file}: the token file is empty")
     check_bind(args.host, token)  # before any weights load
     sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the model has loaded
-    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.toyworld.stream import resolve_toy_ref
     from saferl.runtime import configure_process
 
     configure_process()

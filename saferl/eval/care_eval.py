@@ -156,7 +156,7 @@ def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: Car
     """`saferl chat --eval` (see `saferl chat --help`): print the CARE off/on table, write JSON to `output`."""
     from saferl.config import GuardConfig, HelpfulnessConfig, RewardRulesConfig
     from saferl.eval.prompt_sets import Columns, load_prompt_set, subsample
-    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.toyworld.stream import resolve_toy_ref
     from saferl.runtime import check_model_dir, configure_process
 
     prompt_set = subsample(load_prompt_set(resolve_toy_ref(prompts), Columns()), max_prompts)

@@ -8,13 +8,13 @@ Two guard kinds plug in:
 - Gen (implemented): `GenGuard.classify` judges each whole conversation; the Safety line is the prediction
   (a failed parse predicts nothing, which counts as not Unsafe, and is counted).
 - Stream: anything with `token_labels(conversations) -> list[TokenLabels]` (the `TokenLabeler` Protocol;
-  `stream.StreamLabeler` for Qwen3Guard-Stream checkpoints, imported only when one is evaluated;
-  `token_labels_from_verdicts` builds TokenLabels from stream.py's StreamVerdicts). A response row's labels
-  are debounced (`official` or `paper` rule) into a prediction and a detection index, which is binned against
-  the annotated span; a prompt row's prediction is its last label (the query head at the user's `<|im_end|>`).
+  `stream_eval.StreamLabeler` for Qwen3Guard-Stream checkpoints, imported only when one is evaluated;
+  `token_labels.token_labels_from_verdicts` builds TokenLabels from stream.py's StreamVerdicts). A response
+  row's labels are debounced (`official` or `paper` rule) into a prediction and a detection index, which is
+  binned against the annotated span; a prompt row's prediction is its last label (the query head at the user's `<|im_end|>`).
 
 `toyworld:<part>` model and data references resolve to the toy world (`toyworld:guard`,
-`toyworld:stream_guard`, `toyworld:stream_heldout`; `saferl.guard.stream_toy.resolve_toy_ref`), built on
+`toyworld:stream_guard`, `toyworld:stream_heldout`; `saferl.toyworld.stream.resolve_toy_ref`), built on
 first use.
 """
 
@@ -25,9 +25,9 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from saferl.guard.decisions import (
     DEBOUNCE_RULES,
@@ -39,66 +39,14 @@ from saferl.guard.decisions import (
     summarize_latency,
 )
 from saferl.guard.gen import GuardTestRow, load_guardtest
+from saferl.guard.token_labels import TokenLabeler, TokenLabels
 from saferl.types import GuardVerdict, SafetyLabel
 
 if TYPE_CHECKING:
     from saferl.guard.gen import GenGuard
-    from saferl.types import StreamVerdict
 
 KINDS: tuple[str, ...] = ("gen", "stream")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class TokenLabels:
-    """A Stream guard's per-token risk labels for one conversation.
-
-    Attributes:
-        labels: Safe/Unsafe/Controversial per moderated position: the response head from the evaluation's
-            first response token on (eval_stream.py's `split_idx`), or for a prompt row the query head over
-            the last user turn.
-        start: absolute index of labels[0] in the full templated token sequence, the frame in which
-            `unsafe_start_index`/`unsafe_end_index` are annotated.
-        categories: per-position categories aligned with `labels` (optional).
-    """
-
-    labels: list[str]
-    start: int
-    categories: list[str | None] | None = None
-
-
-class TokenLabeler(Protocol):
-    """A Stream guard as the evaluation sees it: per-token labels for each conversation."""
-
-    def token_labels(self, conversations: list[list[dict[str, str]]]) -> list[TokenLabels]: ...
-
-
-def token_labels_from_verdicts(verdicts: Sequence[StreamVerdict], role: str,
-                               start: int | None = None) -> TokenLabels:
-    """TokenLabels from a Stream guard's readings of one conversation (stream.py's StreamVerdicts).
-
-    Args:
-        verdicts: the readings, in position order.
-        role: "user" for a prompt row (the query reading), "assistant" for a response row.
-        start: for a response row, the first position to evaluate (eval_stream.py's `split_idx`: the first
-            answer token, or the reasoning start with thinking); default the first assistant reading.
-
-    Raises:
-        ValueError: no reading of that role (from `start` on), or response positions with a gap (debouncing
-            needs adjacent tokens).
-    """
-    if role not in ("user", "assistant"):
-        raise ValueError(f"role must be 'user' or 'assistant', got {role!r}")
-    picked = [v for v in verdicts if v.role == role and (start is None or v.position >= start)]
-    if role == "user":
-        picked = picked[-1:]
-    if not picked:
-        where = f" at or after position {start}" if start is not None else ""
-        raise ValueError(f"no {role} readings{where}")
-    first = picked[0].position
-    if [v.position for v in picked] != list(range(first, first + len(picked))):
-        raise ValueError(f"{role} readings are not at consecutive positions from {first}")
-    return TokenLabels([v.risk for v in picked], first, [v.category for v in picked])
 
 
 def _label_counts(rows: Sequence[GuardTestRow]) -> dict[str, int]:
@@ -275,7 +223,7 @@ def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = 
         raise ValueError(f"rule must be one of {DEBOUNCE_RULES}, got {rule!r}")
     if kind == "stream" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} for a Stream guard, got {dtype!r}")
-    from saferl.guard.stream_toy import resolve_toy_ref
+    from saferl.toyworld.stream import resolve_toy_ref
 
     rows = load_guardtest(resolve_toy_ref(data), split)  # bad data fails before any weights load
     model_path = resolve_toy_ref(model)
@@ -283,7 +231,7 @@ def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = 
     if kind == "stream":
         import torch
 
-        from saferl.guard.stream import StreamLabeler
+        from saferl.guard.stream_eval import StreamLabeler
 
         labeler = StreamLabeler.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                 batch_size=batch_size, thinking=thinking)

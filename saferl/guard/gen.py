@@ -26,14 +26,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from saferl.data import read_jsonl
 from saferl.guard.decisions import MODES, is_unsafe
-from saferl.types import GuardVerdict, SafetyLabel
-
-if TYPE_CHECKING:  # scorer.py imports torch; records and rows must load without it
-    from saferl.guard.scorer import ModerationItem
+from saferl.types import GuardVerdict, ModerationItem, SafetyLabel
 
 
 class Moderator(Protocol):
@@ -168,8 +165,6 @@ class GenGuard:
     def iter_moderate(self, records: Sequence[GenRecord], mode: str = "strict", *, batch_size: int = 32,
                       progress: bool = False) -> Iterator[list[GenResult]]:
         """Results batch by batch: each batch's (prompt, response) and (prompt, thinking) go out together."""
-        from saferl.guard.scorer import ModerationItem
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         for batch in _batches(records, batch_size, progress, "moderate"):
@@ -196,8 +191,6 @@ class GenGuard:
                  progress: bool = False) -> list[GuardVerdict]:
         """One verdict per whole conversation, as the official eval_gen.py judges it: the last message's role
         picks the mode (assistant = response moderation, thinking text included verbatim)."""
-        from saferl.guard.scorer import ModerationItem
-
         verdicts: list[GuardVerdict] = []
         for batch in _batches(conversations, batch_size, progress, "eval"):
             items = [ModerationItem(c[:-1], c[-1]["content"]) if c[-1]["role"] == "assistant"

@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from saferl.guard.scorer import ModerationItem
 from saferl.guard.templates import moderation_messages, parse_verdict
 from saferl.serving.client import EndpointPool
 from saferl.truncation import fit_messages
-from saferl.types import GuardVerdict, SafetyLabel
+from saferl.types import GuardVerdict, ModerationItem, SafetyLabel
 
 # The fields of a verdict from `saferl serve guard` (saferl.serving.server.Verdict).
 VERDICT_FIELDS = ("safety", "categories", "refusal", "parse_ok", "raw")

@@ -10,22 +10,13 @@ text's end (saferl.truncation), and counted; the instruction and format lines ar
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from saferl.engines import Sampling, make_engine
 from saferl.guard.templates import moderation_messages, parse_verdict
 from saferl.runtime import check_model_dir, configure_process
 from saferl.truncation import fit_messages, template_size, token_head_dropper
-from saferl.types import GuardVerdict
-
-
-@dataclass(frozen=True)
-class ModerationItem:
-    """What to judge: the prompt conversation and, for response moderation, the response text."""
-
-    messages: list[dict[str, str]]
-    response: str | None = None
+from saferl.types import GuardVerdict, ModerationItem  # ModerationItem: also importable from here
 
 
 def moderation_ids(tokenizer: Any, item: ModerationItem, max_tokens: int) -> tuple[list[int], bool]:

@@ -1,8 +1,8 @@
 """Qwen3Guard-Stream moderation: per-token verdicts fed incrementally on a KV cache, many streams at once.
 
 Owns where the heads are read (spec/qwen3guard.md §3.5, §3.7): the query heads at the `<|im_end|>` closing
-the last user turn, the response heads at every later token; the role-boundary search (token ids come from
-the tokenizer, never hard-coded); `StreamBatch`, which prefills several conversations together (left
+the last user turn, the response heads at every later token (the turn markers and the search for them are
+`saferl.guard.conversation`'s); `StreamBatch`, which prefills several conversations together (left
 padding, explicit per-row positions) and then feeds one token or a chunk per stream per batched forward; and
 `moderate_full`, the same readings from one forward over a whole sequence (what the official eval computes).
 
@@ -16,7 +16,7 @@ Shortcuts and choices:
   with positions continuing per row, so later tokens never see them. Dropping streams compacts the cache
   (its rows, then the columns no remaining stream uses).
 - `moderate_many` batches whole conversations (right padding, no mask: attention is causal) for evaluation;
-  `StreamLabeler` turns its readings into the per-token labels `saferl guard eval --kind stream` scores.
+  `saferl.guard.stream_eval.StreamLabeler` turns its readings into the labels `saferl guard eval` scores.
 - Debouncing and metrics are not here (`saferl.guard.decisions`); `risk_prob` is not rounded.
 """
 
@@ -24,63 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import StaticCache
 
+from saferl.guard.conversation import RoleTokens, find_user_turn
 from saferl.guard.stream_model import GuardLogits, Qwen3StreamGuard
 from saferl.types import StreamVerdict
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from saferl.guard.evaluate import TokenLabels
-
 CACHE_BLOCK = 64  # cache columns are allocated in blocks of this many
-
-
-@dataclass(frozen=True)
-class RoleTokens:
-    """Ids of the ChatML markers that delimit turns, as the guard's tokenizer spells them."""
-
-    im_start: int
-    im_end: int
-    user: int
-
-
-def role_tokens(tokenizer: PreTrainedTokenizerBase) -> RoleTokens:
-    """Look up `<|im_start|>`, `<|im_end|>` and `user` in `tokenizer` (each must be a single known token)."""
-    names = ("<|im_start|>", "<|im_end|>", "user")
-    ids = tokenizer.convert_tokens_to_ids(list(names))
-    unknown = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
-    if unknown:
-        raise ValueError(f"tokenizer has no single token for {unknown}; is it a Qwen3 (ChatML) tokenizer?")
-    return RoleTokens(im_start=ids[0], im_end=ids[1], user=ids[2])
-
-
-def find_user_turn(token_ids: Sequence[int], roles: RoleTokens) -> tuple[int, int | None]:
-    """Locate the last user turn: (index of its `<|im_start|>`, index of its closing `<|im_end|>` or None).
-
-    Raises:
-        ValueError: when no `<|im_start|>` is immediately followed by `user`.
-    """
-    ids = list(token_ids)
-    starts = [i for i in range(len(ids) - 1) if ids[i] == roles.im_start and ids[i + 1] == roles.user]
-    if not starts:
-        raise ValueError("no user turn (<|im_start|> followed by `user`) in the token ids")
-    start = starts[-1]
-    end = next((i for i in range(start + 2, len(ids)) if ids[i] == roles.im_end), None)
-    return start, end
-
-
-def encode_conversation(
-    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]
-) -> list[int]:
-    """Token ids of a whole conversation as the official eval renders it (chat template, no generation prompt,
-    `enable_thinking=False`): the frame of Qwen3GuardTest's `unsafe_start_index`/`unsafe_end_index`."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, enable_thinking=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @dataclass
@@ -354,76 +306,3 @@ class StreamBatch:
             dst.keys[:, :, : len(cols)] = src.keys.index_select(0, rows).index_select(2, cols)
             dst.values[:, :, : len(cols)] = src.values.index_select(0, rows).index_select(2, cols)
             dst.cumulative_length.fill_(len(cols))
-
-
-class StreamLabeler:
-    """Per-token Stream labels for whole conversations: the `TokenLabeler` behind `saferl guard eval --kind
-    stream`.
-
-    Each conversation is rendered with the guard tokenizer's chat template (`enable_thinking=False`, as the
-    official eval does) and read with one full forward (`moderate_many`, as eval_stream.py does; the
-    incremental `StreamBatch` gives the same logits). Response rows are labelled from eval_stream.py's
-    `split_idx` on: the first token after `</think>` and its blank line (the answer), or with `thinking` the
-    first token inside `<think>` and its newline (the reasoning); a conversation without a think block starts
-    right after the user's `<|im_end|>`. A prompt row gets the query reading at the user's `<|im_end|>`.
-
-    Args:
-        model: the Stream guard.
-        tokenizer: its tokenizer (ChatML template, `<think>`/`</think>` tokens).
-        batch_size: conversations per forward.
-        thinking: evaluate the reasoning too (official `--thinking`).
-    """
-
-    def __init__(self, model: Qwen3StreamGuard, tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 16,
-                 thinking: bool = False):
-        self.model, self.tokenizer, self.batch_size, self.thinking = model, tokenizer, batch_size, thinking
-        self.roles = role_tokens(tokenizer)
-        self.think_open, self.think_close = tokenizer.convert_tokens_to_ids(["<think>", "</think>"])
-
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
-                        batch_size: int = 16, thinking: bool = False) -> StreamLabeler:
-        """Load a Stream checkpoint and its tokenizer (on CUDA when available, unless `device` is given)."""
-        from transformers import AutoTokenizer
-
-        from saferl.guard.stream_model import load_stream_guard
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_stream_guard(path, dtype=dtype, device=device)
-        return cls(model, AutoTokenizer.from_pretrained(path), batch_size=batch_size, thinking=thinking)
-
-    def encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        """Token ids of the full templated conversation (the frame of `unsafe_start_index`)."""
-        return encode_conversation(self.tokenizer, conversation)
-
-    def evaluation_start(self, ids: Sequence[int], user_end: int) -> int:
-        """eval_stream.py's `split_idx` for a response row (see the class docstring)."""
-        after = list(ids[user_end + 1 :])
-        marker, skip = (self.think_open, "\n") if self.thinking else (self.think_close, "\n\n")
-        if marker not in after:
-            return user_end + 1
-        offset = after.index(marker) if self.thinking else len(after) - 1 - after[::-1].index(marker)
-        nxt, text = user_end + 2 + offset, ""
-        while nxt < len(ids) and len(text) < len(skip):  # skip the newline(s), one token or several
-            piece = self.tokenizer.decode([ids[nxt]])
-            if not skip.startswith(text + piece):
-                break
-            text, nxt = text + piece, nxt + 1
-        return nxt
-
-    def token_labels(self, conversations: list[list[dict[str, str]]]) -> list[TokenLabels]:
-        """One `TokenLabels` per conversation: response labels from `evaluation_start`, or the query label."""
-        from saferl.guard.evaluate import token_labels_from_verdicts
-
-        sequences = [self.encode(c) for c in conversations]
-        steps = moderate_many(self.model, sequences, self.roles, self.batch_size,
-                              pad_id=self.tokenizer.pad_token_id or 0)
-        out = []
-        for conversation, ids, step in zip(conversations, sequences, steps):
-            if conversation[-1]["role"] == "user":
-                out.append(token_labels_from_verdicts(step.verdicts, "user"))
-            else:
-                user_end = next(v.position for v in step.verdicts if v.role == "user")
-                out.append(token_labels_from_verdicts(step.verdicts, "assistant",
-                                                      self.evaluation_start(ids, user_end)))
-        return out

@@ -297,11 +297,11 @@ def write_synthetic_stream_guard(
     Returns:
         The checkpoint directory.
     """
-    from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
+    from saferl.guard.conversation import CHATML_TEMPLATE
 
     directory = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.chat_template = POLICY_CHAT_TEMPLATE
+    tokenizer.chat_template = CHATML_TEMPLATE
     config = stream_guard_config(
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,

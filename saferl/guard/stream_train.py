@@ -5,7 +5,7 @@ the first unsafe token, per-token labels, the query label at the user's `<|im_en
 layout of `saferl guard train-stream` (`load_stream_rows`, `encode_stream_rows`), `init_stream_guard` (a
 Stream model from a Qwen3 backbone checkpoint or from an existing Stream checkpoint), `stream_loss`
 (spec/qwen3guard.md §3.5), `train_stream_guard`, `save_trained_stream_guard` (released layout plus a ChatML
-tokenizer) and `token_accuracy`. The toy world's data source lives in `saferl.guard.stream_toy`.
+tokenizer) and `token_accuracy`. The toy world's data source lives in `saferl.toyworld.stream`.
 
 Training rows (JSONL, one object a line; Qwen3GuardTest's layout plus two optional fields):
   {"message": [{"role": "user", ...}, {"role": "assistant", ...}], "label": "Unsafe",
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saferl.guard.conversation import CHATML_TEMPLATE, encode_conversation, find_user_turn, role_tokens
 from saferl.guard.stream_model import (
     GUARD_CONFIG_KEYS,
     GuardLogits,
@@ -228,8 +229,6 @@ def load_stream_rows(path: str | Path) -> list[StreamRow]:
 
 def encode_stream_rows(rows: Sequence[StreamRow], tokenizer: Any, maps: LabelMaps) -> list[StreamExample]:
     """Render and label each row with the guard's tokenizer (ChatML template); errors name the row's line."""
-    from saferl.guard.stream import encode_conversation, find_user_turn, role_tokens
-
     roles = role_tokens(tokenizer)
     out = []
     for row in rows:
@@ -329,11 +328,9 @@ def init_stream_guard(path: str | Path, *, guard_inner_size: int | None = None,
 def save_trained_stream_guard(model: Qwen3StreamGuard, tokenizer: Any, path: str | Path) -> Path:
     """Save `model` in the released layout and `tokenizer` with Qwen3 ChatML as its chat template (the Stream
     guard reads plain conversations: a Gen guard's moderation template would be wrong here)."""
-    from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
-
     directory = Path(path)
     save_stream_guard(model, directory)
-    tokenizer.chat_template = POLICY_CHAT_TEMPLATE
+    tokenizer.chat_template = CHATML_TEMPLATE
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -138,7 +138,7 @@ def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body
         return {"status": "ok", "kind": kind, "model": model, **batcher.stats()}
 
     if kind == "guard":
-        from saferl.guard.scorer import ModerationItem
+        from saferl.types import ModerationItem
 
         batcher = DynamicBatcher(scorer.moderate, max_batch=max_batch, max_wait_s=max_wait_s)
 

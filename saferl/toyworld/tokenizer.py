@@ -1,12 +1,10 @@
 """Offline Qwen3-style tokenizer for the toy world: a byte-level BPE trained on a local corpus.
 
-Owns the Qwen3 added-token table, the policy's ChatML chat template and `train_bpe_tokenizer`. The trained
-tokenizer reproduces Qwen3's pipeline (NFC, Qwen's split regex, byte-level BPE, 26 added tokens after the base
-vocabulary, in Qwen3's order) but not its vocabulary: ids differ from Qwen3's, so it only serves toy models.
-Use the exact Qwen3 tokenizer (spec/platform-notes.md §6 B) where ids must match real checkpoints.
-
-Shortcuts: the chat template knows no tools and no `reasoning_content` field; thinking is read from the
-assistant content (`<think>…</think>answer`), as Qwen3 does when that field is absent.
+Owns the Qwen3 added-token table and `train_bpe_tokenizer`; its chat template is the product's Qwen3
+ChatML template (`saferl.guard.conversation.CHATML_TEMPLATE`). The trained tokenizer reproduces Qwen3's
+pipeline (NFC, Qwen's split regex, byte-level BPE, 26 added tokens after the base vocabulary, in Qwen3's
+order) but not its vocabulary: ids differ from Qwen3's, so it only serves toy models. Use the exact Qwen3
+tokenizer (spec/platform-notes.md §6 B) where ids must match real checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ from collections.abc import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from saferl.guard.conversation import CHATML_TEMPLATE
 
 # (content, special) in Qwen3's id order (151643-151668). The tool-call, tool-response and think tags are
 # non-special: they survive `skip_special_tokens=True`, so a decoded rollout keeps its thinking block.
@@ -53,38 +53,8 @@ QWEN_SPLIT_PATTERN = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# Qwen3's template, minus tools and `reasoning_content`. Assistant turns after the last user message keep
-# their reasoning as `<think>\n…\n</think>\n\n` (the final one always gets the block, empty if need be);
-# earlier assistant turns keep only the answer, so multi-turn prompts look like what Qwen3 was trained on.
-# `enable_thinking=False` pre-fills an empty think block, which is how Qwen3 switches thinking off.
-POLICY_CHAT_TEMPLATE = r"""
-{%- set ns = namespace(last_query_index=-1) %}
-{%- for message in messages %}
-    {%- if message['role'] == 'user' %}
-        {%- set ns.last_query_index = loop.index0 %}
-    {%- endif %}
-{%- endfor %}
-{%- for message in messages %}
-    {%- set content = message['content'] %}
-    {%- if message['role'] == 'assistant' %}
-        {%- set reasoning = '' %}
-        {%- if '</think>' in content %}
-            {%- set reasoning = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
-            {%- set content = content.split('</think>')[-1].lstrip('\n') %}
-        {%- endif %}
-        {%- if loop.index0 > ns.last_query_index and (loop.last or reasoning) %}
-            {%- set content = '<think>\n' + reasoning.strip('\n') + '\n</think>\n\n' + content %}
-        {%- endif %}
-    {%- endif %}
-    {{- '<|im_start|>' + message['role'] + '\n' + content + '<|im_end|>\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\n' }}
-    {%- if enable_thinking is defined and enable_thinking is false %}
-        {{- '<think>\n\n</think>\n\n' }}
-    {%- endif %}
-{%- endif %}
-""".strip()
+# The policy reads Qwen3's ChatML template (`saferl.guard.conversation`): the toy tokenizer ships it.
+POLICY_CHAT_TEMPLATE = CHATML_TEMPLATE
 
 
 def train_bpe_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:

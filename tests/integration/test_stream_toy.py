@@ -29,14 +29,14 @@ def run_cli(*args):
 
 @pytest.fixture(scope="module")
 def toy_stream(toy_world):
-    from saferl.guard.stream_toy import ensure_toy_stream
+    from saferl.toyworld.stream import ensure_toy_stream
 
     return ensure_toy_stream(toy_world.root)
 
 
 def test_toy_stream_guard_builds_once_and_learns_its_labels(toy_world, toy_stream):
     from saferl.config import load_config
-    from saferl.guard.stream_toy import VERSION, ensure_toy_stream_guard, resolve_toy_ref
+    from saferl.toyworld.stream import VERSION, ensure_toy_stream_guard, resolve_toy_ref
 
     assert toy_stream.guard == toy_world.root / "stream_guard"
     info = json.loads((toy_stream.guard / "build.json").read_text())
@@ -59,7 +59,8 @@ def test_streaming_flags_unsafe_compliance_at_its_trigger(toy_stream):
     from transformers import AutoTokenizer
 
     from saferl.guard.decisions import debounce
-    from saferl.guard.stream import StreamBatch, encode_conversation, find_user_turn, role_tokens
+    from saferl.guard.conversation import encode_conversation, find_user_turn, role_tokens
+    from saferl.guard.stream import StreamBatch
     from saferl.guard.stream_model import load_stream_guard
 
     rows = [json.loads(line) for line in toy_stream.heldout.read_text().splitlines()]

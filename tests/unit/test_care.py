@@ -110,7 +110,7 @@ def tokenizer_dir(tiny_tokenizer):
 def models(tmp_path_factory, tokenizer_dir):
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from saferl.guard.stream import role_tokens
+    from saferl.guard.conversation import role_tokens
     from saferl.guard.stream_model import load_stream_guard, write_synthetic_stream_guard
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

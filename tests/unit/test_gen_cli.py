@@ -9,16 +9,10 @@ import pandas as pd
 import pytest
 
 from saferl.cli import main
-from saferl.guard.evaluate import (
-    TokenLabels,
-    format_report,
-    gen_report,
-    stream_report,
-    token_labels_from_verdicts,
-    write_atomic,
-)
+from saferl.guard.evaluate import format_report, gen_report, stream_report, write_atomic
 from saferl.guard.gen import GenGuard, GenRecord, GuardTestRow, load_guardtest, moderate_file, read_records
 from saferl.guard.templates import parse_verdict
+from saferl.guard.token_labels import TokenLabels, token_labels_from_verdicts
 from saferl.types import SafetyLabel
 
 MISSING_MODEL = "/nonexistent/guard-model"  # loading it would fail: proves errors come before loading

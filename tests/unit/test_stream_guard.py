@@ -8,15 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saferl.guard import stream
-from saferl.guard.stream import (
-    RoleTokens,
-    StreamBatch,
-    StreamLabeler,
-    find_user_turn,
-    moderate_full,
-    moderate_many,
-    role_tokens,
-)
+from saferl.guard.conversation import RoleTokens, find_user_turn, role_tokens
+from saferl.guard.stream import StreamBatch, moderate_full, moderate_many
+from saferl.guard.stream_eval import StreamLabeler
 from saferl.guard.stream_model import load_stream_guard, save_stream_guard, write_synthetic_stream_guard
 from saferl.guard.templates import CATEGORIES, RESPONSE_CATEGORIES
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saferl.cli import main
-from saferl.guard.stream import encode_conversation, find_user_turn, role_tokens
+from saferl.guard.conversation import encode_conversation, find_user_turn, role_tokens
 from saferl.guard.stream_model import (
     RISK_LABELS,
     GuardLogits,
@@ -207,7 +207,7 @@ def test_encode_errors_name_the_line(tokenizer, tmp_path):
 
 
 def test_toy_triggers_and_spans(tokenizer):
-    from saferl.guard.stream_toy import heldout_rows, label_conversations
+    from saferl.toyworld.stream import heldout_rows, label_conversations
     from saferl.toyworld import world
 
     wanted = ("violence/i0/s0/f6", "deception/i0/s0/f6", "cooking/i0/s0/f6")
@@ -256,7 +256,7 @@ def backbone(tmp_path_factory, tokenizer):
 
 
 def toy_examples(tokenizer, maps):
-    from saferl.guard.stream_toy import label_conversations, toy_examples
+    from saferl.toyworld.stream import label_conversations, toy_examples
     from saferl.toyworld import world
 
     prompts = world.make_prompts("train")[::60]
@@ -284,9 +284,9 @@ def test_tiny_guard_learns_saves_and_reloads_strictly(backbone, tokenizer, tmp_p
     assert config["query_category_map"]["8"] == "Jailbreak"
     from transformers import AutoTokenizer
 
-    from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
+    from saferl.guard.conversation import CHATML_TEMPLATE
 
-    assert AutoTokenizer.from_pretrained(tmp_path / "guard").chat_template == POLICY_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(tmp_path / "guard").chat_template == CHATML_TEMPLATE
     # A Stream checkpoint starts from itself.
     again = init_stream_guard(tmp_path / "guard")
     torch.testing.assert_close(again.risk_level_head.weight, model.risk_level_head.weight)

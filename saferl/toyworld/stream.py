@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from saferl.guard.conversation import encode_conversation, find_user_turn, role_tokens
 from saferl.guard.stream_train import first_unsafe_index, prefix_set, response_labels, stream_example
 from saferl.toyworld import world
 from saferl.types import Prompt, SafetyLabel
@@ -87,8 +88,6 @@ def toy_responses(prompt: Prompt) -> list[tuple[str, str]]:
 
 def safe_prefixes(tokenizer: Any, roles: Any) -> set[tuple[int, ...]]:
     """`prefix_set` of the tokens after the user's `<|im_end|>` of every Safe response in the world."""
-    from saferl.guard.stream import encode_conversation, find_user_turn
-
     texts = {text for p in world.make_prompts("train") for style, texts in world.responses_for(p).items()
              if world.response_verdict(p, style).safety is SafetyLabel.SAFE for text in texts}
     out = []
@@ -101,8 +100,6 @@ def safe_prefixes(tokenizer: Any, roles: Any) -> set[tuple[int, ...]]:
 
 def label_conversations(prompts: list[Prompt], tokenizer: Any) -> list[ToyConversation]:
     """Every toy conversation of `prompts` (see `toy_responses`), tokenised and labelled."""
-    from saferl.guard.stream import encode_conversation, find_user_turn, role_tokens
-
     roles = role_tokens(tokenizer)
     safe = safe_prefixes(tokenizer, roles)
     out = []
@@ -161,6 +158,7 @@ def build_toy_stream_guard(world_root: str | Path) -> ToyStreamPaths:
     configure_process()
     from transformers import AutoTokenizer
 
+    from saferl.guard.conversation import CHATML_TEMPLATE
     from saferl.guard.evaluate import write_atomic
     from saferl.guard.stream_train import (
         LabelMaps,
@@ -169,7 +167,6 @@ def build_toy_stream_guard(world_root: str | Path) -> ToyStreamPaths:
         token_accuracy,
         train_stream_guard,
     )
-    from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
 
     root = Path(world_root)
     paths = toy_stream_paths(root)
@@ -177,7 +174,7 @@ def build_toy_stream_guard(world_root: str | Path) -> ToyStreamPaths:
     start = time.monotonic()
     print(f"[toyworld] training the toy Stream guard into {paths.guard}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(root / "guard")
-    tokenizer.chat_template = POLICY_CHAT_TEMPLATE  # the Stream guard reads plain conversations
+    tokenizer.chat_template = CHATML_TEMPLATE  # the Stream guard reads plain conversations
     train_prompts, test_prompts = world.make_prompts("train"), world.make_prompts("heldout")
     by_id = {p.id: p for p in train_prompts + test_prompts}
     train_convs = label_conversations(train_prompts, tokenizer)
