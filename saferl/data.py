@@ -65,6 +65,17 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, object]]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
 
 
+def check_messages(messages: object, where: str, field: str) -> list[dict[str, str]]:
+    """`messages` as a list of {role, content} string pairs (any extra keys dropped); a ValueError starting
+    with `where` names `field` when it is anything else or empty."""
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                       and isinstance(m.get("content"), str) for m in messages)):
+        raise ValueError(f"{where}: '{field}' must be a non-empty list of {{role, content}} objects with "
+                         "string values")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
 def load_prompts(path: str | Path) -> list[Prompt]:
     """All prompts of a JSONL file; a missing, empty or malformed file raises an error naming it."""
     prompts = [_row_to_prompt(row, where) for where, row in read_jsonl(path)]

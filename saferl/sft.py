@@ -205,14 +205,13 @@ def train_regression(model: Any, examples: Sequence[RegressionExample], *, pad_i
 
 def load_chat_jsonl(path: str | Path) -> list[tuple[list[dict[str, str]], str]]:
     """Rows `{"messages": [...], "completion": str}`; errors name the file and line."""
-    from saferl.data import read_jsonl
-    from saferl.guard.gen import _check_messages
+    from saferl.data import check_messages, read_jsonl
 
     rows = []
     for where, row in read_jsonl(path):
         if not isinstance(row, dict) or "messages" not in row or "completion" not in row:
             raise ValueError(f"{where}: expected an object with 'messages' and 'completion'")
-        messages = _check_messages(row["messages"], where, "messages")
+        messages = check_messages(row["messages"], where, "messages")
         if not messages[-1]["content"].strip():
             raise ValueError(f"{where}: the prompt is empty (the last message of 'messages')")
         if not isinstance(row["completion"], str) or not row["completion"].strip():  # nothing to learn

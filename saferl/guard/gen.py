@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from saferl.data import read_jsonl
+from saferl.data import check_messages, read_jsonl
 from saferl.guard.decisions import MODES, is_unsafe
 from saferl.types import GuardVerdict, ModerationItem, SafetyLabel
 
@@ -94,15 +94,6 @@ def _verdict_json(verdict: GuardVerdict) -> dict[str, Any]:
             "raw": verdict.raw}
 
 
-def _check_messages(messages: object, where: str, field: str) -> list[dict[str, str]]:
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                       and isinstance(m.get("content"), str) for m in messages)):
-        raise ValueError(f"{where}: '{field}' must be a non-empty list of {{role, content}} objects with "
-                         "string values")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
 def _optional_str(row: dict[str, Any], key: str, where: str) -> str | None:
     value = row.get(key)
     if value is not None and not isinstance(value, str):
@@ -117,7 +108,7 @@ def parse_record(row: object, where: str) -> GenRecord:
     response = _optional_str(row, "response", where)
     thinking = _optional_str(row, "thinking", where)
     if "messages" in row:
-        messages = _check_messages(row["messages"], where, "messages")
+        messages = check_messages(row["messages"], where, "messages")
         if messages[-1]["role"] == "assistant" and response is None:
             messages, response = messages[:-1], messages[-1]["content"]
             if not messages:
@@ -267,7 +258,7 @@ def parse_guardtest_row(row: object, where: str) -> GuardTestRow:
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "message" not in row:
         raise ValueError(f"{where}: missing field 'message' (a list of {{role, content}})")
-    messages = _check_messages(row["message"], where, "message")
+    messages = check_messages(row["message"], where, "message")
     if messages[-1]["role"] not in ("user", "assistant"):
         raise ValueError(f"{where}: the last message must be the user's or the assistant's, got "
                          f"{messages[-1]['role']!r}")

@@ -196,14 +196,15 @@ class StreamRow:
 
 def parse_stream_row(row: object, where: str) -> StreamRow:
     """Validate one training row; errors start with `where`."""
-    from saferl.guard.gen import _check_messages, _optional_index, _optional_str
+    from saferl.data import check_messages
+    from saferl.guard.gen import _optional_index, _optional_str
 
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
     fields = [k for k in ("message", "messages") if k in row]
     if len(fields) != 1:
         raise ValueError(f"{where}: give exactly one of 'message' (Qwen3GuardTest) or 'messages'")
-    messages = _check_messages(row[fields[0]], where, fields[0])
+    messages = check_messages(row[fields[0]], where, fields[0])
     role = messages[-1]["role"]
     if role not in ("user", "assistant"):
         raise ValueError(f"{where}: the last message must be the user's or the assistant's, got {role!r}")

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from saferl.engines import nucleus_mask  # the sampler's nucleus: pi is the behaviour policy
+
 MODES = ("gspo", "gspo-token", "grpo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 
@@ -216,28 +218,6 @@ def policy_loss(
         metrics["entropy"] = float(ent.detach())
         loss = loss - entropy_coef * ent
     return loss, metrics
-
-
-def nucleus_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The tokens a top-p sampler may draw, by vLLM's rule (`apply_top_k_top_p_pytorch`; HF's TopPLogitsWarper
-    is the same): sort ascending, drop a token while the cumulative probability up to and including it is
-    <= 1 - top_p, always keep the most likely one.
-
-    Args:
-        logits: [..., V] float32 logits, already divided by the temperature.
-        top_p: nucleus mass in (0, 1]; 1 keeps every token.
-
-    Returns:
-        [..., V] bool, True on the kept tokens.
-    """
-    if top_p >= 1.0:
-        return torch.ones_like(logits, dtype=torch.bool)
-    ascending, order = logits.sort(dim=-1)
-    # 1 - top_p in float32, as vLLM computes it from its float32 top_p tensor: the same boundary to the last bit.
-    threshold = 1.0 - torch.tensor(top_p, dtype=torch.float32, device=logits.device)
-    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= threshold
-    drop[..., -1] = False
-    return ~torch.empty_like(drop).scatter_(-1, order, drop)
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,

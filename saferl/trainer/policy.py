@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from saferl.rollout.weights import state_dict_blob
+from saferl.engines import state_dict_blob
 from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer import batching, distributed, lora
 from saferl.trainer.gspo import policy_loss, token_entropy, token_logprobs, warn_if_misconfigured
