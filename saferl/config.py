@@ -194,7 +194,7 @@ class RewardConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     """LoRA adapters on the policy through peft (rank 0 = full fine-tuning)."""
 
     rank: int = 0
@@ -234,7 +234,7 @@ class TrainerConfig:
     workers: int = 1
     strategy: str = "torch"  # torch (DDP across workers) | deepspeed
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (strategy=deepspeed)
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     gpus: float = 0.0  # per worker
     cpus: float = 0.5  # per worker
 

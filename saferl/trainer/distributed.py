@@ -2,7 +2,8 @@
 
 Owns process-group set-up, wrapping the model, and the three operations whose mechanics differ between the
 two: backward with or without gradient sync, the optimizer step (with clipping), and gathering full weights.
-Both expose the same `Engine` protocol, so `PolicyTrainer` has no branches on the strategy.
+Both expose the same `TrainingEngine` protocol, so `PolicyTrainer` has no branches on the strategy (the
+sampling engines of `saferl.engines` are a different thing: `saferl.engines.Engine`).
 
 - `TorchEngine`: fp32 master weights; bf16 via autocast on GPU. With world_size > 1 the model is wrapped in
   `DistributedDataParallel` (gloo on CPU, NCCL on GPU) and `no_sync` skips the all-reduce on all but the last
@@ -48,7 +49,9 @@ def init_process_group(rank: int, world_size: int, address: tuple[str, int]) -> 
                             world_size=world_size, timeout=timedelta(minutes=30))
 
 
-class Engine(Protocol):
+class TrainingEngine(Protocol):
+    """What `PolicyTrainer` drives: forward/backward/step of the policy under one parallelism strategy."""
+
     module: torch.nn.Module  # the unwrapped model (peft model under LoRA)
 
     def forward(self, *, last: bool, **inputs: Any) -> Any: ...

@@ -92,7 +92,7 @@ class PolicyTrainer:
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank: one permutation
         self.steps_done = 0
-        self.engine: distributed.Engine | None = None
+        self.engine: distributed.TrainingEngine | None = None
         self.compute_intervals: list[tuple[float, float]] = []
         self.warning = warn_if_misconfigured(loss, aggregation)
         if self.warning and rank == 0:
