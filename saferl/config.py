@@ -95,8 +95,17 @@ class RayConfig:
 
 @dataclass
 class DataConfig:
+    # The training prompts: a .jsonl or .parquet file, a local dataset directory (save_to_disk's, or one of
+    # data files per split), a hub dataset id or toyworld:train; read as `saferl eval --prompts` is.
     train: str = "toyworld:train"
     prompts_per_step: int = 16
+    # The column mapping of data.train (saferl eval's --prompt-column, --kind-column, --kind,
+    # --category-column, --split), so a set that evaluates also trains:
+    prompt_column: str | None = None  # a string or {role, content} messages; null: messages, else prompt
+    kind_column: str = "kind"  # harmful | benign | controversial; a row without it is of kind unknown
+    kind: str | None = None  # one kind for the whole set instead of kind_column
+    category_column: str | None = None  # null: category, when the row has it
+    split: str | None = None  # of a hub dataset (null: train) or a dataset directory (null: its only one)
 
 
 @dataclass
@@ -301,6 +310,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.resume": ("auto", "never"),
     "checkpoint.lora_export": ("merged", "adapter"),
     "reward.rules.unparsable": ("unsafe", "safe"),
+    "data.kind": (None, "harmful", "benign", "controversial"),
     "logging.wandb": ("disabled", "offline", "online"),
 }
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saferl.config import SafeRLConfig
+from saferl.references import resolve_reference
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,6 @@ class RolePlan:
     gpus: float  # per actor
     engine: str
     tensor_parallel: int = 1
-
-
-def model_path(ref: str | None, cfg: SafeRLConfig) -> str | None:
-    """Resolve `toyworld:<part>` to its cache path without building anything; other refs pass through."""
-    if ref is None or not ref.startswith("toyworld:"):
-        return ref
-    from saferl.toyworld.build import toyworld_paths
-
-    return str(toyworld_paths(cfg.toyworld).part(ref.split(":", 1)[1]))
 
 
 def plan(cfg: SafeRLConfig) -> list[RolePlan]:
@@ -81,8 +73,8 @@ def memory_gib(role: RolePlan, cfg: SafeRLConfig) -> str:
     """Weights (+ grads and AdamW states for the trainer) per GPU, when the model's config is local."""
     if role.engine in ("http", "openai"):
         return "served elsewhere"
-    path = model_path(role.model, cfg)
-    if path is None or not (Path(path) / "config.json").is_file():
+    path = resolve_reference(role.model, cfg.toyworld, build=False)  # a dry run builds nothing
+    if not (Path(path) / "config.json").is_file():
         return "n/a (config not local)"
     params = count_params(Path(path) / "config.json")
     if params is None:

@@ -15,19 +15,11 @@ from saferl.config import SafeRLConfig
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import GuardScorer
 from saferl.helpfulness import HelpfulnessScorer
+from saferl.references import resolve_reference
 from saferl.rollout.worker import RolloutWorker
 from saferl.runtime import check_model_dir
 from saferl.serving.client import EndpointPool, RemoteHelpfulnessScorer
 from saferl.trainer.policy import PolicyTrainer, connect_ranks
-
-
-def resolve(ref: str, cfg: SafeRLConfig) -> str:
-    """A model or data reference as a local path: `toyworld:<part>` builds the toy world if needed."""
-    if not ref.startswith("toyworld:"):
-        return ref
-    from saferl.toyworld.build import ensure_built
-
-    return str(ensure_built(cfg.toyworld).part(ref.split(":", 1)[1]))
 
 
 def check_endpoints(cfg: SafeRLConfig, timeout_s: float = 10.0) -> None:
@@ -72,10 +64,11 @@ class Roles:
 def build_roles(cfg: SafeRLConfig) -> Roles:
     """Create every role's actors (or local objects) from config; all model paths are resolved first."""
     ex, r, g, h, t = cfg.run.executor, cfg.rollout, cfg.guard, cfg.helpfulness, cfg.trainer
-    policy = resolve(cfg.policy.model, cfg)
+    policy = resolve_reference(cfg.policy.model, cfg.toyworld)
     remote_guard = g.backend in ("http", "openai")
-    guard_model = None if remote_guard else resolve(g.model, cfg)
-    rm_model = resolve(h.model, cfg) if h.model is not None and h.backend != "http" else None
+    guard_model = None if remote_guard else resolve_reference(g.model, cfg.toyworld)
+    rm_model = (resolve_reference(h.model, cfg.toyworld) if h.model is not None and h.backend != "http"
+                else None)
     for path in (policy, guard_model, rm_model):  # before any actor starts
         if path is not None:
             check_model_dir(path)

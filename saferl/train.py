@@ -24,18 +24,19 @@ from omegaconf import OmegaConf
 from saferl import checkpoint
 from saferl.actor_group import check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
-from saferl.data import PromptSampler, load_prompts
+from saferl.data import Columns, PromptSampler, load_prompts, subsample
 from saferl.eval.metrics import before_after_table
 from saferl.eval.policy_eval import evaluate, ground_truth_metrics
 from saferl.placement import format_plan, plan, requests
-from saferl.roles import Roles, build_roles, check_endpoints, resolve
+from saferl.references import resolve_reference
+from saferl.roles import Roles, build_roles, check_endpoints
 from saferl.runtime import configure_process
 from saferl.scoring import generate_and_score
 from saferl.tracking import PhaseTimer, Tracker, step_timing
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
 from saferl.trainer.weight_sync import BlobWeightSync
-from saferl.types import RewardInputs, RewardOutput, Rollout, TrainBatch
+from saferl.types import Prompt, RewardInputs, RewardOutput, Rollout, TrainBatch
 
 
 def make_train_batch(rollouts: list[Rollout], advantages: list[float]) -> TrainBatch:
@@ -101,6 +102,17 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def load_prompt_sets(cfg: SafeRLConfig) -> tuple[list[Prompt], list[Prompt]]:
+    """The training prompts (data.train under the data.* column mapping) and the held-out ones (eval.prompts,
+    eval.max_prompts of them at an even stride, which keeps every kind), read by `saferl eval`'s loader."""
+    d = cfg.data
+    columns = Columns(prompt=d.prompt_column, kind=d.kind_column, kind_value=d.kind,
+                      category=d.category_column)
+    train = load_prompts(resolve_reference(d.train, cfg.toyworld), columns, d.split)
+    held_out = load_prompts(resolve_reference(cfg.eval.prompts, cfg.toyworld))
+    return train, subsample(held_out, cfg.eval.max_prompts)
+
+
 def train(cfg: SafeRLConfig) -> dict[str, Any]:
     """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation."""
     configure_process(cfg.run.torch_threads)
@@ -116,11 +128,7 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
     if cfg.run.executor == "local" and cfg.trainer.workers > 1:
         raise ValueError(f"trainer.workers={cfg.trainer.workers} needs run.executor=ray (data-parallel workers "
                          "are separate processes)")
-    train_prompts = load_prompts(resolve(cfg.data.train, cfg))
-    eval_prompts = load_prompts(resolve(cfg.eval.prompts, cfg))
-    if cfg.eval.max_prompts and len(eval_prompts) > cfg.eval.max_prompts:  # an even stride keeps every kind
-        stride = len(eval_prompts) / cfg.eval.max_prompts
-        eval_prompts = [eval_prompts[int(i * stride)] for i in range(cfg.eval.max_prompts)]
+    train_prompts, eval_prompts = load_prompt_sets(cfg)
     resume_from = prepare_run_dir(cfg)
     print(format_plan(cfg), flush=True)
     if cfg.run.executor == "ray":

@@ -7,8 +7,11 @@ import argparse
 from saferl.cli.args import positive_int
 
 EVAL_EPILOG = """prompt sets (--prompts):
-  toyworld:heldout (default: eval.prompts), a .jsonl or .parquet file, or a Hugging Face dataset id
-  (read with datasets.load_dataset, --split; download it first on an offline machine).
+  toyworld:heldout (default: eval.prompts), a .jsonl or .parquet file, a local dataset directory (written by
+  datasets' save_to_disk, or one of .jsonl/.parquet files per split), or a Hugging Face dataset id (read
+  with datasets.load_dataset, --split; download it first on an offline machine). Training's data.train
+  takes the same sets and mapping (data.prompt_column, data.kind_column, data.kind, data.category_column,
+  data.split).
   Rows: the prompt (--prompt-column; default `messages`, else `prompt`): a string or a list of
   {role, content} ending with the user's turn; the kind (--kind-column, default `kind`): harmful | benign |
   controversial, or --kind for the whole set; the category (--category-column, default `category` if present).
@@ -44,14 +47,20 @@ examples:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from saferl.eval.prompt_sets import Columns
+    from functools import partial
+
+    from saferl.config import load_config
+    from saferl.data import Columns
     from saferl.eval.run import run
+    from saferl.references import resolve_reference
 
     columns = Columns(prompt=args.prompt_column, kind=args.kind_column, kind_value=args.kind,
                       category=args.category_column)
+    toyworld = load_config(args.config).toyworld  # the world the config's toyworld:<part> references name
     run(policies=args.model, config=args.config, prompts=args.prompts, columns=columns, split=args.split,
         guard=args.guard, rm=args.rm, seed=args.seed, samples=args.samples_per_prompt,
-        max_prompts=args.max_prompts, backend=args.backend, output=args.output)
+        max_prompts=args.max_prompts, backend=args.backend, output=args.output,
+        resolve=partial(resolve_reference, toyworld=toyworld))
     return 0
 
 
@@ -98,7 +107,8 @@ def add_eval_report_parsers(sub: argparse._SubParsersAction) -> None:
                    "(e.g. a run's config.yaml; default: schema defaults = toy world)")
     p.add_argument("--prompts", default=None,
                    help=f"prompt set (default: eval.prompts = {EvalConfig.prompts})")
-    p.add_argument("--split", default="train", help="split of a hub dataset (default: %(default)s)")
+    p.add_argument("--split", default=None,
+                   help="split of a hub dataset (default: train) or a dataset directory (default: its only one)")
     p.add_argument("--prompt-column", default=None,
                    help="column holding the prompt (default: messages or prompt)")
     p.add_argument("--kind-column", default="kind",

@@ -87,9 +87,9 @@ def _cmd_guard_moderate(args: argparse.Namespace) -> int:
     from saferl.guard.gen import GenGuard, moderate_file, read_records
 
     records = read_records(args.input)  # bad input fails before any weights load (or heavy import)
-    from saferl.toyworld.stream import resolve_toy_ref
+    from saferl.references import resolve_reference
 
-    guard = GenGuard.from_model(resolve_toy_ref(args.model), backend=args.backend,
+    guard = GenGuard.from_model(resolve_reference(args.model), backend=args.backend,
                                 max_new_tokens=args.max_new_tokens, max_model_len=args.max_model_len,
                                 dtype=args.dtype)
     counts = moderate_file(guard, records, args.output, args.mode, batch_size=args.batch_size,
@@ -102,21 +102,25 @@ def _cmd_guard_moderate(args: argparse.Namespace) -> int:
 
 def _cmd_guard_eval(args: argparse.Namespace) -> int:
     from saferl.guard.evaluate import format_report, run_eval
+    from saferl.references import resolve_reference
 
     report = run_eval(args.model, args.data, args.output, kind=args.kind, mode=args.mode, split=args.split,
                       backend=args.backend, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       max_model_len=args.max_model_len, dtype=args.dtype, predictions_out=args.predictions,
-                      progress=args.progress, rule=args.debounce, thinking=args.thinking)
+                      progress=args.progress, rule=args.debounce, thinking=args.thinking,
+                      resolve=resolve_reference)
     print(format_report(report))
     print(f"[guard] report written to {args.output}")
     return 0
 
 
 def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
-    from saferl.toyworld.stream import resolve_toy_ref
+    from saferl.references import resolve_reference
+
+    data = resolve_reference(args.data)  # before the (torch) import below: a bad reference fails at once
     from saferl.guard.stream_train import load_stream_rows
 
-    rows = load_stream_rows(resolve_toy_ref(args.data))  # bad input fails before any weights load
+    rows = load_stream_rows(data)  # bad input fails before any weights load
     from saferl.runtime import configure_process
 
     configure_process()
@@ -132,7 +136,7 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     )
     from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
 
-    backbone = resolve_toy_ref(args.backbone)
+    backbone = resolve_reference(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     tokenizer.chat_template = POLICY_CHAT_TEMPLATE
     model = init_stream_guard(backbone, guard_inner_size=args.guard_inner_size, seed=args.seed)
@@ -259,23 +263,25 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         raise ValueError("the PROMPT argument is empty: give a message, or leave PROMPT out for an interactive "
                          "chat")
     settings = _care_settings(args)
+    from saferl.references import resolve_reference
+
     if args.eval:
         from saferl.eval.care_eval import run_care_eval
 
         run_care_eval(policy=args.model, stream_guard=args.guard, prompts=args.eval, settings=settings,
                       seed=args.seed, samples=args.samples_per_prompt, max_prompts=args.max_prompts,
                       batch_size=args.batch_size, judge=args.judge, rm=None if args.rm == "none" else args.rm,
-                      backend=args.backend, device=args.device, dtype=args.dtype, output=args.output)
+                      backend=args.backend, device=args.device, dtype=args.dtype, output=args.output,
+                      resolve=resolve_reference)
         return 0
-    from saferl.toyworld.stream import resolve_toy_ref
     from saferl.runtime import configure_process
 
     configure_process()
     from saferl.care import load_care_models
     from saferl.eval.care_eval import chat, describe_intervention
 
-    models = load_care_models(resolve_toy_ref(args.model), None if args.no_care else resolve_toy_ref(args.guard),
-                              device=args.device, dtype=args.dtype)
+    guard = None if args.no_care else resolve_reference(args.guard)
+    models = load_care_models(resolve_reference(args.model), guard, device=args.device, dtype=args.dtype)
     messages: list[dict[str, str]] = []
     for turn, text in enumerate([args.prompt] if args.prompt else _typed_turns()):
         messages.append({"role": "user", "content": text})

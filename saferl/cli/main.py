@@ -59,10 +59,13 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
 
     rows = load_chat_jsonl(args.data)  # validate the data before loading any weights
+    from saferl.references import resolve_reference
+
+    start = resolve_reference(args.model)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(start)
+    model = AutoModelForCausalLM.from_pretrained(start)
     examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
     print(f"[sft] {len(examples)} examples from {args.data}; {args.steps} steps of {args.batch_size}")
     train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=args.steps, batch_size=args.batch_size,
@@ -85,11 +88,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.token_file}: the token file is empty")
     check_bind(args.host, token)  # before any weights load
     sock = bind_socket(args.host, args.port)  # a busy port fails now, not after the model has loaded
-    from saferl.toyworld.stream import resolve_toy_ref
+    from saferl.references import resolve_reference
     from saferl.runtime import configure_process
 
     configure_process()
-    model = resolve_toy_ref(args.model)
+    model = resolve_reference(args.model)
     if args.kind == "guard":
         from saferl.guard.scorer import GuardScorer
 
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (e.g. train a Gen-format guard)",
                        description='Fine-tune a causal LM on rows {"messages": [...], "completion": "..."}; the '
                        "prompt is rendered by the model's own chat template and only the completion is learned.")
-    p.add_argument("--model", required=True, help="model directory to start from")
+    p.add_argument("--model", required=True, help="model directory to start from, or toyworld:<part>")
     p.add_argument("--data", required=True, help="JSONL file of {messages, completion}")
     p.add_argument("--out", required=True, help="output directory (HF format)")
     p.add_argument("--steps", type=int, default=200)

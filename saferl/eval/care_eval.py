@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,15 +153,17 @@ def care_table(results: dict[str, dict[str, float]]) -> str:
 
 def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: CareSettings, seed: int,
                   samples: int, max_prompts: int, batch_size: int, judge: str, rm: str | None, backend: str,
-                  device: str | None, dtype: str, output: str | None) -> dict[str, dict[str, float]]:
-    """`saferl chat --eval` (see `saferl chat --help`): print the CARE off/on table, write JSON to `output`."""
+                  device: str | None, dtype: str, output: str | None,
+                  resolve: Callable[[str], str]) -> dict[str, dict[str, float]]:
+    """`saferl chat --eval` (see `saferl chat --help`): print the CARE off/on table, write JSON to `output`.
+    `resolve` turns each model and prompt-set reference into a path or hub id (the CLI's resolves
+    `toyworld:<part>`); the table and settings name the references as given."""
     from saferl.config import GuardConfig, HelpfulnessConfig, RewardRulesConfig
-    from saferl.eval.prompt_sets import Columns, load_prompt_set, subsample
-    from saferl.toyworld.stream import resolve_toy_ref
+    from saferl.data import Columns, load_prompts, subsample
     from saferl.runtime import check_model_dir, configure_process
 
-    prompt_set = subsample(load_prompt_set(resolve_toy_ref(prompts), Columns()), max_prompts)
-    paths = {name: resolve_toy_ref(ref) for name, ref in
+    prompt_set = subsample(load_prompts(resolve(prompts), Columns(), require_kind=True), max_prompts)
+    paths = {name: resolve(ref) for name, ref in
              (("policy", policy), ("stream_guard", stream_guard), ("judge", judge), ("rm", rm)) if ref}
     for path in paths.values():
         check_model_dir(path)  # before any model loads

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from saferl.data import Columns, load_prompts, subsample
 from saferl.eval.metrics import judge, models_table, policy_metrics
-from saferl.eval.prompt_sets import Columns, load_prompt_set, subsample
 from saferl.types import Prompt, RewardInputs, Rollout, SafetyPolicy
 
-if TYPE_CHECKING:
-    from saferl.config import SafeRLConfig
 
 
 @dataclass(frozen=True)
@@ -170,23 +169,20 @@ def format_report(settings: dict[str, Any], kinds: dict[str, int],
     return f"{describe(settings, kinds)}\n\n{models_table(results)}"
 
 
-def _resolve(ref: str, cfg: SafeRLConfig) -> str:
-    """A `toyworld:<part>` reference as a path (building the toy world if needed); anything else unchanged."""
-    if not ref.startswith("toyworld:"):
-        return ref
-    from saferl.roles import resolve
-
-    return resolve(ref, cfg)
+def _as_given(ref: str) -> str:
+    return ref
 
 
 def run(*, policies: list[str], config: str | None = None, prompts: str | None = None,
-        columns: Columns | None = None, split: str = "train", guard: str | None = None,
+        columns: Columns | None = None, split: str | None = None, guard: str | None = None,
         rm: str | None = None, seed: int | None = None, samples: int | None = None,
-        max_prompts: int | None = None, backend: str = "vllm",
-        output: str | None = None) -> dict[str, dict[str, float]]:
+        max_prompts: int | None = None, backend: str = "vllm", output: str | None = None,
+        resolve: Callable[[str], str] = _as_given) -> dict[str, dict[str, float]]:
     """`saferl eval` (see `saferl eval --help`): None arguments take their value from the config (`-c`, else
     the schema defaults: eval.*, guard.model, helpfulness.model); `rm="none"` runs without the RM. The RM is
-    hosted on helpfulness.backend (hf when that is http: evaluation hosts every model in-process)."""
+    hosted on helpfulness.backend (hf when that is http: evaluation hosts every model in-process).
+    `resolve` turns each model and prompt-set reference into a path or hub id (the CLI hands in
+    `saferl.references`' for `toyworld:<part>`); results and settings keep the references as given."""
     from saferl.config import load_config
     from saferl.runtime import check_model_dir, configure_process
 
@@ -194,7 +190,7 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
     refs = [parse_policy(m) for m in policies]
     check_labels(refs)
     prompt_ref = prompts or cfg.eval.prompts
-    prompt_set = subsample(load_prompt_set(_resolve(prompt_ref, cfg), columns or Columns(), split),
+    prompt_set = subsample(load_prompts(resolve(prompt_ref), columns or Columns(), split, require_kind=True),
                            cfg.eval.max_prompts if max_prompts is None else max_prompts)
     kinds: dict[str, int] = {}
     for p in prompt_set:
@@ -202,9 +198,9 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
     guard_ref = guard or cfg.guard.model
     rm_ref = rm or cfg.helpfulness.model
     rm_ref = None if rm_ref in (None, "none") else rm_ref
-    resolved = [PolicyRef(p.label, _resolve(p.model, cfg)) for p in refs]
-    guard_model = _resolve(guard_ref, cfg)
-    rm_model = _resolve(rm_ref, cfg) if rm_ref is not None else None
+    resolved = [PolicyRef(p.label, resolve(p.model)) for p in refs]
+    guard_model = resolve(guard_ref)
+    rm_model = resolve(rm_ref) if rm_ref is not None else None
     for path in [p.model for p in resolved] + [guard_model] + ([rm_model] if rm_model else []):
         check_model_dir(path)  # before any model loads
     samples = cfg.eval.samples_per_prompt if samples is None else samples

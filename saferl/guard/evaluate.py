@@ -13,9 +13,8 @@ Two guard kinds plug in:
   row's labels are debounced (`official` or `paper` rule) into a prediction and a detection index, which is
   binned against the annotated span; a prompt row's prediction is its last label (the query head at the user's `<|im_end|>`).
 
-`toyworld:<part>` model and data references resolve to the toy world (`toyworld:guard`,
-`toyworld:stream_guard`, `toyworld:stream_heldout`; `saferl.toyworld.stream.resolve_toy_ref`), built on
-first use.
+Model and data references (`toyworld:<part>` among them) become paths through the `resolve` the caller hands
+in (`saferl.references.resolve_reference` from the CLI).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,7 +192,8 @@ def write_atomic(path: str | Path, text: str) -> None:
 def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = "strict",
              split: str | None = None, backend: str = "vllm", batch_size: int = 32, max_new_tokens: int = 32,
              max_model_len: int = 1024, dtype: str = "float32", predictions_out: str | None = None,
-             progress: bool = True, rule: str = "official", thinking: bool = False) -> dict[str, Any]:
+             progress: bool = True, rule: str = "official", thinking: bool = False,
+             resolve: Callable[[str], str]) -> dict[str, Any]:
     """`saferl guard eval`: load and check the data, load the guard, score, write the JSON report.
 
     Args:
@@ -211,6 +211,7 @@ def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = 
         progress: show a progress bar on stderr (gen only).
         rule: stream debouncing rule, "official" or "paper".
         thinking: stream: evaluate from the reasoning start (official `--thinking`), not the answer.
+        resolve: turns `model` and `data` into a path or hub id (the report names them as given).
 
     Returns:
         The report (also written to `out`), with `model`, `data`, `split` and `seconds` added.
@@ -223,10 +224,8 @@ def run_eval(model: str, data: str, out: str, *, kind: str = "gen", mode: str = 
         raise ValueError(f"rule must be one of {DEBOUNCE_RULES}, got {rule!r}")
     if kind == "stream" and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES} for a Stream guard, got {dtype!r}")
-    from saferl.toyworld.stream import resolve_toy_ref
-
-    rows = load_guardtest(resolve_toy_ref(data), split)  # bad data fails before any weights load
-    model_path = resolve_toy_ref(model)
+    rows = load_guardtest(resolve(data), split)  # bad data fails before any weights load
+    model_path = resolve(model)
     start = time.monotonic()
     if kind == "stream":
         import torch

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from saferl.data import check_messages, read_jsonl
+from saferl.data import check_messages, data_files, read_jsonl, read_rows
 from saferl.guard.decisions import MODES, is_unsafe
 from saferl.types import GuardVerdict, ModerationItem, SafetyLabel
 
@@ -276,86 +276,15 @@ def parse_guardtest_row(row: object, where: str) -> GuardTestRow:
                         unsafe_start_index=start, unsafe_end_index=end)
 
 
-DATA_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet")
-
-
-def _read_parquet(path: Path) -> Iterator[tuple[str, object]]:
-    """(`file row i`, row) of a parquet file, read with pyarrow (a `datasets` dependency)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except pa.ArrowException as e:  # not parquet, truncated, ...: pyarrow's message does not name the file
-        raise ValueError(f"{path}: cannot read it as parquet ({e})") from e
-    try:
-        rows = table.to_pylist()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} {_first_bad_utf8(table)}: not valid UTF-8 ({e.reason})") from e
-    for i, row in enumerate(rows):
-        yield f"{path} row {i}", row
-
-
-def _first_bad_utf8(table: Any) -> str:
-    """`row i, column 'c'` of the first string cell that is not valid UTF-8 (the error path only: slow)."""
-    bad = []
-    for name in table.column_names:
-        for i, cell in enumerate(table.column(name)):
-            try:
-                cell.as_py()
-            except UnicodeDecodeError:
-                bad.append((i, name))
-                break
-    i, name = min(bad)
-    return f"row {i}, column '{name}'"
-
-
-def read_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, row) of a JSONL (`file:line`) or parquet (`file row i`) file, by its suffix."""
-    return _read_parquet(path) if path.suffix == ".parquet" else read_jsonl(path)
-
-
-def split_files(root: str | Path) -> dict[str, list[Path]]:
-    """The data files under a dataset directory by split, named as on the Hugging Face Hub.
-
-    A file's split is its stem up to the first '-': `thinking.jsonl` and
-    `data/thinking-00000-of-00001.parquet` both belong to `thinking`. Hidden folders (`.cache`, `.git`) are
-    skipped.
-    """
-    out: dict[str, list[Path]] = {}
-    for f in sorted(Path(root).rglob("*")):
-        hidden = any(part.startswith(".") for part in f.relative_to(root).parts)
-        if f.is_file() and f.suffix in DATA_SUFFIXES and not hidden:
-            out.setdefault(f.stem.split("-", 1)[0], []).append(f)
-    return out
-
-
 def load_guardtest(path: str | Path, split: str | None = None) -> list[GuardTestRow]:
     """Rows of a Qwen3GuardTest-layout set, read offline.
 
     Args:
         path: a JSONL file (errors name the line), a parquet file (errors name the row), or a dataset
-            directory such as a local snapshot of Qwen/Qwen3GuardTest (see `split_files`).
+            directory such as a local snapshot of Qwen/Qwen3GuardTest (see `saferl.data.split_files`).
         split: for a directory, the split to read (e.g. `thinking`); optional when it holds only one.
     """
-    p = Path(path)
-    if p.is_dir():
-        splits = split_files(p)
-        if not splits:
-            raise ValueError(f"{path}: no {'/'.join(DATA_SUFFIXES)} files in this directory")
-        if split is None and len(splits) > 1:
-            raise ValueError(f"{path}: has splits {sorted(splits)}; choose one with --split")
-        split = split if split is not None else next(iter(splits))
-        if split not in splits:
-            raise ValueError(f"{path}: no split {split!r}; available: {sorted(splits)}")
-        files = splits[split]
-    elif p.is_file():
-        if p.suffix not in DATA_SUFFIXES:
-            raise ValueError(f"{path}: expected a {' or '.join(DATA_SUFFIXES)} file or a dataset directory")
-        files = [p]
-    else:
-        raise FileNotFoundError(f"Data not found: {path} (expected a JSONL or parquet file, or a dataset "
-                                "directory; download a hub dataset first)")
+    files = data_files(path, split)
     out = [parse_guardtest_row(row, where) for f in files for where, row in read_rows(f)]
     if not out:
         raise ValueError(f"{path}: no rows (the data is empty)")

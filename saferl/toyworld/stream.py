@@ -2,8 +2,8 @@
 
 Owns the toy world as a Stream data source (which responses each prompt gets, where each risky response's
 first unsafe token is, the held-out set in the Qwen3GuardTest layout with `unsafe_start_index` /
-`unsafe_end_index`), `ensure_toy_stream_guard` (build once, then reuse) and `resolve_toy_ref`, which turns
-`toyworld:<part>` into a path for the Stream parts as well as the world's own.
+`unsafe_end_index`) and `ensure_toy_stream_guard` (build once, then reuse). `toyworld:stream_guard` and
+`toyworld:stream_heldout` resolve to these paths in `saferl.references`.
 
 Outputs, next to the world's other parts under `<cache_dir>/<key>/` (the world's key, unchanged):
   stream_guard/            Qwen3Guard-Stream checkpoint (released layout, ChatML tokenizer) + build.json
@@ -219,22 +219,3 @@ def ensure_toy_stream_guard(cfg: ToyWorldConfig | None = None) -> Path:
     from saferl.toyworld.build import ensure_built
 
     return ensure_toy_stream(ensure_built(cfg or ToyWorldConfig()).root).guard
-
-
-def resolve_toy_ref(ref: str, cfg: ToyWorldConfig | None = None) -> str:
-    """`toyworld:<part>` as a local path, building what is missing: the world's parts (policy, guard,
-    reward_model, train, heldout) and `stream_guard` / `stream_heldout`. Anything else is returned as is."""
-    if not ref.startswith("toyworld:"):
-        return ref
-    from saferl.config import ToyWorldConfig
-    from saferl.toyworld.build import PARTS as WORLD_PARTS
-    from saferl.toyworld.build import ensure_built
-
-    part = ref.split(":", 1)[1]
-    if part not in WORLD_PARTS + PARTS:
-        raise ValueError(f"unknown toy world part {part!r}; expected one of {WORLD_PARTS + PARTS}")
-    built = ensure_built(cfg or ToyWorldConfig())
-    if part in WORLD_PARTS:
-        return str(built.part(part))
-    stream = ensure_toy_stream(built.root)
-    return str(stream.guard if part == "stream_guard" else stream.heldout)

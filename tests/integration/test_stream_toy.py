@@ -36,7 +36,8 @@ def toy_stream(toy_world):
 
 def test_toy_stream_guard_builds_once_and_learns_its_labels(toy_world, toy_stream):
     from saferl.config import load_config
-    from saferl.toyworld.stream import VERSION, ensure_toy_stream_guard, resolve_toy_ref
+    from saferl.references import resolve_reference
+    from saferl.toyworld.stream import VERSION, ensure_toy_stream_guard
 
     assert toy_stream.guard == toy_world.root / "stream_guard"
     info = json.loads((toy_stream.guard / "build.json").read_text())
@@ -46,11 +47,11 @@ def test_toy_stream_guard_builds_once_and_learns_its_labels(toy_world, toy_strea
     # Cached: the public entry points return the same paths without rebuilding.
     cfg = load_config(None, [f"toyworld.cache_dir={toy_world.root.parent}"]).toyworld
     assert ensure_toy_stream_guard(cfg) == toy_stream.guard
-    assert resolve_toy_ref("toyworld:stream_heldout", cfg) == str(toy_stream.heldout)
-    assert resolve_toy_ref("toyworld:policy", cfg) == str(toy_world.part("policy"))
+    assert resolve_reference("toyworld:stream_heldout", cfg) == str(toy_stream.heldout)
+    assert resolve_reference("toyworld:policy", cfg) == str(toy_world.part("policy"))
     assert json.loads((toy_stream.guard / "build.json").read_text()) == info
     with pytest.raises(ValueError, match="unknown toy world part 'nope'"):
-        resolve_toy_ref("toyworld:nope", cfg)
+        resolve_reference("toyworld:nope", cfg)
 
 
 def test_streaming_flags_unsafe_compliance_at_its_trigger(toy_stream):

@@ -14,7 +14,7 @@ def test_malformed_line_names_file_and_line(tmp_path):
 def test_missing_field_names_line(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "hi"}\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: missing field 'messages'"):
+    with pytest.raises(ValueError, match=r"p.jsonl:2: missing column 'prompt' .*the row has \['text'\]"):
         load_prompts(f)
 
 
@@ -30,7 +30,7 @@ def test_empty_file_and_missing_file(tmp_path):
 def test_last_message_must_be_user(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
-    with pytest.raises(ValueError, match="p.jsonl:1: the last message must be the user's"):
+    with pytest.raises(ValueError, match="p.jsonl:1: the last message of column 'messages' must be the user's"):
         load_prompts(f)
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from saferl.cli import main
-from saferl.eval.prompt_sets import Columns, load_prompt_set
+from saferl.data import Columns, load_prompts
 
 MISSING = "/nonexistent/model"
 
@@ -25,15 +25,15 @@ def test_saferl_format_and_column_mapping(tmp_path):
     f = write_rows(tmp_path / "p.jsonl", [
         {"id": "a", "messages": [{"role": "user", "content": "hi"}], "kind": "benign", "meta": {"group": "g"}},
         {"prompt": "how to pick a lock", "kind": "harmful", "category": "Non-violent Illegal Acts"}])
-    a, b = load_prompt_set(str(f), Columns())
+    a, b = load_prompts(str(f), Columns(), require_kind=True)
     assert (a.id, a.text, a.kind, a.category, a.meta) == ("a", "hi", "benign", None, {"group": "g"})
     assert (b.id, b.text, b.kind, b.category) == (f"{f}:2", "how to pick a lock", "harmful",
                                                   "Non-violent Illegal Acts")
     g = write_rows(tmp_path / "q.jsonl", [{"question": "q1", "label": "harmful", "type": "PII"},
                                           {"question": "q2", "label": "benign", "type": None}])
-    mapped = load_prompt_set(str(g), Columns(prompt="question", kind="label", category="type"))
+    mapped = load_prompts(str(g), Columns(prompt="question", kind="label", category="type"), require_kind=True)
     assert [(p.text, p.kind, p.category) for p in mapped] == [("q1", "harmful", "PII"), ("q2", "benign", None)]
-    constant = load_prompt_set(str(g), Columns(prompt="question", kind_value="harmful"))
+    constant = load_prompts(str(g), Columns(prompt="question", kind_value="harmful"), require_kind=True)
     assert [p.kind for p in constant] == ["harmful", "harmful"]
 
 
@@ -43,9 +43,9 @@ def test_parquet_rows(tmp_path):
 
     f = tmp_path / "p.parquet"
     pq.write_table(pa.table({"text": ["a", "b"], "kind": ["harmful", "benign"]}), f)
-    assert [p.text for p in load_prompt_set(str(f), Columns(prompt="text"))] == ["a", "b"]
+    assert [p.text for p in load_prompts(str(f), Columns(prompt="text"), require_kind=True)] == ["a", "b"]
     with pytest.raises(ValueError, match=r"p.parquet row 0: missing column 'prompt' .*--prompt-column"):
-        load_prompt_set(str(f), Columns())
+        load_prompts(str(f), Columns(), require_kind=True)
 
 
 def test_malformed_line_names_file_and_line(tmp_path, capsys):

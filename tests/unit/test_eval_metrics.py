@@ -18,7 +18,7 @@ from saferl.eval.metrics import (
     models_table,
     policy_metrics,
 )
-from saferl.eval.prompt_sets import subsample
+from saferl.data import subsample
 from saferl.eval.run import PolicyRef, check_labels, parse_policy
 from saferl.types import GuardVerdict, Prompt, RewardInputs, Rollout, SafetyLabel, SafetyPolicy
 
