@@ -34,6 +34,13 @@ def recorder(monkeypatch):
     """Every binding of the one resolver replaced by one that records the reference and stops the command
     (a ValueError: the CLI prints it and exits 2). A command with its own resolver would never reach it."""
     seen: list[str] = []
+    import saferl.toyworld.build
+
+    def elsewhere(*args, **kwargs):
+        raise AssertionError("the toy world was located outside saferl.references")
+
+    for name in ("ensure_built", "toyworld_paths"):  # a second resolver fails fast instead of building
+        monkeypatch.setattr(saferl.toyworld.build, name, elsewhere)
 
     def fake(ref, toyworld=None, *, build=True):
         seen.append(ref)
