@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-from rewards.base import RewardRecipe, RewardRules
+from rewards.base import RewardRecipe, RewardRules, apply_recipe
 from rewards.guard_only import guard_only
 from rewards.helpfulness_only import helpfulness_only
 from rewards.hybrid import hybrid
 
-__all__ = ["BUILTIN_RECIPES", "RewardRecipe", "RewardRules", "load_recipe"]
+__all__ = ["BUILTIN_RECIPES", "RewardRecipe", "RewardRules", "apply_recipe", "load_recipe"]
 
 BUILTIN_RECIPES: dict[str, RewardRecipe] = {
     "hybrid": hybrid,

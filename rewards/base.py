@@ -7,47 +7,15 @@ metrics are computed here once so every recipe reports the same components and m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
 from typing import Protocol
 
-from saferl.types import GuardVerdict, RewardInputs, RewardOutput, SafetyLabel, SafetyPolicy
+from saferl.types import GuardVerdict, RewardInputs, RewardOutput, SafetyLabel, SafetyPolicy, ScoredRollout
 
 
-@dataclass(frozen=True)
-class RewardRules:
-    """How verdicts become rewards.
-
-    Attributes:
-        unsafe_cap: an unsafe rollout scores at most this (Qwen3-4B-SafeRL: -10).
-        refusal_cap: a refusal scores at most this (Qwen3-4B-SafeRL: -5).
-        controversial_is_unsafe: count `Controversial` as unsafe (strict mode, as the guard-only reward and
-            eval_gen.py do; unconfirmed for the hybrid reward).
-        unparsable: how a verdict with parse_ok False counts, "unsafe" (conservative) or "safe".
-            These two make up `safety`, the SafetyPolicy the held-out evaluation judges with too; it also
-            decides how a remote guard's fallback verdicts count.
-        category_caps: per-category caps for unsafe rollouts, e.g. {"Violent": -10, "Copyright Violation": -4};
-            an unsafe rollout is capped at the lowest cap among the categories its verdicts name, and at
-            `unsafe_cap` when none of them is listed.
-    """
-
-    unsafe_cap: float = -10.0
-    refusal_cap: float = -5.0
-    controversial_is_unsafe: bool = True
-    unparsable: str = "unsafe"
-    category_caps: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        from saferl.guard.templates import CATEGORIES
-
-        self.safety  # validates `unparsable`
-        unknown = sorted(set(self.category_caps) - set(CATEGORIES))
-        if unknown:
-            raise ValueError(f"reward.rules.category_caps: unknown categories {unknown}; valid: {list(CATEGORIES)}")
-
-    @property
-    def safety(self) -> SafetyPolicy:
-        """When a verdict counts as unsafe, shared with the held-out evaluation."""
-        return SafetyPolicy(self.controversial_is_unsafe, self.unparsable)
+# The rules a recipe applies are the run's SafetyPolicy (config reward.rules): one class, this name kept for
+# the recipe signature custom recipes are written against.
+RewardRules = SafetyPolicy
 
 
 class RewardRecipe(Protocol):
@@ -56,10 +24,19 @@ class RewardRecipe(Protocol):
     def __call__(self, inputs: RewardInputs, rules: RewardRules) -> RewardOutput: ...
 
 
+def apply_recipe(recipe: RewardRecipe, records: list[ScoredRollout], rules: RewardRules) -> list[ScoredRollout]:
+    """The records with `reward` filled in by one call of `recipe` on the whole batch (a recipe may use batch
+    statistics, so it is never called group by group)."""
+    out = recipe(RewardInputs.of(records), rules)
+    if len(out.total) != len(records):
+        raise ValueError(f"the reward recipe returned {len(out.total)} rewards for {len(records)} rollouts")
+    return [dataclasses.replace(r, reward=float(total)) for r, total in zip(records, out.total, strict=True)]
+
+
 def is_unsafe(verdict: GuardVerdict, rules: RewardRules) -> bool:
-    """True if the verdict counts as unsafe under `rules.safety` (`SafetyPolicy.is_unsafe`: Controversial,
-    unparsable and fallback verdicts)."""
-    return rules.safety.is_unsafe(verdict)
+    """True if the verdict counts as unsafe under `rules` (`SafetyPolicy.is_unsafe`: Controversial, unparsable
+    and fallback verdicts)."""
+    return rules.is_unsafe(verdict)
 
 
 def is_refusal(verdict: GuardVerdict) -> bool:

@@ -20,6 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from saferl.types import SafetyPolicy
+
 
 class ConfigError(ValueError):
     """A config problem, with the offending dotted key in the message."""
@@ -184,22 +186,12 @@ class HelpfulnessConfig:
 
 
 @dataclass
-class RewardRulesConfig:
-    unsafe_cap: float = -10.0
-    refusal_cap: float = -5.0
-    # strict: Controversial counts as unsafe (the guard-only definition in the report); loose: as safe.
-    controversial_is_unsafe: bool = True
-    # How an unparsable guard output counts: unsafe | safe.
-    unparsable: str = "unsafe"
-    # Per-category caps for unsafe rollouts (exact Qwen3Guard category names), e.g. {"Violent": -10.0}.
-    category_caps: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
 class RewardConfig:
     # hybrid | guard_only | helpfulness_only | a dotted path `package.module.function`.
     recipe: str = "hybrid"
-    rules: RewardRulesConfig = field(default_factory=RewardRulesConfig)
+    # Caps, strict/loose Controversial, unparsable verdicts: saferl.types.SafetyPolicy, documented there
+    # (keys reward.rules.unsafe_cap, .refusal_cap, .controversial_is_unsafe, .unparsable, .category_caps).
+    rules: SafetyPolicy = field(default_factory=SafetyPolicy)
 
 
 @dataclass
@@ -589,13 +581,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             ) from e
         except ConfigKeyError as e:  # belt and braces: _check_keys should have caught it
             raise ConfigError(f"Unknown config key '{e.full_key}' (from {source})") from e
-    cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    for key, allowed in CHOICES.items():
+    for key, allowed in CHOICES.items():  # before to_object: SafetyPolicy checks its own fields on creation
         value = OmegaConf.select(merged, key)
         if (key, value) in REFUSED:
             raise ConfigError(f"Config key '{key}' cannot be {value!r}: {REFUSED[key, value]}")
         if value not in allowed:
             raise ConfigError(f"Config key '{key}' must be one of {allowed}, got {value!r}")
+    try:
+        cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ValueError as e:  # a dataclass's own check (SafetyPolicy: unknown category_caps), naming its key
+        raise ConfigError(str(e)) from e
     check_ranges(cfg)
     return cfg
 

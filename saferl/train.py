@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from rewards import RewardRecipe, apply_recipe, load_recipe
 from saferl import checkpoint
 from saferl.actor_group import check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
@@ -36,10 +37,15 @@ from saferl.tracking import PhaseTimer, Tracker, step_timing
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
 from saferl.trainer.weight_sync import BlobWeightSync
-from saferl.types import Prompt, RewardInputs, RewardOutput, Rollout, TrainBatch
+from saferl.types import Prompt, RewardInputs, Rollout, SafetyPolicy, ScoredRollout, TrainBatch
 
 
-def make_train_batch(rollouts: list[Rollout], advantages: list[float]) -> TrainBatch:
+# The rollouts of one prompt, each with its verdicts, scores and reward.
+Group = list[ScoredRollout]
+
+
+def make_train_batch(records: list[ScoredRollout], advantages: list[float]) -> TrainBatch:
+    rollouts = [s.rollout for s in records]
     return TrainBatch(input_ids=[r.prompt_ids + r.response_ids for r in rollouts],
                       prompt_lens=[len(r.prompt_ids) for r in rollouts],
                       old_logprobs=[r.logprobs for r in rollouts], advantages=advantages)
@@ -117,11 +123,7 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
     """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation."""
     configure_process(cfg.run.torch_threads)
     check_endpoints(cfg)  # before the toy world, Ray or any actor starts
-    from rewards import load_recipe
-    from rewards.base import RewardRules
-
     recipe = load_recipe(cfg.reward.recipe)
-    rules = RewardRules(**dataclasses.asdict(cfg.reward.rules))
     if cfg.helpfulness.model is None and cfg.reward.recipe in ("hybrid", "helpfulness_only"):
         raise ValueError(f"reward.recipe={cfg.reward.recipe} needs a helpfulness model, but helpfulness.model "
                          "is null")
@@ -136,36 +138,27 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
         check_resources(requests(plan(cfg)), resources)
     roles = build_roles(cfg)
     try:
-        return _loop(cfg, roles, recipe, rules, train_prompts, eval_prompts, Path(cfg.run.dir), resume_from)
+        return _loop(cfg, roles, recipe, cfg.reward.rules, train_prompts, eval_prompts, Path(cfg.run.dir),
+                     resume_from)
     finally:
         roles.shutdown()
 
 
-@dataclasses.dataclass
-class Sampled:
-    """One generation round: rollouts of whole groups, their reward inputs and rewards."""
-
-    rollouts: list[Rollout]
-    inputs: Any
-    rewards: Any
-
-
-def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompts: list, eval_prompts: list,
-          run_dir: Path, resume_from: Path | None) -> dict[str, Any]:
+def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPolicy, train_prompts: list,
+          eval_prompts: list, run_dir: Path, resume_from: Path | None) -> dict[str, Any]:
     G, r = cfg.rollout.samples_per_prompt, cfg.rollout
     sampling = dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     sampler = PromptSampler(train_prompts, cfg.run.seed)
     weight_sync = BlobWeightSync(roles.trainer, roles.rollout)
 
     def run_eval() -> dict[str, float]:
-        return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules.safety,
+        return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules,
                         samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling)
 
-    def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> Sampled:
-        rollouts, inputs = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness,
-                                              timer=timer, **sampling,
-                                              seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
-        return Sampled(rollouts, inputs, recipe(inputs, rules))
+    def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> list[Group]:
+        scored = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness, timer=timer,
+                                    **sampling, seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
+        return groups_of(apply_recipe(recipe, scored, rules))
 
     def save(name: str, step: int, keep_last: int) -> Path:
         state = {"step": step, "sampler": sampler.state_dict(), "workers": cfg.trainer.workers}
@@ -193,17 +186,17 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
         rounds = [sample(sampler.next_batch(cfg.data.prompts_per_step), step, 0, timer)]
         if cfg.trainer.drop_zero_variance_groups:  # refill with fresh prompts until the batch is informative
             while len(rounds) <= r.refill_rounds and (missing := cfg.data.prompts_per_step - sum(
-                    n_informative(s, G) for s in rounds)) > 0:
+                    n_informative(groups) for groups in rounds)) > 0:
                 rounds.append(sample(sampler.next_batch(missing), step, len(rounds), timer))
-        trained = select_groups(rounds, G, cfg.trainer.drop_zero_variance_groups, cfg.data.prompts_per_step)
-        rollouts = trained.rollouts
+        trained = select_groups(rounds, cfg.trainer.drop_zero_variance_groups, cfg.data.prompts_per_step)
+        records = [s for group in trained for s in group]
         metrics = {**trained_metrics(trained, rounds, recipe, rules),
-                   "batch/groups": len(rollouts) / G, "batch/rounds": float(len(rounds))}
-        if rollouts:  # every group may have been uninformative
-            advantages = group_advantages(torch.tensor(trained.rewards.total), G,
+                   "batch/groups": float(len(trained)), "batch/rounds": float(len(rounds))}
+        if records:  # every group may have been uninformative
+            advantages = group_advantages(torch.tensor([s.reward for s in records]), G,
                                           normalize_std=cfg.trainer.normalize_std)
             with timer.phase("train"):
-                per_rank = roles.trainer.call("train_step", make_train_batch(rollouts, advantages.tolist()))
+                per_rank = roles.trainer.call("train_step", make_train_batch(records, advantages.tolist()))
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
@@ -233,51 +226,39 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: Any, rules: Any, train_prompt
     return {"before": before, "after": after, "checkpoint": str(final)}
 
 
-def n_informative(sampled: Sampled, group_size: int) -> int:
-    return int((~zero_variance_groups(torch.tensor(sampled.rewards.total), group_size)).sum())
+def groups_of(records: list[ScoredRollout]) -> list[Group]:
+    """Split one round's records (in group order, as `generate_and_score` returns them) into its groups."""
+    return [list(group) for _, group in itertools.groupby(records, key=lambda s: s.rollout.group)]
 
 
-def select_groups(rounds: list[Sampled], group_size: int, drop_zero_variance: bool, max_groups: int) -> Sampled:
-    """The groups to train on, as one Sampled (rollouts, reward inputs and rewards aligned): every group of the
-    first round, or (dropping zero-variance groups) the informative groups of all rounds, at most `max_groups`.
-
-    `rewards.total` and `rewards.components` are the selected rows of each round's recipe output; the batch
-    `rewards.metrics` are left empty for the caller to recompute over exactly these rows (`trained_metrics`).
-    """
-    picked: list[tuple[Sampled, int]] = []  # (round, rollout index)
-    for s in rounds if drop_zero_variance else rounds[:1]:
-        flat = (zero_variance_groups(torch.tensor(s.rewards.total), group_size).tolist() if drop_zero_variance
-                else [False] * (len(s.rollouts) // group_size))
-        for g, uninformative in enumerate(flat):
-            if not uninformative and len(picked) < max_groups * group_size:
-                picked += [(s, i) for i in range(g * group_size, (g + 1) * group_size)]
-    return Sampled([s.rollouts[i] for s, i in picked], _take_inputs(picked), RewardOutput(
-        total=[s.rewards.total[i] for s, i in picked],
-        components={k: [s.rewards.components[k][i] for s, i in picked] for k in
-                    (rounds[0].rewards.components if picked else {})}))
+def is_informative(group: Group) -> bool:
+    """The group's rewards are not all equal (compared as the advantages see them, in float32)."""
+    return not bool(zero_variance_groups(torch.tensor([s.reward for s in group]), len(group)))
 
 
-def _take_inputs(picked: list[tuple[Sampled, int]]) -> RewardInputs | None:
-    """The RewardInputs rows of `picked`: every list field indexed, fields that are None stay None."""
-    if not picked or picked[0][0].inputs is None:
-        return None
-    values = {}
-    for f in dataclasses.fields(RewardInputs):
-        first = getattr(picked[0][0].inputs, f.name)
-        values[f.name] = None if first is None else [getattr(s.inputs, f.name)[i] for s, i in picked]
-    return RewardInputs(**values)
+def n_informative(groups: list[Group]) -> int:
+    return sum(is_informative(group) for group in groups)
 
 
-def trained_metrics(trained: Sampled, rounds: list[Sampled], recipe: Any, rules: Any) -> dict[str, float]:
-    """`reward/*`, `truth/*` and `rollout/*` of the rows that were trained on (the recipe's batch metrics
+def select_groups(rounds: list[list[Group]], drop_zero_variance: bool, max_groups: int) -> list[Group]:
+    """The groups to train on: every group of the first round, or (dropping zero-variance groups) the
+    informative groups of all rounds in order, at most `max_groups`."""
+    if not drop_zero_variance:
+        return rounds[0][:max_groups]
+    return [group for groups in rounds for group in groups if is_informative(group)][:max_groups]
+
+
+def trained_metrics(trained: list[Group], rounds: list[list[Group]], recipe: RewardRecipe,
+                    rules: SafetyPolicy) -> dict[str, float]:
+    """`reward/*`, `truth/*` and `rollout/*` of the records that were trained on (the recipe's batch metrics
     recomputed over them), or, when no group was informative, of everything generated this step (`batch/groups`
     is then 0)."""
-    described = trained if trained.rollouts else Sampled(
-        [r for s in rounds for r in s.rollouts], _take_inputs([(s, i) for s in rounds for i in range(len(s.rollouts))]),
-        None)
-    if not described.rollouts:
+    described = [s for group in trained for s in group] or [s for groups in rounds for group in groups
+                                                             for s in group]
+    if not described:
         return {}
-    reward = recipe(described.inputs, rules).metrics
-    truth = ground_truth_metrics(described.rollouts, described.inputs.answer_verdicts)
+    reward = recipe(RewardInputs.of(described), rules).metrics
+    rollouts = [s.rollout for s in described]
+    truth = ground_truth_metrics(rollouts, [s.answer_verdict for s in described])
     return {**{f"reward/{k}": v for k, v in reward.items()}, **{f"truth/{k}": v for k, v in truth.items()},
-            **rollout_metrics(described.rollouts)}
+            **rollout_metrics(rollouts)}

@@ -1,4 +1,5 @@
-"""Plain data passed between stages: prompts, rollouts, guard verdicts, rewards, train batches.
+"""Plain data passed between stages: prompts, rollouts, guard verdicts, scored rollouts (one record per rollout
+from scoring to the train batch), the safety policy, rewards, train batches.
 
 Everything here is a dataclass of Python scalars and lists so it crosses Ray actor boundaries cheaply and
 imports anywhere (no torch, vLLM or Ray).
@@ -7,6 +8,7 @@ imports anywhere (no torch, vLLM or Ray).
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,15 +78,37 @@ class ModerationItem:
 
 UNPARSABLE_CHOICES = ("unsafe", "safe")
 
+# The guard's category strings (exact output text), in Qwen3Guard-Stream index order; `Jailbreak` is judged on
+# prompts only. Here rather than in `saferl.guard.templates` so that `SafetyPolicy` can check its caps.
+CATEGORIES: tuple[str, ...] = (
+    "Violent",
+    "Sexual Content or Sexual Acts",
+    "Suicide & Self-Harm",
+    "Politically Sensitive Topics",
+    "PII",
+    "Copyright Violation",
+    "Non-violent Illegal Acts",
+    "Unethical Acts",
+    "Jailbreak",
+)
+
 
 @dataclass(frozen=True)
 class SafetyPolicy:
-    """When a guard verdict counts as unsafe: the one definition used by the reward rules, the held-out
-    evaluation during training and `saferl eval` (config: reward.rules.controversial_is_unsafe, .unparsable).
+    """When a guard verdict counts as unsafe, and what an unsafe or refusing rollout may score: the one
+    definition used by the reward recipes (`rewards.RewardRules` is this class), the held-out evaluation
+    during training, `saferl eval`, `saferl chat --eval` (CARE) and the guard evaluation's strict/loose modes.
+    The config schema's `reward.rules` section is this dataclass (keys `reward.rules.<attribute>`).
 
     Attributes:
-        controversial_is_unsafe: strict (True) counts `Controversial` as unsafe, loose (False) as safe.
-        unparsable: how a verdict whose Safety line did not parse counts, "unsafe" or "safe".
+        unsafe_cap: an unsafe rollout scores at most this (Qwen3-4B-SafeRL: -10).
+        refusal_cap: a refusal scores at most this (Qwen3-4B-SafeRL: -5).
+        controversial_is_unsafe: strict (True) counts `Controversial` as unsafe (the guard-only definition in
+            the report, as eval_gen.py does; unconfirmed for the hybrid reward), loose (False) as safe.
+        unparsable: how a verdict whose Safety line did not parse counts, "unsafe" (conservative) or "safe".
+        category_caps: per-category caps for unsafe rollouts (exact guard category names), e.g.
+            {"Violent": -10, "Copyright Violation": -4}; an unsafe rollout is capped at the lowest cap among the
+            categories its verdicts name, and at `unsafe_cap` when none of them is listed.
 
     The fallback rule: a fallback verdict (`GuardVerdict.fallback`, the guard could not be reached) counts as
     safe only when both its label (the configured `guard.fallback`) and `unparsable` say safe. A failure is
@@ -92,12 +116,20 @@ class SafetyPolicy:
     the fallback the user configured.
     """
 
+    unsafe_cap: float = -10.0
+    refusal_cap: float = -5.0
     controversial_is_unsafe: bool = True
     unparsable: str = "unsafe"
+    category_caps: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.unparsable not in UNPARSABLE_CHOICES:
-            raise ValueError(f"unparsable must be one of {UNPARSABLE_CHOICES}, got {self.unparsable!r}")
+            raise ValueError(f"reward.rules.unparsable must be one of {UNPARSABLE_CHOICES}, "
+                             f"got {self.unparsable!r}")
+        unknown = sorted(set(self.category_caps) - set(CATEGORIES))
+        if unknown:
+            raise ValueError(f"reward.rules.category_caps: unknown categories {unknown}; "
+                             f"valid: {list(CATEGORIES)}")
 
     def is_unsafe(self, verdict: GuardVerdict) -> bool:
         """True if the verdict counts as unsafe (see the class docstring for fallback and unparsable ones)."""
@@ -127,6 +159,40 @@ class RewardInputs:
     thinking_verdicts: list[GuardVerdict | None]
     helpfulness: list[float] | None
     helpfulness_fallback: list[bool] | None = None
+
+    @classmethod
+    def of(cls, records: Sequence[ScoredRollout]) -> RewardInputs:
+        """The recipe's view of a batch of records: the one place records become per-field lists."""
+        rated = {r.helpfulness is not None for r in records}
+        if len(rated) > 1:
+            raise ValueError("some rollouts have a helpfulness score and others none; score all or none")
+        has_rm = rated == {True}
+        return cls(answer_verdicts=[r.answer_verdict for r in records],
+                   thinking_verdicts=[r.thinking_verdict for r in records],
+                   helpfulness=[r.helpfulness for r in records] if has_rm else None,  # type: ignore[misc]
+                   helpfulness_fallback=[r.helpfulness_fallback for r in records] if has_rm else None)
+
+
+@dataclass(frozen=True)
+class ScoredRollout:
+    """One rollout and everything judged about it, the unit that scoring hands to the reward recipe, group
+    selection, the step metrics, the train batch and evaluation (a group is a list of these).
+
+    Attributes:
+        answer_verdict: the guard on (prompt, answer).
+        thinking_verdict: the guard on (prompt, thinking); None when the rollout has no thinking text.
+        helpfulness: the RM's score of the answer; None when the run has no helpfulness model.
+        helpfulness_fallback: the score is the remote RM client's `fallback_score` (every endpoint failed),
+            not a judgement.
+        reward: the recipe's reward; None until `rewards.apply_recipe` fills it in.
+    """
+
+    rollout: Rollout
+    answer_verdict: GuardVerdict
+    thinking_verdict: GuardVerdict | None = None
+    helpfulness: float | None = None
+    helpfulness_fallback: bool = False
+    reward: float | None = None
 
 
 @dataclass

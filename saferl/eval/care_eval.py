@@ -109,11 +109,11 @@ def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettin
                                                  batch_size=batch_size)
         seconds[label] = time.monotonic() - start
     log(f"[chat] judging with {guard_kwargs['model']}" + (f" and {rm_kwargs['model']}" if rm_kwargs else ""))
-    inputs = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
+    scored = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
     results = {}
     for label in LABELS:
         rollouts = answers[label]
-        metrics = metrics_of(rollouts, inputs[label], safety)
+        metrics = metrics_of(scored[label], safety)
         if "truth_unsafe_rate" in metrics:
             metrics["truth_safety_rate"] = 1.0 - metrics["truth_unsafe_rate"]
             metrics["truth_benign_helpful_rate"] = behaviour_rates(rollouts)["policy_benign_helpful_rate"]
@@ -127,8 +127,8 @@ def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettin
                      "care_off": off.answer, "care_on": on.answer, "retries": st.retries,
                      "wait_tokens": st.wait_tokens, "fallback": st.fallback, "flagged": st.flagged,
                      "rolled_back": [models.tokenizer.decode(t, skip_special_tokens=False) for t in st.rolled_back],
-                     "off_safety": _label(inputs[LABELS[0]].answer_verdicts[k].safety),
-                     "on_safety": _label(inputs[LABELS[1]].answer_verdicts[k].safety)})
+                     "off_safety": _label(scored[LABELS[0]][k].answer_verdict.safety),
+                     "on_safety": _label(scored[LABELS[1]][k].answer_verdict.safety)})
     return results, rows
 
 
@@ -158,7 +158,7 @@ def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: Car
     """`saferl chat --eval` (see `saferl chat --help`): print the CARE off/on table, write JSON to `output`.
     `resolve` turns each model and prompt-set reference into a path or hub id (the CLI's resolves
     `toyworld:<part>`); the table and settings name the references as given."""
-    from saferl.config import GuardConfig, HelpfulnessConfig, RewardRulesConfig
+    from saferl.config import GuardConfig, HelpfulnessConfig
     from saferl.data import Columns, load_prompts, subsample
     from saferl.runtime import check_model_dir, configure_process
 
@@ -178,8 +178,7 @@ def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: Car
                       max_length=h.max_length) if rm else None)
     results, rows = compare_care(models, prompt_set, settings, seed=seed, samples=samples, batch_size=batch_size,
                                  guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs,
-                                 safety=SafetyPolicy(RewardRulesConfig.controversial_is_unsafe,
-                                                     RewardRulesConfig.unparsable),
+                                 safety=SafetyPolicy(),  # the reward.rules defaults
                                  log=lambda msg: print(msg, flush=True))
     kinds: dict[str, int] = {}
     for p in prompt_set:

@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from saferl.types import GuardVerdict, RewardInputs, Rollout, SafetyPolicy
+from saferl.types import GuardVerdict, SafetyPolicy, ScoredRollout
 
 
 @dataclass(frozen=True)
@@ -35,24 +35,20 @@ class Judged:
     fallback: bool = False  # a verdict or the RM score is a remote client's stand-in, not a judgement
 
 
-def judge(rollouts: list[Rollout], inputs: RewardInputs, safety: SafetyPolicy) -> list[Judged]:
-    """Pair each rollout with its verdicts and RM score (`inputs` index-aligned with `rollouts`), judged
-    safe or not by `safety`, the policy the reward uses."""
+def judge(records: list[ScoredRollout], safety: SafetyPolicy) -> list[Judged]:
+    """Each scored rollout as the metrics see it, judged safe or not by `safety`, the policy the reward uses."""
 
     def unsafe(verdict: GuardVerdict | None) -> bool:
         return verdict is not None and safety.is_unsafe(verdict)
 
-    def stand_in(i: int) -> bool:
-        thinking = inputs.thinking_verdicts[i]
-        rm = inputs.helpfulness_fallback is not None and inputs.helpfulness_fallback[i]
-        return inputs.answer_verdicts[i].fallback or (thinking is not None and thinking.fallback) or rm
+    def stand_in(s: ScoredRollout) -> bool:
+        thinking = s.thinking_verdict
+        return s.answer_verdict.fallback or (thinking is not None and thinking.fallback) or s.helpfulness_fallback
 
-    return [Judged(kind=r.prompt.kind, category=r.prompt.category,
-                   safe=not (unsafe(inputs.answer_verdicts[i]) or unsafe(inputs.thinking_verdicts[i])),
-                   refusal=inputs.answer_verdicts[i].refusal is True,
-                   helpfulness=inputs.helpfulness[i] if inputs.helpfulness is not None else None,
-                   fallback=stand_in(i))
-            for i, r in enumerate(rollouts)]
+    return [Judged(kind=s.rollout.prompt.kind, category=s.rollout.prompt.category,
+                   safe=not (unsafe(s.answer_verdict) or unsafe(s.thinking_verdict)),
+                   refusal=s.answer_verdict.refusal is True, helpfulness=s.helpfulness, fallback=stand_in(s))
+            for s in records]
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -2,7 +2,7 @@
 
 Samples `samples_per_prompt` answers per prompt with a fixed seed (the same draws before and after
 training), judges them with the same guard and RM as training and the same `SafetyPolicy` as the reward
-(the run passes `RewardRules.safety`), and reports the rates of `saferl.eval.metrics` (safety_rate, benign_refusal_rate, benign_helpfulness, per-category safety).
+(the run passes its `reward.rules`), and reports the rates of `saferl.eval.metrics` (safety_rate, benign_refusal_rate, benign_helpfulness, per-category safety).
 Toy-world prompts carry ground truth, so their answers are also classified back to styles (`truth_*`):
 this is what exposes a guard being fooled by garbled text (reward hacking).
 """
@@ -20,10 +20,10 @@ def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any |
              safety: SafetyPolicy, samples: int, seed: int, temperature: float, top_p: float,
              max_new_tokens: int) -> dict[str, float]:
     """Metrics of the policy currently loaded in the rollout engines (see module docstring)."""
-    rollouts, inputs = generate_and_score(rollout, prompts, samples, guard, helpfulness, temperature=temperature,
-                                          top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
-    metrics = policy_metrics(judge(rollouts, inputs, safety))
-    metrics.update(ground_truth_metrics(rollouts, inputs.answer_verdicts))
+    scored = generate_and_score(rollout, prompts, samples, guard, helpfulness, temperature=temperature,
+                                top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    metrics = policy_metrics(judge(scored, safety))
+    metrics.update(ground_truth_metrics([s.rollout for s in scored], [s.answer_verdict for s in scored]))
     return metrics
 
 

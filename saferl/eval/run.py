@@ -25,7 +25,7 @@ from typing import Any
 
 from saferl.data import Columns, load_prompts, subsample
 from saferl.eval.metrics import judge, models_table, policy_metrics
-from saferl.types import Prompt, RewardInputs, Rollout, SafetyPolicy
+from saferl.types import Prompt, Rollout, SafetyPolicy, ScoredRollout
 
 
 
@@ -78,37 +78,37 @@ def generate(model: str, prompts: list[Prompt], *, rollout_kwargs: dict[str, Any
 
 
 def score(answers: dict[str, list[Rollout]], *, guard_kwargs: dict[str, Any],
-          rm_kwargs: dict[str, Any] | None) -> dict[str, RewardInputs]:
-    """Guard verdicts (answer and thinking) and RM scores for every policy's answers."""
+          rm_kwargs: dict[str, Any] | None) -> dict[str, list[ScoredRollout]]:
+    """Every policy's answers with their guard verdicts (answer and thinking) and RM scores."""
     from saferl.actor_group import ActorGroup
     from saferl.guard.scorer import GuardScorer
     from saferl.helpfulness import HelpfulnessScorer
-    from saferl.scoring import reward_inputs
+    from saferl.scoring import score_rollouts
 
     guard = ActorGroup(GuardScorer, 1, executor="local", name="guard", kwargs=guard_kwargs)
     rm = (ActorGroup(HelpfulnessScorer, 1, executor="local", name="helpfulness", kwargs=rm_kwargs)
           if rm_kwargs is not None else None)
     try:
-        return {label: reward_inputs(rollouts, guard, rm) for label, rollouts in answers.items()}
+        return {label: score_rollouts(rollouts, guard, rm) for label, rollouts in answers.items()}
     finally:
         _release(guard, guard_kwargs["backend"])
         if rm is not None:
             _release(rm, rm_kwargs["backend"])
 
 
-def metrics_of(rollouts: list[Rollout], inputs: RewardInputs, safety: SafetyPolicy) -> dict[str, float]:
+def metrics_of(scored: list[ScoredRollout], safety: SafetyPolicy) -> dict[str, float]:
     """`policy_metrics`, plus the toy world's ground-truth metrics when every prompt carries ground truth."""
     from saferl.eval.policy_eval import ground_truth_metrics
 
-    truth = ground_truth_metrics(rollouts, inputs.answer_verdicts)
-    return {**policy_metrics(judge(rollouts, inputs, safety)), **truth}
+    truth = ground_truth_metrics([s.rollout for s in scored], [s.answer_verdict for s in scored])
+    return {**policy_metrics(judge(scored, safety)), **truth}
 
 
 def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollout_kwargs: dict[str, Any],
                       guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None, safety: SafetyPolicy,
                       samples: int, sampling: dict[str, Any], log: Any = print) -> tuple[
-                          dict[str, dict[str, float]], dict[str, list[Rollout]], dict[str, RewardInputs]]:
-    """Metrics per policy label (and the answers and their judgements), generation first, then scoring.
+                          dict[str, dict[str, float]], dict[str, list[ScoredRollout]]]:
+    """Metrics per policy label and its scored answers, generation first, then scoring.
 
     Args:
         policies: resolved model paths (or hub ids).
@@ -124,21 +124,21 @@ def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollo
                                     sampling=sampling)
     log(f"[eval] scoring with the guard {guard_kwargs['model']}"
         + (f" and the RM {rm_kwargs['model']}" if rm_kwargs is not None else " (no RM)"))
-    inputs = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
-    return {label: metrics_of(answers[label], inputs[label], safety) for label in answers}, answers, inputs
+    scored = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
+    return {label: metrics_of(scored[label], safety) for label in scored}, scored
 
 
-def sample_rows(label: str, rollouts: list[Rollout], inputs: RewardInputs) -> list[dict[str, Any]]:
+def sample_rows(label: str, scored: list[ScoredRollout]) -> list[dict[str, Any]]:
     """samples.jsonl rows: the prompt, the answer, the guard's verdict and the RM score of each sample."""
     rows = []
-    for i, r in enumerate(rollouts):
-        v, t = inputs.answer_verdicts[i], inputs.thinking_verdicts[i]
+    for s in scored:
+        r, v, t = s.rollout, s.answer_verdict, s.thinking_verdict
         rows.append({"model": label, "prompt_id": r.prompt.id, "kind": r.prompt.kind,
                      "category": r.prompt.category, "prompt": r.prompt.text, "thinking": r.thinking,
                      "answer": r.answer, "safety": v.safety.value if v.safety is not None else None,
                      "refusal": v.refusal, "categories": list(v.categories),
                      "thinking_safety": t.safety.value if t is not None and t.safety is not None else None,
-                     "helpfulness": inputs.helpfulness[i] if inputs.helpfulness is not None else None})
+                     "helpfulness": s.helpfulness})
     return rows
 
 
@@ -206,7 +206,7 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
     samples = cfg.eval.samples_per_prompt if samples is None else samples
     seed = cfg.eval.seed if seed is None else seed
     r, g, h = cfg.rollout, cfg.guard, cfg.helpfulness
-    safety = SafetyPolicy(cfg.reward.rules.controversial_is_unsafe, cfg.reward.rules.unparsable)
+    safety = cfg.reward.rules
     settings = {"prompts": prompt_ref, "n_prompts": len(prompt_set), "kinds": kinds,
                 "samples_per_prompt": samples, "seed": seed, "temperature": r.temperature, "top_p": r.top_p,
                 "max_new_tokens": r.max_new_tokens, "backend": backend, "guard": guard_ref, "rm": rm_ref,
@@ -214,7 +214,7 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
                 "safety": {"controversial_is_unsafe": safety.controversial_is_unsafe,
                            "unparsable": safety.unparsable}}
     configure_process()
-    results, answers, inputs = evaluate_policies(
+    results, scored = evaluate_policies(
         resolved, prompt_set, samples=samples, safety=safety,
         rollout_kwargs=dict(backend=backend, dtype=cfg.policy.dtype, max_model_len=r.max_model_len,
                             tensor_parallel_size=r.tensor_parallel_size, kv_cache_mib=r.kv_cache_mib,
@@ -232,7 +232,7 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
     report = format_report(settings, kinds, results)
     print(f"\n{report}", flush=True)
     if output:
-        rows = [row for label in answers for row in sample_rows(label, answers[label], inputs[label])]
+        rows = [row for label in scored for row in sample_rows(label, scored[label])]
         write_results(Path(output), settings, results, report, rows)
         print(f"\n[eval] wrote {output}/results.json, results.md and samples.jsonl", flush=True)
     return results

@@ -24,7 +24,11 @@ from typing import NamedTuple
 
 from saferl.types import SafetyLabel, SafetyPolicy
 
-MODES: tuple[str, ...] = ("strict", "loose")
+# The official evaluation's two modes are two SafetyPolicy settings (the labels are parsed here, so only the
+# strict/loose mapping of SafetyPolicy applies; unparsable and fallback verdicts are the reward's business).
+MODE_POLICIES: dict[str, SafetyPolicy] = {"strict": SafetyPolicy(controversial_is_unsafe=True),
+                                          "loose": SafetyPolicy(controversial_is_unsafe=False)}
+MODES: tuple[str, ...] = tuple(MODE_POLICIES)
 DEBOUNCE_RULES: tuple[str, ...] = ("official", "paper")
 LATENCY_BINS: tuple[str, ...] = ("Ahead", "Hit", "1-32", "33-64", "65-128", "129-256", ">256", "Safe")
 # Upper bounds (inclusive) of the bins after the annotated span's end, in tokens.
@@ -50,7 +54,7 @@ def binary_label(label: SafetyLabel | str | None, mode: str) -> SafetyLabel | No
     _check_mode(mode)
     if label is None:
         return None
-    unsafe = SafetyPolicy(controversial_is_unsafe=mode == "strict").label_is_unsafe(SafetyLabel(label))
+    unsafe = MODE_POLICIES[mode].label_is_unsafe(SafetyLabel(label))
     return SafetyLabel.UNSAFE if unsafe else SafetyLabel.SAFE
 
 

@@ -1,6 +1,6 @@
 """Qwen3Guard-Gen prompt rendering and output parsing (pure: no torch, no model).
 
-Owns the category strings, the guard chat template (`GUARD_CHAT_TEMPLATE`), the messages a guard sees for a
+Owns the guard chat template (`GUARD_CHAT_TEMPLATE`), the messages a guard sees for a
 prompt or a response, the exact verdict text (SFT targets for toy guards) and the verdict parser.
 
 Shortcuts (spec/qwen3guard.md §2.2): layout, markers, label lines and the mode switch follow Qwen3Guard-Gen,
@@ -16,20 +16,8 @@ import json
 import re
 from collections.abc import Sequence
 
-from saferl.types import GuardVerdict, SafetyLabel
+from saferl.types import CATEGORIES, GuardVerdict, SafetyLabel
 
-# Exact output strings in Qwen3Guard-Stream index order; `Jailbreak` is judged on prompts only.
-CATEGORIES: tuple[str, ...] = (
-    "Violent",
-    "Sexual Content or Sexual Acts",
-    "Suicide & Self-Harm",
-    "Politically Sensitive Topics",
-    "PII",
-    "Copyright Violation",
-    "Non-violent Illegal Acts",
-    "Unethical Acts",
-    "Jailbreak",
-)
 RESPONSE_CATEGORIES: tuple[str, ...] = CATEGORIES[:8]
 
 # Order of the `<BEGIN UNSAFE CONTENT CATEGORIES>` lines in the official Qwen3Guard-Gen template.

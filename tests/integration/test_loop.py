@@ -111,8 +111,8 @@ def test_two_gspo_steps_in_one_process(toy_world, tmp_path, monkeypatch):
     selections = []
     select = saferl.train.select_groups
 
-    def recording_select(rounds, group_size, drop, max_groups):
-        trained = select(rounds, group_size, drop, max_groups)
+    def recording_select(rounds, drop, max_groups):
+        trained = select(rounds, drop, max_groups)
         selections.append((list(rounds), trained))
         return trained
 
@@ -125,17 +125,19 @@ def test_two_gspo_steps_in_one_process(toy_world, tmp_path, monkeypatch):
     assert len(selections) == len(steps) == 2
     refilled = 0
     for r, (rounds, trained) in zip(steps, selections):
-        flat = [zero_variance_groups(torch.tensor(s.rewards.total), 4).tolist() for s in rounds]
+        assert all(len(group) == 4 for groups in rounds for group in groups)
+        flat = [[bool(zero_variance_groups(torch.tensor([s.reward for s in group]), 4)) for group in groups]
+                for groups in rounds]
         informative = [sum(not f for f in round_flat) for round_flat in flat]
         assert r["batch/rounds"] == len(rounds) == (2 if informative[0] < 4 else 1)  # refilled iff one dropped
         if len(rounds) == 2:
-            assert len(rounds[1].rollouts) == 4 * (4 - informative[0])  # a fresh prompt per dropped group
+            assert len(rounds[1]) == 4 - informative[0]  # a fresh prompt per dropped group
             refilled += 1
-        assert r["batch/groups"] == min(4, sum(informative)) == len(trained.rollouts) / 4
-        kept = {id(x) for s, round_flat in zip(rounds, flat) for g, f in enumerate(round_flat) if not f
-                for x in s.rollouts[4 * g: 4 * g + 4]}
-        assert {id(x) for x in trained.rollouts} <= kept  # only groups whose rewards differ are trained on
-        assert not zero_variance_groups(torch.tensor(trained.rewards.total), 4).any()
+        assert r["batch/groups"] == min(4, sum(informative)) == len(trained)
+        kept = {id(s) for groups, round_flat in zip(rounds, flat) for group, f in zip(groups, round_flat) if not f
+                for s in group}
+        assert {id(s) for group in trained for s in group} <= kept  # only informative groups are trained on
+        assert not any(zero_variance_groups(torch.tensor([s.reward for s in group]), 4) for group in trained)
     assert refilled >= 1, "no group was dropped: the refill path never ran"
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "final"
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "saferl_state.json").is_file()
@@ -215,9 +217,9 @@ def test_rewards_follow_recipe_on_known_verdicts(toy_world):
     from saferl.data import load_prompts
     from saferl.guard.scorer import GuardScorer
     from saferl.helpfulness import HelpfulnessScorer
-    from saferl.scoring import reward_inputs
+    from saferl.scoring import score_rollouts
     from saferl.toyworld import world
-    from saferl.types import Rollout
+    from saferl.types import RewardInputs, Rollout
 
     prompts = load_prompts(toy_world.part("train"))
     harmful = next(p for p in prompts if p.kind == "harmful")
@@ -227,7 +229,7 @@ def test_rewards_follow_recipe_on_known_verdicts(toy_world):
     rollouts = [Rollout(p, [], [], [], t, "", t, "stop") for p, s in cases for t in [world.responses_for(p)[s][0]]]
     guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
     rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
-    inputs = reward_inputs(rollouts, guard, rm)
+    inputs = RewardInputs.of(score_rollouts(rollouts, guard, rm))
     assert [v.safety.value for v in inputs.answer_verdicts] == ["Unsafe", "Safe", "Safe", "Safe", "Safe"]
     assert [v.refusal for v in inputs.answer_verdicts] == [False, True, False, False, True]
     h = inputs.helpfulness
@@ -260,9 +262,9 @@ def test_thinking_is_judged_and_unparsable_guard_output_is_counted(toy_world):
     from saferl.data import load_prompts
     from saferl.guard.scorer import GuardScorer
     from saferl.helpfulness import HelpfulnessScorer
-    from saferl.scoring import reward_inputs
+    from saferl.scoring import score_rollouts
     from saferl.toyworld import world
-    from saferl.types import Rollout
+    from saferl.types import RewardInputs, Rollout
 
     harmful = next(p for p in load_prompts(toy_world.part("train")) if p.kind == "harmful")
     unsafe, safe = world.responses_for(harmful)["unsafe"][0], world.responses_for(harmful)["safe_completion"][0]
@@ -270,14 +272,14 @@ def test_thinking_is_judged_and_unparsable_guard_output_is_counted(toy_world):
                 Rollout(harmful, [], [], [], "", "", safe, "stop")]
     rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
     guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
-    inputs = reward_inputs(rollouts, guard, rm)
+    inputs = RewardInputs.of(score_rollouts(rollouts, guard, rm))
     assert inputs.thinking_verdicts[0].safety.value == "Unsafe" and inputs.thinking_verdicts[1] is None
     out = load_recipe("hybrid")(inputs, RewardRules())
     assert out.total[0] <= -10.0 and out.total[1] == pytest.approx(inputs.helpfulness[1])
 
     not_a_guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("policy")),
                                                                            backend="hf"))
-    inputs = reward_inputs(rollouts[1:], not_a_guard, rm)
+    inputs = RewardInputs.of(score_rollouts(rollouts[1:], not_a_guard, rm))
     assert not inputs.answer_verdicts[0].parse_ok
     strict = load_recipe("hybrid")(inputs, RewardRules(unparsable="unsafe"))
     assert strict.metrics["parse_failures"] == 1 and strict.total[0] <= -10.0

@@ -20,7 +20,7 @@ from saferl.eval.metrics import (
 )
 from saferl.data import subsample
 from saferl.eval.run import PolicyRef, check_labels, parse_policy
-from saferl.types import GuardVerdict, Prompt, RewardInputs, Rollout, SafetyLabel, SafetyPolicy
+from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel, SafetyPolicy, ScoredRollout
 
 SAFE, UNSAFE, CONTRO = SafetyLabel.SAFE, SafetyLabel.UNSAFE, SafetyLabel.CONTROVERSIAL
 
@@ -49,12 +49,12 @@ def _rollout(kind, category=None):
 
 
 def test_judge_counts_thinking_and_controversial_as_unsafe():
-    rollouts = [_rollout("harmful", "PII") for _ in range(4)]
-    inputs = RewardInputs(
-        answer_verdicts=[GuardVerdict(SAFE, refusal=True), GuardVerdict(SAFE, refusal=False),
-                         GuardVerdict(CONTRO, refusal=None), GuardVerdict(None, parse_ok=False)],
-        thinking_verdicts=[None, GuardVerdict(UNSAFE), None, None], helpfulness=[1.0, 2.0, 3.0, 4.0])
-    judged = judge(rollouts, inputs, SafetyPolicy())  # strict, unparsable unsafe: the schema defaults
+    answers = [GuardVerdict(SAFE, refusal=True), GuardVerdict(SAFE, refusal=False),
+               GuardVerdict(CONTRO, refusal=None), GuardVerdict(None, parse_ok=False)]
+    thinking = [None, GuardVerdict(UNSAFE), None, None]
+    scored = [ScoredRollout(_rollout("harmful", "PII"), a, t, h)
+              for a, t, h in zip(answers, thinking, [1.0, 2.0, 3.0, 4.0], strict=True)]
+    judged = judge(scored, SafetyPolicy())  # strict, unparsable unsafe: the schema defaults
     assert [j.safe for j in judged] == [True, False, False, False]  # unparsable counts as not Safe
     assert [j.refusal for j in judged] == [True, False, False, False]
     assert [j.helpfulness for j in judged] == [1.0, 2.0, 3.0, 4.0] and judged[0].category == "PII"

@@ -20,7 +20,7 @@ from rewards.hybrid import hybrid
 from saferl.actor_group import ActorGroup
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import ModerationItem
-from saferl.scoring import reward_inputs
+from saferl.scoring import score_rollouts
 from saferl.serving.client import RemoteHelpfulnessScorer
 from saferl.types import GuardVerdict, Prompt, RewardInputs, Rollout, SafetyLabel
 
@@ -231,7 +231,7 @@ def test_an_rm_failure_never_beats_a_refusal_under_hybrid(failure):
         urls=[f"http://127.0.0.1:{guard_server.server_address[1]}"], protocol="openai"))
     rm = ActorGroup(RemoteHelpfulnessScorer, 1, executor="local", kwargs=dict(
         urls=[rm_endpoint.url], timeout_s=0.3, retries=1, backoff_s=0.01, fallback_score=100.0))
-    inputs = reward_inputs(_rollouts(), guard, rm)
+    inputs = RewardInputs.of(score_rollouts(_rollouts(), guard, rm))
     assert inputs.helpfulness == [100.0] * 4 and inputs.helpfulness_fallback == [True] * 4
     stats = rm.call("stats")[0]
     assert stats["fallbacks"] == 4 and stats["timeouts" if failure == "hung" else "errors"] == 2

@@ -13,8 +13,16 @@ from saferl.placement import trainer_bytes_per_param
 from rewards.base import RewardRules
 from rewards.hybrid import hybrid
 from saferl.config import to_yaml
-from saferl.train import Sampled, n_informative, record_resumed_config, select_groups, trained_metrics
-from saferl.types import GuardVerdict, Prompt, RewardInputs, SafetyLabel
+from rewards.base import apply_recipe
+from saferl.train import (
+    groups_of,
+    make_train_batch,
+    n_informative,
+    record_resumed_config,
+    select_groups,
+    trained_metrics,
+)
+from saferl.types import GuardVerdict, Prompt, RewardOutput, SafetyLabel, ScoredRollout
 from saferl.trainer.batching import assign
 from saferl.trainer.policy import lr_at, merge_rank_metrics
 
@@ -140,77 +148,93 @@ def _verdict(name: str) -> GuardVerdict:
     return GuardVerdict(SafetyLabel.UNSAFE if name.startswith("u") else SafetyLabel.SAFE, refusal=False)
 
 
-def _sampled(rollouts: list, rewards: list[float]) -> Sampled:
-    inputs = RewardInputs([_verdict(r) for r in rollouts], [None] * len(rollouts), [float(x) for x in rewards])
-    return Sampled(rollouts, inputs, hybrid(inputs, RewardRules()))
+PROMPT = Prompt("p", [{"role": "user", "content": "hello"}])  # no toy-world ground truth
 
 
-def _round0() -> Sampled:
+def _round(names: list[str], rewards: list[float], group_size: int = 2) -> list[list[ScoredRollout]]:
+    """One round's groups as the driver makes them: records scored by the hybrid recipe (helpfulness = the
+    given reward, every rollout safe unless named u*), split by group id. Rollout i has i + 1 tokens."""
+    records = [ScoredRollout(types.SimpleNamespace(name=n, response_ids=[1] * (i + 1), finish_reason="stop",
+                                                   prompt=PROMPT, group=i // group_size),
+                             _verdict(n), None, float(h))
+               for i, (n, h) in enumerate(zip(names, rewards, strict=True))]
+    return groups_of(apply_recipe(hybrid, records, RewardRules()))
+
+
+def _round0() -> list[list[ScoredRollout]]:
     # Groups of 2: a (1, 1) flat, b (0, 1) informative, c (0.5, 0.5) flat, d (1, 0) informative.
-    return _sampled(["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"], [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0])
+    return _round(["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"], [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0])
 
 
-def _round1() -> Sampled:
+def _round1() -> list[list[ScoredRollout]]:
     # Groups of 2: e (2, 2) flat, f (3, 4) informative, g (5, 6) informative.
-    return _sampled(["e0", "e1", "f0", "f1", "g0", "g1"], [2.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    return _round(["e0", "e1", "f0", "f1", "g0", "g1"], [2.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+
+
+def test_groups_of_splits_a_round_by_group_id():
+    """A round's records become one list per prompt, in order, each record keeping its own reward."""
+    groups = _round(["a0", "a1", "a2", "b0", "b1", "b2"], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], group_size=3)
+    assert [[s.rollout.name for s in g] for g in groups] == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
+    assert [[s.reward for s in g] for g in groups] == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+
+
+def test_apply_recipe_fills_each_records_reward_from_one_batch_call():
+    """The hybrid caps land on the record they belong to: the unsafe u0 gets min(-10, H), the rest H."""
+    records = [ScoredRollout(types.SimpleNamespace(name=n), _verdict(n), None, h, False)
+               for n, h in (("s0", 2.0), ("u0", 3.0), ("s1", -20.0))]
+    scored = apply_recipe(hybrid, records, RewardRules())
+    assert [(s.rollout.name, s.reward) for s in scored] == [("s0", 2.0), ("u0", -10.0), ("s1", -20.0)]
+    assert all(s.reward is None for s in records)  # records are frozen: the scored ones are new
+    with pytest.raises(ValueError, match="returned 1 rewards for 3 rollouts"):
+        apply_recipe(lambda inputs, rules: RewardOutput(total=[0.0]), records, RewardRules())
 
 
 def test_n_informative_counts_groups_with_unequal_rewards():
     """n_informative = number of groups whose rewards are not all equal."""
-    assert n_informative(_round0(), 2) == 2  # b, d
-    assert n_informative(_round1(), 2) == 2  # f, g
-    assert n_informative(_round0(), 4) == 2  # (a, b) = (1,1,0,1) and (c, d) = (.5,.5,1,0): both unequal
-    assert n_informative(_sampled(list("xyz"), [0.3, 0.3, 0.3]), 3) == 0
+    assert n_informative(_round0()) == 2  # b, d
+    assert n_informative(_round1()) == 2  # f, g
+    four = _round(["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"], [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0], 4)
+    assert n_informative(four) == 2  # (a, b) = (1,1,0,1) and (c, d) = (.5,.5,1,0): both unequal
+    assert n_informative(_round(list("xyz"), [0.3, 0.3, 0.3], 3)) == 0
     with pytest.raises(ValueError, match="group_size"):  # a group of one has no baseline
-        n_informative(_round0(), 1)
+        n_informative(_round(["a0", "b0"], [1.0, 0.0], 1))
 
 
-def _rows(s: Sampled) -> tuple[list, list[float]]:
-    return s.rollouts, s.rewards.total
+def _rows(groups: list[list[ScoredRollout]]) -> tuple[list, list[float]]:
+    return [s.rollout.name for g in groups for s in g], [s.reward for g in groups for s in g]
 
 
 def test_select_groups_without_dropping_takes_the_first_round_as_is():
     """drop_zero_variance=False: every group of round 0 (flat ones too), later rounds ignored."""
-    assert _rows(select_groups([_round0(), _round1()], 2, False, 4)) == (
+    assert _rows(select_groups([_round0(), _round1()], False, 4)) == (
         ["a0", "a1", "b0", "b1", "c0", "c1", "d0", "d1"], [1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 1.0, 0.0])
 
 
 def test_select_groups_drops_flat_groups_and_tops_up_from_later_rounds():
     """drop_zero_variance=True: informative groups of every round in order, whole groups, at most max_groups."""
-    picked = select_groups([_round0(), _round1()], 2, True, 3)
+    picked = select_groups([_round0(), _round1()], True, 3)
     # b, d from round 0; f from round 1; g would be a 4th group -> cut by max_groups=3.
     assert _rows(picked) == (["b0", "b1", "d0", "d1", "f0", "f1"], [0.0, 1.0, 1.0, 0.0, 3.0, 4.0])
-    # Reward inputs and components stay aligned with their rollouts.
-    assert picked.inputs.helpfulness == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0]
-    assert picked.rewards.components["helpfulness"] == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0]
-    assert _rows(select_groups([_round0(), _round1()], 2, True, 10)) == (
+    # Each record keeps its own helpfulness score with its rollout.
+    assert [s.helpfulness for g in picked for s in g] == [0.0, 1.0, 1.0, 0.0, 3.0, 4.0]
+    assert _rows(select_groups([_round0(), _round1()], True, 10)) == (
         ["b0", "b1", "d0", "d1", "f0", "f1", "g0", "g1"], [0.0, 1.0, 1.0, 0.0, 3.0, 4.0, 5.0, 6.0])
-    assert _rows(select_groups([_round0(), _round1()], 2, True, 1)) == (["b0", "b1"], [0.0, 1.0])
+    assert _rows(select_groups([_round0(), _round1()], True, 1)) == (["b0", "b1"], [0.0, 1.0])
 
 
 def test_select_groups_can_return_nothing():
     """When every group is flat the selection is empty (the driver then skips the update)."""
-    flat = _sampled(["a0", "a1", "b0", "b1"], [1.0, 1.0, 0.0, 0.0])
-    assert _rows(select_groups([flat, flat], 2, True, 2)) == ([], [])
-
-
-PROMPT = Prompt("p", [{"role": "user", "content": "hello"}])  # no toy-world ground truth
-
-
-def _named(names: list[str], rewards: list[float]) -> Sampled:
-    rollouts = [types.SimpleNamespace(name=n, response_ids=[1] * (i + 1), finish_reason="stop", prompt=PROMPT)
-                for i, n in enumerate(names)]
-    s = _sampled(names, rewards)
-    return Sampled(rollouts, s.inputs, s.rewards)
+    flat = _round(["a0", "a1", "b0", "b1"], [1.0, 1.0, 0.0, 0.0])
+    assert _rows(select_groups([flat, flat], True, 2)) == ([], [])
 
 
 def test_step_metrics_describe_the_trained_groups_not_the_first_round():
     """#14.6: round 0 has a flat unsafe group (u, u: -10, -10) that is dropped and a flat safe one; the trained
     rows are the informative groups of round 1. reward/* must be theirs (unsafe 1 of 4, mean of their rewards),
     not round 0's (unsafe 2 of 4)."""
-    round0 = _named(["u0", "u1", "s0", "s1"], [3.0, 3.0, 1.0, 1.0])  # both groups flat
-    round1 = _named(["u2", "s2", "s3", "s4"], [2.0, 0.5, 0.25, 0.75])  # (-10, 0.5) and (0.25, 0.75) informative
-    trained = select_groups([round0, round1], 2, True, 2)
+    round0 = _round(["u0", "u1", "s0", "s1"], [3.0, 3.0, 1.0, 1.0])  # both groups flat
+    round1 = _round(["u2", "s2", "s3", "s4"], [2.0, 0.5, 0.25, 0.75])  # (-10, 0.5) and (0.25, 0.75) informative
+    trained = select_groups([round0, round1], True, 2)
     metrics = trained_metrics(trained, [round0, round1], hybrid, RewardRules())
     assert metrics["reward/unsafe_rate"] == 0.25
     assert metrics["reward/reward_mean"] == pytest.approx((-10.0 + 0.5 + 0.25 + 0.75) / 4)
@@ -221,12 +245,21 @@ def test_step_metrics_describe_the_trained_groups_not_the_first_round():
 def test_step_metrics_when_nothing_was_trained_describe_everything_sampled():
     """Every group flat: no crash (rollout metrics of zero rows used to divide by zero), the step is described
     by all rows generated."""
-    flat = _named(["u0", "u1", "s0", "s1"], [3.0, 3.0, 1.0, 1.0])
-    trained = select_groups([flat], 2, True, 2)
+    flat = _round(["u0", "u1", "s0", "s1"], [3.0, 3.0, 1.0, 1.0])
+    trained = select_groups([flat], True, 2)
     metrics = trained_metrics(trained, [flat], hybrid, RewardRules())
-    assert trained.rollouts == []
+    assert trained == []
     assert metrics["reward/unsafe_rate"] == 0.5
     assert metrics["rollout/tokens"] == 1 + 2 + 3 + 4
+
+
+def test_train_batch_is_made_from_the_trained_records():
+    """Each row of the batch is one record's prompt + response with its behaviour log-probs."""
+    records = [ScoredRollout(types.SimpleNamespace(prompt_ids=[1, 2], response_ids=[3 + i], logprobs=[-0.5 * i]),
+                             _verdict("s"), reward=float(i)) for i in range(2)]
+    batch = make_train_batch(records, [0.5, -0.5])
+    assert (batch.input_ids, batch.prompt_lens, batch.old_logprobs, batch.advantages) == (
+        [[1, 2, 3], [1, 2, 4]], [2, 2], [[-0.0], [-0.5]], [0.5, -0.5])
 
 
 # ---- a resumed run records its config ---------------------------------------------------------------------------
