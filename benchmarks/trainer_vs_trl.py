@@ -14,7 +14,10 @@ advantages. Both sides then run full optimisation steps on exactly that batch, f
 The same work on both sides: the same sequences in the same layout (prompts left-padded, completions
 right-padded, one micro-batch of all B rows, float32), one forward with the LM head on the completion
 positions only, the same metrics (per-token entropy, clip fractions; no KL, no reference model), backward,
-gradient clipping at 1.0 and one AdamW step. TRL passes no position ids (its RoPE positions start at the
+gradient clipping at 1.0 and one AdamW step. TRL's fused LM head scores only the completion positions where
+Triton is available (GPUs) but every position, prompt included, elsewhere; on CPU that would be extra work
+for TRL alone, so the benchmark puts TRL in its GPU mode (`trl.trainer.utils._use_triton` -> True: the same
+torch tiles, on the completion positions only). TRL passes no position ids (its RoPE positions start at the
 first pad of a left-padded row, ours at the first real token), which RoPE's relative form makes equal up to
 rounding.
 
@@ -122,9 +125,13 @@ def trl_inputs(prompts: list[list[int]], completions: list[list[int]], advantage
 
 def build_trl(model_path: str, batch: int, group: int, max_new: int, out_dir: str):  # -> trl.GRPOTrainer
     """A GRPOTrainer set up for GSPO, its optimizer created, with generation bypassed."""
+    import trl.trainer.utils
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
+
+    # Project only the completion positions through the LM head, as TRL does on GPUs (see the docstring).
+    trl.trainer.utils._use_triton = lambda device: True
 
     def zero_reward(completions: list, **_: object) -> list[float]:
         return [0.0] * len(completions)
@@ -284,6 +291,7 @@ def run(a: argparse.Namespace) -> list[str]:
     print(f"optimizers: TRL {type(opt).__name__} (optim={trl.args.optim}, fused={opt.defaults.get('fused')}),"
           f" SafeRL {type(our_opt).__name__} (fused={our_opt.defaults.get('fused')}); "
           f"torch threads {torch.get_num_threads()}; tokens/s = response tokens / median s")
+    print("LM head on completion positions only, both sides (TRL in the mode it uses on GPUs)")
     print(f"{'':17}{'median s':>10}{'mean s':>10}{'tokens/s':>10}")
     for name, ts in times.items():
         med = statistics.median(ts)
