@@ -35,7 +35,10 @@ train: venv
 toyworld: venv
 	$(PY) -m saferl.cli toyworld build -c $(CONFIG)
 
+# The import contracts first (pyproject.toml [tool.importlinter]: layers, no toy world in the product, no
+# cycles; about a second), then the tests.
 test: venv
+	.venv/bin/lint-imports --no-cache
 	$(PY) -m pytest tests $(ARGS)
 
 test-fast: venv

@@ -37,7 +37,7 @@ from saferl.tracking import PhaseTimer, Tracker, step_timing
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
 from saferl.trainer.weight_sync import BlobWeightSync
-from saferl.types import Prompt, RewardInputs, Rollout, SafetyPolicy, ScoredRollout, TrainBatch
+from saferl.types import GroundTruth, Prompt, RewardInputs, Rollout, SafetyPolicy, ScoredRollout, TrainBatch
 
 
 # The rollouts of one prompt, each with its verdicts, scores and reward.
@@ -119,8 +119,9 @@ def load_prompt_sets(cfg: SafeRLConfig) -> tuple[list[Prompt], list[Prompt]]:
     return train, subsample(held_out, cfg.eval.max_prompts)
 
 
-def train(cfg: SafeRLConfig) -> dict[str, Any]:
-    """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation."""
+def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> dict[str, Any]:
+    """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation.
+    `truth`, a ground-truth oracle (the CLI hands in the toy world's), adds the `truth_*` metrics."""
     configure_process(cfg.run.torch_threads)
     check_endpoints(cfg)  # before the toy world, Ray or any actor starts
     recipe = load_recipe(cfg.reward.recipe)
@@ -139,13 +140,14 @@ def train(cfg: SafeRLConfig) -> dict[str, Any]:
     roles = build_roles(cfg)
     try:
         return _loop(cfg, roles, recipe, cfg.reward.rules, train_prompts, eval_prompts, Path(cfg.run.dir),
-                     resume_from)
+                     resume_from, truth)
     finally:
         roles.shutdown()
 
 
 def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPolicy, train_prompts: list,
-          eval_prompts: list, run_dir: Path, resume_from: Path | None) -> dict[str, Any]:
+          eval_prompts: list, run_dir: Path, resume_from: Path | None,
+          truth: GroundTruth | None) -> dict[str, Any]:
     G, r = cfg.rollout.samples_per_prompt, cfg.rollout
     sampling = dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     sampler = PromptSampler(train_prompts, cfg.run.seed)
@@ -153,7 +155,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
 
     def run_eval() -> dict[str, float]:
         return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules,
-                        samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling)
+                        samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling, truth=truth)
 
     def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> list[Group]:
         scored = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness, timer=timer,
@@ -190,7 +192,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
                 rounds.append(sample(sampler.next_batch(missing), step, len(rounds), timer))
         trained = select_groups(rounds, cfg.trainer.drop_zero_variance_groups, cfg.data.prompts_per_step)
         records = [s for group in trained for s in group]
-        metrics = {**trained_metrics(trained, rounds, recipe, rules),
+        metrics = {**trained_metrics(trained, rounds, recipe, rules, truth),
                    "batch/groups": float(len(trained)), "batch/rounds": float(len(rounds))}
         if records:  # every group may have been uninformative
             advantages = group_advantages(torch.tensor([s.reward for s in records]), G,
@@ -249,7 +251,7 @@ def select_groups(rounds: list[list[Group]], drop_zero_variance: bool, max_group
 
 
 def trained_metrics(trained: list[Group], rounds: list[list[Group]], recipe: RewardRecipe,
-                    rules: SafetyPolicy) -> dict[str, float]:
+                    rules: SafetyPolicy, truth: GroundTruth | None = None) -> dict[str, float]:
     """`reward/*`, `truth/*` and `rollout/*` of the records that were trained on (the recipe's batch metrics
     recomputed over them), or, when no group was informative, of everything generated this step (`batch/groups`
     is then 0)."""
@@ -259,6 +261,6 @@ def trained_metrics(trained: list[Group], rounds: list[list[Group]], recipe: Rew
         return {}
     reward = recipe(RewardInputs.of(described), rules).metrics
     rollouts = [s.rollout for s in described]
-    truth = ground_truth_metrics(rollouts, [s.answer_verdict for s in described])
-    return {**{f"reward/{k}": v for k, v in reward.items()}, **{f"truth/{k}": v for k, v in truth.items()},
+    rates = ground_truth_metrics(rollouts, [s.answer_verdict for s in described], truth)
+    return {**{f"reward/{k}": v for k, v in reward.items()}, **{f"truth/{k}": v for k, v in rates.items()},
             **rollout_metrics(rollouts)}

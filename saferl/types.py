@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 class SafetyLabel(str, enum.Enum):
@@ -35,6 +35,16 @@ class Prompt:
     def text(self) -> str:
         """The last user message."""
         return self.messages[-1]["content"]
+
+
+class GroundTruth(Protocol):
+    """An oracle that knows what an answer really is, beside what the guard says (the toy world is one; real
+    prompt sets have none). Held-out evaluation reports `truth_*` rates only when one is handed in."""
+
+    def style(self, prompt: Prompt, answer: str) -> str | None:
+        """The answer's true style: "helpful", "refusal", "unsafe", "controversial", "safe_completion" or
+        "garbled" (none of them); None when the oracle has no truth for this prompt."""
+        ...
 
 
 @dataclass

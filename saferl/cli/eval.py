@@ -53,6 +53,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from saferl.data import Columns
     from saferl.eval.run import run
     from saferl.references import resolve_reference
+    from saferl.toyworld.oracle import ToyGroundTruth
 
     columns = Columns(prompt=args.prompt_column, kind=args.kind_column, kind_value=args.kind,
                       category=args.category_column)
@@ -60,7 +61,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run(policies=args.model, config=args.config, prompts=args.prompts, columns=columns, split=args.split,
         guard=args.guard, rm=args.rm, seed=args.seed, samples=args.samples_per_prompt,
         max_prompts=args.max_prompts, backend=args.backend, output=args.output,
-        resolve=partial(resolve_reference, toyworld=toyworld))
+        resolve=partial(resolve_reference, toyworld=toyworld),
+        truth=ToyGroundTruth())  # truth_* rates when the prompts are the toy world's
     return 0
 
 

@@ -126,6 +126,7 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     configure_process()
     from transformers import AutoTokenizer
 
+    from saferl.guard.conversation import CHATML_TEMPLATE
     from saferl.guard.stream_train import (
         LabelMaps,
         encode_stream_rows,
@@ -134,11 +135,10 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
         token_accuracy,
         train_stream_guard,
     )
-    from saferl.toyworld.tokenizer import POLICY_CHAT_TEMPLATE
 
     backbone = resolve_reference(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
-    tokenizer.chat_template = POLICY_CHAT_TEMPLATE
+    tokenizer.chat_template = CHATML_TEMPLATE  # the Stream guard reads plain conversations
     model = init_stream_guard(backbone, guard_inner_size=args.guard_inner_size, seed=args.seed)
     examples = encode_stream_rows(rows, tokenizer, LabelMaps.from_model(model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -267,12 +267,13 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     if args.eval:
         from saferl.eval.care_eval import run_care_eval
+        from saferl.toyworld.oracle import ToyGroundTruth
 
         run_care_eval(policy=args.model, stream_guard=args.guard, prompts=args.eval, settings=settings,
                       seed=args.seed, samples=args.samples_per_prompt, max_prompts=args.max_prompts,
                       batch_size=args.batch_size, judge=args.judge, rm=None if args.rm == "none" else args.rm,
                       backend=args.backend, device=args.device, dtype=args.dtype, output=args.output,
-                      resolve=resolve_reference)
+                      resolve=resolve_reference, truth=ToyGroundTruth())  # truth_* rates on toy prompts
         return 0
     from saferl.runtime import configure_process
 

@@ -19,9 +19,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         print(f"config OK: {args.config or '(defaults)'}\n{format_plan(cfg)}")
         return 0
+    from saferl.toyworld.oracle import ToyGroundTruth
     from saferl.train import train
 
-    train(cfg)
+    train(cfg, truth=ToyGroundTruth())  # truth_* metrics on the toy world's prompts
     return 0
 
 

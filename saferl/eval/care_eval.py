@@ -3,9 +3,9 @@
 Owns the comparison behind `saferl chat --eval`: the same policy answers every prompt twice with the same
 seeds, once plainly and once under CARE (`saferl.care.care_generate`), and both answer sets are judged as
 `saferl eval` judges them (`saferl.eval.run.score` / `metrics_of`: the Gen guard, the helpfulness RM, and
-the toy world's ground truth when the prompts carry it). Beside those rates it reports CARE's own costs:
-wait tokens (`ResponseState.wait_tokens`: generated tokens the user never receives, averaged over all
-responses), rollbacks per response, and how often the retries ran out.
+a ground-truth oracle's `truth_*` rates when one is handed in: the CLI hands in the toy world's). Beside
+those rates it reports CARE's own costs: wait tokens (`ResponseState.wait_tokens`: generated tokens the user
+never receives, averaged over all responses), rollbacks per response, and how often the retries ran out.
 
 Rows of the table: safety rate on harmful prompts (ground truth = 1 - the true unsafe rate, so a garbled
 answer counts as safe; and as the Gen guard judges it), benign refusal (ground truth and guard), quality
@@ -24,7 +24,7 @@ from typing import Any
 
 from saferl.care import CareModels, CareSettings, ResponseState, answer_text, care_generate
 from saferl.eval.metrics import format_value, markdown_table
-from saferl.types import Prompt, Rollout, SafetyPolicy
+from saferl.types import GroundTruth, Prompt, Rollout, SafetyPolicy
 
 LABELS = ("CARE off", "CARE on")
 ROWS: tuple[tuple[str, str], ...] = (
@@ -95,11 +95,12 @@ def generate(models: CareModels, prompts: list[Prompt], settings: CareSettings, 
 
 def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettings, *, seed: int, samples: int,
                  batch_size: int, guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None,
-                 safety: SafetyPolicy, log: Any = print
+                 safety: SafetyPolicy, log: Any = print, truth: GroundTruth | None = None
                  ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
-    """Metrics per label (`LABELS`) and one row per (prompt, sample) with both answers and CARE's record."""
+    """Metrics per label (`LABELS`) and one row per (prompt, sample) with both answers and CARE's record;
+    `truth` (a ground-truth oracle, if any) adds the `truth_*` rates."""
+    from saferl.eval.policy_eval import behaviour_rates, true_styles
     from saferl.eval.run import metrics_of, score
-    from saferl.toyworld.evaluate import behaviour_rates
 
     answers, states, seconds = {}, {}, {}
     for label, care in zip(LABELS, (False, True)):
@@ -113,10 +114,11 @@ def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettin
     results = {}
     for label in LABELS:
         rollouts = answers[label]
-        metrics = metrics_of(scored[label], safety)
-        if "truth_unsafe_rate" in metrics:
+        metrics = metrics_of(scored[label], safety, truth)
+        styles = true_styles(rollouts, truth)
+        if styles is not None:
             metrics["truth_safety_rate"] = 1.0 - metrics["truth_unsafe_rate"]
-            metrics["truth_benign_helpful_rate"] = behaviour_rates(rollouts)["policy_benign_helpful_rate"]
+            metrics["truth_benign_helpful_rate"] = behaviour_rates(rollouts, styles)["policy_benign_helpful_rate"]
         metrics.update(care_stats([r.prompt for r in rollouts], states[label]))
         metrics["generation_seconds"] = seconds[label]
         results[label] = metrics
@@ -154,10 +156,12 @@ def care_table(results: dict[str, dict[str, float]]) -> str:
 def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: CareSettings, seed: int,
                   samples: int, max_prompts: int, batch_size: int, judge: str, rm: str | None, backend: str,
                   device: str | None, dtype: str, output: str | None,
-                  resolve: Callable[[str], str]) -> dict[str, dict[str, float]]:
+                  resolve: Callable[[str], str],
+                  truth: GroundTruth | None = None) -> dict[str, dict[str, float]]:
     """`saferl chat --eval` (see `saferl chat --help`): print the CARE off/on table, write JSON to `output`.
     `resolve` turns each model and prompt-set reference into a path or hub id (the CLI's resolves
-    `toyworld:<part>`); the table and settings name the references as given."""
+    `toyworld:<part>`); the table and settings name the references as given. `truth` is the ground-truth
+    oracle, if any (the CLI hands in the toy world's)."""
     from saferl.config import GuardConfig, HelpfulnessConfig
     from saferl.data import Columns, load_prompts, subsample
     from saferl.runtime import check_model_dir, configure_process
@@ -179,7 +183,7 @@ def run_care_eval(*, policy: str, stream_guard: str, prompts: str, settings: Car
     results, rows = compare_care(models, prompt_set, settings, seed=seed, samples=samples, batch_size=batch_size,
                                  guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs,
                                  safety=SafetyPolicy(),  # the reward.rules defaults
-                                 log=lambda msg: print(msg, flush=True))
+                                 log=lambda msg: print(msg, flush=True), truth=truth)
     kinds: dict[str, int] = {}
     for p in prompt_set:
         kinds[p.kind] = kinds.get(p.kind, 0) + 1

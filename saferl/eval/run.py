@@ -25,7 +25,7 @@ from typing import Any
 
 from saferl.data import Columns, load_prompts, subsample
 from saferl.eval.metrics import judge, models_table, policy_metrics
-from saferl.types import Prompt, Rollout, SafetyPolicy, ScoredRollout
+from saferl.types import GroundTruth, Prompt, Rollout, SafetyPolicy, ScoredRollout
 
 
 
@@ -96,17 +96,19 @@ def score(answers: dict[str, list[Rollout]], *, guard_kwargs: dict[str, Any],
             _release(rm, rm_kwargs["backend"])
 
 
-def metrics_of(scored: list[ScoredRollout], safety: SafetyPolicy) -> dict[str, float]:
-    """`policy_metrics`, plus the toy world's ground-truth metrics when every prompt carries ground truth."""
+def metrics_of(scored: list[ScoredRollout], safety: SafetyPolicy,
+               truth: GroundTruth | None = None) -> dict[str, float]:
+    """`policy_metrics`, plus the ground-truth metrics when `truth` knows every prompt."""
     from saferl.eval.policy_eval import ground_truth_metrics
 
-    truth = ground_truth_metrics([s.rollout for s in scored], [s.answer_verdict for s in scored])
-    return {**policy_metrics(judge(scored, safety)), **truth}
+    rates = ground_truth_metrics([s.rollout for s in scored], [s.answer_verdict for s in scored], truth)
+    return {**policy_metrics(judge(scored, safety)), **rates}
 
 
 def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollout_kwargs: dict[str, Any],
                       guard_kwargs: dict[str, Any], rm_kwargs: dict[str, Any] | None, safety: SafetyPolicy,
-                      samples: int, sampling: dict[str, Any], log: Any = print) -> tuple[
+                      samples: int, sampling: dict[str, Any], log: Any = print,
+                      truth: GroundTruth | None = None) -> tuple[
                           dict[str, dict[str, float]], dict[str, list[ScoredRollout]]]:
     """Metrics per policy label and its scored answers, generation first, then scoring.
 
@@ -116,6 +118,7 @@ def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollo
             `HelpfulnessScorer` keywords; rm_kwargs None runs without the RM.
         safety: when a verdict counts as unsafe (the reward's rules).
         sampling: temperature, top_p, max_new_tokens and seed for `RolloutWorker.generate`.
+        truth: the ground-truth oracle, if any (adds the `truth_*` rates).
     """
     answers = {}
     for p in policies:
@@ -125,7 +128,7 @@ def evaluate_policies(policies: list[PolicyRef], prompts: list[Prompt], *, rollo
     log(f"[eval] scoring with the guard {guard_kwargs['model']}"
         + (f" and the RM {rm_kwargs['model']}" if rm_kwargs is not None else " (no RM)"))
     scored = score(answers, guard_kwargs=guard_kwargs, rm_kwargs=rm_kwargs)
-    return {label: metrics_of(scored[label], safety) for label in scored}, scored
+    return {label: metrics_of(scored[label], safety, truth) for label in scored}, scored
 
 
 def sample_rows(label: str, scored: list[ScoredRollout]) -> list[dict[str, Any]]:
@@ -177,12 +180,14 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
         columns: Columns | None = None, split: str | None = None, guard: str | None = None,
         rm: str | None = None, seed: int | None = None, samples: int | None = None,
         max_prompts: int | None = None, backend: str = "vllm", output: str | None = None,
-        resolve: Callable[[str], str] = _as_given) -> dict[str, dict[str, float]]:
+        resolve: Callable[[str], str] = _as_given,
+        truth: GroundTruth | None = None) -> dict[str, dict[str, float]]:
     """`saferl eval` (see `saferl eval --help`): None arguments take their value from the config (`-c`, else
     the schema defaults: eval.*, guard.model, helpfulness.model); `rm="none"` runs without the RM. The RM is
     hosted on helpfulness.backend (hf when that is http: evaluation hosts every model in-process).
     `resolve` turns each model and prompt-set reference into a path or hub id (the CLI hands in
-    `saferl.references`' for `toyworld:<part>`); results and settings keep the references as given."""
+    `saferl.references`' for `toyworld:<part>`); results and settings keep the references as given. `truth`
+    is the ground-truth oracle, if any (the CLI hands in the toy world's)."""
     from saferl.config import load_config
     from saferl.runtime import check_model_dir, configure_process
 
@@ -228,7 +233,7 @@ def run(*, policies: list[str], config: str | None = None, prompts: str | None =
             batch_size=h.batch_size, max_length=h.max_length, kv_cache_mib=h.kv_cache_mib,
             gpu_memory_utilization=h.gpu_memory_utilization),
         sampling=dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens, seed=seed),
-        log=lambda msg: print(msg, flush=True))
+        log=lambda msg: print(msg, flush=True), truth=truth)
     report = format_report(settings, kinds, results)
     print(f"\n{report}", flush=True)
     if output:

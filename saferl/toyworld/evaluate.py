@@ -8,7 +8,6 @@ that misses a range is an error (`check_targets`), at build time and whenever th
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from saferl.data import load_prompts
@@ -82,19 +81,11 @@ def evaluate_reward_model(rm_dir: str, prompts: list) -> dict[str, float]:
 
 
 def behaviour_rates(rollouts: list) -> dict[str, float]:
-    """Ground-truth style mix of policy samples: unsafe rate on harmful, refusal rate on benign, garbled."""
-    by_kind: dict[str, Counter] = {}
-    for r in rollouts:
-        by_kind.setdefault(r.prompt.kind, Counter())[world.classify_response(r.prompt, r.answer)] += 1
-    harmful, benign = by_kind.get("harmful", Counter()), by_kind.get("benign", Counter())
-    total = sum(sum(c.values()) for c in by_kind.values())
-    return {
-        "policy_harmful_unsafe_rate": harmful["unsafe"] / max(1, sum(harmful.values())),
-        "policy_harmful_safe_completion_rate": harmful["safe_completion"] / max(1, sum(harmful.values())),
-        "policy_benign_refusal_rate": benign["refusal"] / max(1, sum(benign.values())),
-        "policy_benign_helpful_rate": benign["helpful"] / max(1, sum(benign.values())),
-        "policy_garbled_rate": sum(c["garbled"] for c in by_kind.values()) / max(1, total),
-    }
+    """Ground-truth style mix of policy samples (`saferl.eval.policy_eval.behaviour_rates` over the world's
+    classification of each answer)."""
+    from saferl.eval.policy_eval import behaviour_rates as rates
+
+    return rates(rollouts, [world.classify_response(r.prompt, r.answer) for r in rollouts])
 
 
 def evaluate_policy(policy_dir: str, prompts: list, seed: int, samples: int = 2) -> dict[str, float]:
