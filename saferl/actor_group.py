@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from saferl.runtime import actor_env, has_gpu
 
 READY_TIMEOUT_S = 600.0
+T = TypeVar("T")
 
 
 def start_ray(address: str | None, num_cpus: int | None, temp_dir: str,
@@ -190,7 +191,7 @@ class ActorGroup:
         return self.submit(method, items, *args, offset_kwarg=offset_kwarg, **kwargs).result()
 
     def submit(self, method: str, items: list[Any], *args: Any, offset_kwarg: str | None = None,
-               **kwargs: Any) -> Pending:
+               **kwargs: Any) -> Pending[Any]:
         """`map` without waiting: on Ray the shards run while the caller goes on; locally they run now."""
         return Pending(self.executor, [self._invoke(actor, method, shard, *args, **kwargs, **extra)
                                        for actor, shard, extra in self._shards(items, offset_kwarg)])
@@ -240,8 +241,8 @@ def _pid(actor: Any) -> int:
     return os.getpid()
 
 
-class Pending:
-    """Results of a `submit`: one list per shard, concatenated by `result()`."""
+class Pending(Generic[T]):
+    """Results of a `submit`: one list per shard, concatenated by `result()` (a `list[T]`)."""
 
     def __init__(self, executor: str, shards: list[Any]) -> None:
         self.executor = executor
@@ -255,7 +256,7 @@ class Pending:
         ready, _ = ray.wait(self.shards, num_returns=len(self.shards), timeout=0)
         return len(ready) == len(self.shards)
 
-    def result(self) -> list[Any]:
+    def result(self) -> list[T]:
         shards = self.shards
         if self.executor == "ray":
             import ray

@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from saferl.handles import TrainerGroup
+
 STATE_FILE = "saferl_state.json"
 
 
@@ -30,11 +32,12 @@ def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save(run_dir: Path, name: str, trainer: Any, state: dict[str, Any], keep_last: int, export: str) -> Path:
+def save(run_dir: Path, name: str, trainer: TrainerGroup, state: dict[str, Any], keep_last: int,
+         export: str) -> Path:
     """Write checkpoint `name` (every trainer rank saves its part), point `latest` at it, prune old steps.
 
     Args:
-        trainer: ActorGroup of PolicyTrainer.
+        trainer: the PolicyTrainer ranks.
         state: the driver's state (JSON-serialisable), stored as saferl_state.json.
         keep_last: step_* checkpoints to keep (0 keeps all); `final` and the newest are never pruned.
         export: `merged` or `adapter` (LoRA only) for the HF export at the top level.
@@ -44,7 +47,7 @@ def save(run_dir: Path, name: str, trainer: Any, state: dict[str, Any], keep_las
     for leftover in root.glob(".*.incomplete"):  # from saves a kill interrupted
         shutil.rmtree(leftover, ignore_errors=True)
     partial = root / f".{name}.incomplete"
-    trainer.call("save", str(partial.resolve()), export)
+    trainer.save(str(partial.resolve()), export)
     (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
     final = root / name
     if final.exists():  # re-saving a name: move the old one out of the way first, never delete it in place

@@ -1,8 +1,10 @@
-"""The placement plan: which role runs where, with what resources, and a per-GPU memory estimate.
+"""The placement plan: the role specs a run starts (class, actors, resources, arguments), printed with a per-GPU
+memory estimate.
 
-`saferl train --dry-run` prints it without loading weights; the driver checks it against the Ray cluster
-before creating any actor, so a config asking for more GPUs or CPUs than exist fails at once instead of
-waiting forever for placement.
+`saferl.roles.role_specs` turns the config into `RoleSpec`s; `saferl train --dry-run` prints them
+(`format_plan`) without loading weights, and the driver prints the same list, checks its `requests` against
+the Ray cluster and hands it to `build_roles`, which starts exactly those actors. So the plan printed is what
+runs, and a config asking for more GPUs or CPUs than exist fails at once instead of waiting for placement.
 """
 
 from __future__ import annotations
@@ -10,45 +12,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from saferl.config import SafeRLConfig
-from saferl.references import resolve_reference
 
 
 @dataclass(frozen=True)
-class RolePlan:
-    role: str
-    model: str
+class RoleSpec:
+    """One role's actors: `actors` instances of `cls(**kwargs)` (plus the rank keyword), each holding `cpus` and
+    `gpus` on Ray (`executor: ray`) or living in the driver process (`local`: in-process runs, remote clients)."""
+
+    role: str  # rollout | guard | helpfulness | trainer
+    cls: type
     actors: int
+    executor: str
     cpus: float  # per actor
-    gpus: float  # per actor
-    engine: str
+    gpus: float  # per actor; a tensor-parallel engine holds all its GPUs
+    kwargs: dict[str, Any]
+    model: str  # what the plan names: the model reference, or the endpoints of a remote role
+    model_dir: str | None  # the resolved local model directory (None: served elsewhere)
+    engine: str  # vllm | hf | http | openai | torch | ds-z<stage>
+    dtype: str
     tensor_parallel: int = 1
+    rank_kwarg: str | None = None  # constructor keyword that receives each actor's rank
+    max_restarts: int = 0
 
 
-def plan(cfg: SafeRLConfig) -> list[RolePlan]:
-    roles = [
-        RolePlan("rollout", cfg.policy.model, cfg.rollout.num_engines, cfg.rollout.cpus_per_engine,
-                 cfg.rollout.gpus_per_engine, cfg.rollout.backend, cfg.rollout.tensor_parallel_size),
-        RolePlan("guard", cfg.guard.model, cfg.guard.num_actors, cfg.guard.cpus_per_actor,
-                 cfg.guard.gpus_per_actor, cfg.guard.backend)
-        if cfg.guard.backend in ("vllm", "hf") else
-        RolePlan("guard", ", ".join(cfg.guard.urls) or "(guard.urls is empty)", 1, 0.0, 0.0, cfg.guard.backend),
-    ]
-    h = cfg.helpfulness
-    if h.model is not None and h.backend == "http":
-        roles.append(RolePlan("helpfulness", ", ".join(h.urls) or "(helpfulness.urls is empty)", 1, 0.0, 0.0, "http"))
-    elif h.model is not None:
-        roles.append(RolePlan("helpfulness", h.model, h.num_actors, h.cpus_per_actor, h.gpus_per_actor, "hf"))
-    t = cfg.trainer
-    engine = f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch"
-    roles.append(RolePlan("trainer", cfg.policy.model, t.workers, t.cpus, t.gpus, engine))
-    return roles
-
-
-def requests(roles: list[RolePlan]) -> dict[str, tuple[int, float, float]]:
-    """role -> (actors, CPUs per actor, GPUs per actor); a tensor-parallel engine holds `gpus x TP`."""
-    return {r.role: (r.actors, r.cpus, r.gpus * r.tensor_parallel) for r in roles}
+def requests(specs: list[RoleSpec]) -> dict[str, tuple[int, float, float]]:
+    """role -> (actors, CPUs per actor, GPUs per actor); remote clients hold nothing."""
+    return {s.role: (s.actors, s.cpus, s.gpus) for s in specs}
 
 
 def count_params(config_path: Path) -> int | None:
@@ -69,22 +61,19 @@ def count_params(config_path: Path) -> int | None:
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def memory_gib(role: RolePlan, cfg: SafeRLConfig) -> str:
+def memory_gib(spec: RoleSpec, cfg: SafeRLConfig) -> str:
     """Weights (+ grads and AdamW states for the trainer) per GPU, when the model's config is local."""
-    if role.engine in ("http", "openai"):
+    if spec.model_dir is None:
         return "served elsewhere"
-    path = resolve_reference(role.model, cfg.toyworld, build=False)  # a dry run builds nothing
-    if not (Path(path) / "config.json").is_file():
+    config = Path(spec.model_dir) / "config.json"
+    if not config.is_file():
         return "n/a (config not local)"
-    params = count_params(Path(path) / "config.json")
+    params = count_params(config)
     if params is None:
         return "n/a"
-    dtype = {"trainer": cfg.trainer.dtype, "rollout": cfg.policy.dtype, "guard": cfg.guard.dtype,
-             "helpfulness": cfg.helpfulness.dtype}[role.role]
-    b = BYTES.get(dtype, 4)
-    total = params * (trainer_bytes_per_param(cfg) if role.role == "trainer" else b)
-    total /= max(1, role.tensor_parallel)
-    return f"{total / 2**30:.2f} GiB ({params / 1e6:.1f}M params{', +KV cache' if role.engine == 'vllm' else ''})"
+    total = params * (trainer_bytes_per_param(cfg) if spec.role == "trainer" else BYTES.get(spec.dtype, 4))
+    total /= max(1, spec.tensor_parallel)
+    return f"{total / 2**30:.2f} GiB ({params / 1e6:.1f}M params{', +KV cache' if spec.engine == 'vllm' else ''})"
 
 
 def trainer_bytes_per_param(cfg: SafeRLConfig) -> float:
@@ -109,15 +98,15 @@ def trainer_bytes_per_param(cfg: SafeRLConfig) -> float:
     return weights + grads + optim + reference
 
 
-def format_plan(cfg: SafeRLConfig) -> str:
-    roles = plan(cfg)
+def format_plan(specs: list[RoleSpec], cfg: SafeRLConfig) -> str:
+    """The table `--dry-run` and the driver print: one row per spec (GPU/actor counts every tensor-parallel
+    GPU), and the totals that Ray must provide."""
     lines = [f"executor: {cfg.run.executor}   ray: {cfg.ray.address or 'local (127.0.0.1)'}",
              f"{'role':12s} {'actors':>6s} {'CPU/actor':>9s} {'GPU/actor':>9s} {'engine':>6s} {'TP':>3s}  "
              f"{'memory per GPU (estimate)':28s} model"]
-    for r in roles:
-        lines.append(f"{r.role:12s} {r.actors:6d} {r.cpus:9g} {r.gpus:9g} {r.engine:>6s} {r.tensor_parallel:3d}  "
-                     f"{memory_gib(r, cfg):28s} {r.model}")
-    cpus = sum(r.actors * r.cpus for r in roles)
-    gpus = sum(r.actors * r.gpus * r.tensor_parallel for r in roles)
-    lines.append(f"total: {cpus:g} CPUs, {gpus:g} GPUs")
+    for s in specs:
+        lines.append(f"{s.role:12s} {s.actors:6d} {s.cpus:9g} {s.gpus:9g} {s.engine:>6s} {s.tensor_parallel:3d}  "
+                     f"{memory_gib(s, cfg):28s} {s.model}")
+    placed = requests(specs).values()
+    lines.append(f"total: {sum(n * c for n, c, _ in placed):g} CPUs, {sum(n * g for n, _, g in placed):g} GPUs")
     return "\n".join(lines)

@@ -1,25 +1,31 @@
 """Every role of a run, built from config: rollout engines, guard, helpfulness model, policy trainer ranks.
 
-`build_roles` turns the config into `ActorGroup`s (Ray actors or local objects) with plain arguments, so the
-role classes never see the config. Scorers on Ray restart after a crash; remote guards and reward models
-(`backend: http | openai`) are clients in the driver process. Model paths are resolved and checked before
-any actor starts.
+`role_specs` turns the config into one `RoleSpec` per role (class, actors, resources, plain constructor
+arguments, so the role classes never see the config); the dry-run plan prints that list and `build_roles`
+starts exactly it, as `ActorGroup`s (Ray actors or local objects) behind typed handles (`saferl.handles`).
+Scorers on Ray restart after a crash; remote guards and reward models (`backend: http | openai`) are clients
+in the driver process. Model paths are resolved and checked before any actor starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from saferl.actor_group import ActorGroup
 from saferl.config import SafeRLConfig
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import GuardScorer
+from saferl.handles import (GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup, failure_counters,
+                            pop_compute)
 from saferl.helpfulness import HelpfulnessScorer
+from saferl.placement import RoleSpec
 from saferl.references import resolve_reference
 from saferl.rollout.worker import RolloutWorker
 from saferl.runtime import check_model_dir
 from saferl.serving.client import EndpointPool, RemoteHelpfulnessScorer
-from saferl.trainer.policy import PolicyTrainer, connect_ranks
+from saferl.tracking import Interval
+from saferl.trainer.policy import PolicyTrainer
 
 
 def check_endpoints(cfg: SafeRLConfig, timeout_s: float = 10.0) -> None:
@@ -43,73 +49,103 @@ def check_endpoints(cfg: SafeRLConfig, timeout_s: float = 10.0) -> None:
 
 @dataclasses.dataclass
 class Roles:
-    rollout: ActorGroup
-    guard: ActorGroup
-    helpfulness: ActorGroup | None
-    trainer: ActorGroup
+    """The typed handles of a run's roles (`saferl.handles`); `helpfulness` is None without a reward model."""
 
-    def groups(self) -> list[ActorGroup]:
-        return [g for g in (self.rollout, self.guard, self.helpfulness, self.trainer) if g is not None]
+    rollout: RolloutGroup
+    guard: GuardGroup
+    helpfulness: HelpfulnessGroup | None
+    trainer: TrainerGroup
 
-    def pop_compute(self) -> dict[str, list[tuple[float, float]]]:
+    def groups(self) -> dict[str, ActorGroup]:
+        return {h.group.name: h.group for h in (self.rollout, self.guard, self.helpfulness, self.trainer)
+                if h is not None}
+
+    def pop_compute(self) -> dict[str, list[Interval]]:
         """Each role's model-compute (start, end) wall-clock intervals since the last call, all its actors
         together (`tracking.step_timing` unites them, so parallel actors and overlapping roles count once)."""
-        return {group.name: [iv for actor in group.call("pop_compute") for iv in actor] for group in self.groups()}
+        return {name: pop_compute(group) for name, group in self.groups().items()}
+
+    def failure_counters(self) -> dict[str, float]:
+        """The scorers' cumulative failure counters and Ray restarts, as `guard/<k>` and `rm/<k>` metrics."""
+        scorers = (("guard", self.guard), ("rm", self.helpfulness))
+        return {f"{prefix}/{k}": v for prefix, h in scorers if h is not None
+                for k, v in failure_counters(h.group).items()}
 
     def shutdown(self) -> None:
-        for group in self.groups():
+        for group in self.groups().values():
             group.shutdown()
 
 
-def build_roles(cfg: SafeRLConfig) -> Roles:
-    """Create every role's actors (or local objects) from config; all model paths are resolved first."""
+def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
+    """What a run starts, from config: one spec per role, with every model reference resolved (`build=False`,
+    for the dry-run plan: toy-world parts are named where they would be, nothing is built)."""
     ex, r, g, h, t = cfg.run.executor, cfg.rollout, cfg.guard, cfg.helpfulness, cfg.trainer
-    policy = resolve_reference(cfg.policy.model, cfg.toyworld)
-    remote_guard = g.backend in ("http", "openai")
-    guard_model = None if remote_guard else resolve_reference(g.model, cfg.toyworld)
-    rm_model = (resolve_reference(h.model, cfg.toyworld) if h.model is not None and h.backend != "http"
-                else None)
-    for path in (policy, guard_model, rm_model):  # before any actor starts
-        if path is not None:
-            check_model_dir(path)
-    rollout = ActorGroup(RolloutWorker, r.num_engines, executor=ex, name="rollout", num_cpus=r.cpus_per_engine,
-                         num_gpus=r.gpus_per_engine * r.tensor_parallel_size, kwargs=dict(
-                             model=policy, backend=r.backend, dtype=cfg.policy.dtype, max_model_len=r.max_model_len,
-                             tensor_parallel_size=r.tensor_parallel_size, kv_cache_mib=r.kv_cache_mib,
-                             gpu_memory_utilization=r.gpu_memory_utilization, enable_thinking=r.enable_thinking,
-                             seed=cfg.run.seed))
-    if remote_guard:  # a client in this process; the model is served elsewhere
-        guard = ActorGroup(RemoteGuardScorer, 1, executor="local", name="guard", kwargs=dict(
+
+    def local(ref: str) -> str:
+        return resolve_reference(ref, cfg.toyworld, build=build)
+
+    policy = local(cfg.policy.model)
+    specs = [RoleSpec("rollout", RolloutWorker, r.num_engines, ex, r.cpus_per_engine,
+                      r.gpus_per_engine * r.tensor_parallel_size, dict(
+                          model=policy, backend=r.backend, dtype=cfg.policy.dtype, max_model_len=r.max_model_len,
+                          tensor_parallel_size=r.tensor_parallel_size, kv_cache_mib=r.kv_cache_mib,
+                          gpu_memory_utilization=r.gpu_memory_utilization, enable_thinking=r.enable_thinking,
+                          seed=cfg.run.seed),
+                      cfg.policy.model, policy, r.backend, cfg.policy.dtype, r.tensor_parallel_size)]
+    if g.backend in ("http", "openai"):  # a client in this process; the model is served elsewhere
+        specs.append(RoleSpec("guard", RemoteGuardScorer, 1, "local", 0.0, 0.0, dict(
             urls=list(g.urls), protocol="saferl" if g.backend == "http" else "openai",
             served_model_name=g.served_model_name, token_env=g.token_env, timeout_s=g.timeout_s,
-            retries=g.retries, fallback=g.fallback, max_new_tokens=g.max_new_tokens))
+            retries=g.retries, fallback=g.fallback, max_new_tokens=g.max_new_tokens),
+            ", ".join(g.urls) or "(guard.urls is empty)", None, g.backend, g.dtype))
     else:
-        guard = ActorGroup(GuardScorer, g.num_actors, executor=ex, name="guard", num_cpus=g.cpus_per_actor,
-                           num_gpus=g.gpus_per_actor, max_restarts=g.max_restarts, kwargs=dict(
-                               model=guard_model, backend=g.backend, max_new_tokens=g.max_new_tokens,
-                               max_model_len=g.max_model_len, dtype=g.dtype, kv_cache_mib=g.kv_cache_mib,
-                               gpu_memory_utilization=g.gpu_memory_utilization))
-    helpfulness = None
+        guard_model = local(g.model)
+        specs.append(RoleSpec("guard", GuardScorer, g.num_actors, ex, g.cpus_per_actor, g.gpus_per_actor, dict(
+            model=guard_model, backend=g.backend, max_new_tokens=g.max_new_tokens, max_model_len=g.max_model_len,
+            dtype=g.dtype, kv_cache_mib=g.kv_cache_mib, gpu_memory_utilization=g.gpu_memory_utilization),
+            g.model, guard_model, g.backend, g.dtype, max_restarts=g.max_restarts))
     if h.model is not None and h.backend == "http":
-        helpfulness = ActorGroup(RemoteHelpfulnessScorer, 1, executor="local", name="helpfulness", kwargs=dict(
+        specs.append(RoleSpec("helpfulness", RemoteHelpfulnessScorer, 1, "local", 0.0, 0.0, dict(
             urls=list(h.urls), token_env=h.token_env, timeout_s=h.timeout_s, retries=h.retries,
-            fallback_score=h.fallback_score, batch_size=h.batch_size))
-    elif rm_model is not None:
-        helpfulness = ActorGroup(HelpfulnessScorer, h.num_actors, executor=ex, name="helpfulness",
-                                 num_cpus=h.cpus_per_actor, num_gpus=h.gpus_per_actor, max_restarts=h.max_restarts,
-                                 kwargs=dict(model=rm_model, backend=h.backend, dtype=h.dtype,
-                                             batch_size=h.batch_size, max_length=h.max_length,
-                                             gpu_memory_utilization=h.gpu_memory_utilization,
-                                             kv_cache_mib=h.kv_cache_mib))
-    trainer = ActorGroup(PolicyTrainer, t.workers, executor=ex, name="trainer", num_cpus=t.cpus, num_gpus=t.gpus,
-                         rank_kwarg="rank", kwargs=dict(
-                             model=policy, world_size=t.workers, strategy=t.strategy, zero_stage=t.zero_stage,
-                             lr=t.lr, lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps,
-                             weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, minibatches=t.minibatches,
-                             micro_batch_size=t.micro_batch_size, loss=t.loss, clip_low=t.clip_low,
-                             clip_high=t.clip_high, aggregation=t.aggregation, temperature=r.temperature, top_p=r.top_p,
-                             dtype=t.dtype, kl_coef=t.kl_coef, entropy_coef=t.entropy_coef, lora_rank=t.lora.rank,
-                             lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-                             lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed))
-    connect_ranks(trainer)
-    return Roles(rollout, guard, helpfulness, trainer)
+            fallback_score=h.fallback_score, batch_size=h.batch_size),
+            ", ".join(h.urls) or "(helpfulness.urls is empty)", None, "http", h.dtype))
+    elif h.model is not None:
+        rm_model = local(h.model)
+        specs.append(RoleSpec("helpfulness", HelpfulnessScorer, h.num_actors, ex, h.cpus_per_actor,
+                              h.gpus_per_actor, dict(model=rm_model, backend=h.backend, dtype=h.dtype,
+                                                     batch_size=h.batch_size, max_length=h.max_length,
+                                                     gpu_memory_utilization=h.gpu_memory_utilization,
+                                                     kv_cache_mib=h.kv_cache_mib),
+                              h.model, rm_model, h.backend, h.dtype, max_restarts=h.max_restarts))
+    specs.append(RoleSpec("trainer", PolicyTrainer, t.workers, ex, t.cpus, t.gpus, dict(
+        model=policy, world_size=t.workers, strategy=t.strategy, zero_stage=t.zero_stage, lr=t.lr,
+        lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, minibatches=t.minibatches, micro_batch_size=t.micro_batch_size,
+        loss=t.loss, clip_low=t.clip_low, clip_high=t.clip_high, aggregation=t.aggregation,
+        temperature=r.temperature, top_p=r.top_p, dtype=t.dtype, kl_coef=t.kl_coef, entropy_coef=t.entropy_coef,
+        lora_rank=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+        lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed),
+        cfg.policy.model, policy, f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch", t.dtype,
+        rank_kwarg="rank"))
+    return specs
+
+
+def start_group(spec: RoleSpec) -> ActorGroup:
+    """The actors of one spec, started (on Ray: placed, and constructed before this returns)."""
+    return ActorGroup(spec.cls, spec.actors, executor=spec.executor, name=spec.role, kwargs=spec.kwargs,
+                      num_cpus=spec.cpus, num_gpus=spec.gpus, rank_kwarg=spec.rank_kwarg,
+                      max_restarts=spec.max_restarts)
+
+
+def build_roles(specs: list[RoleSpec], start: Callable[[RoleSpec], ActorGroup] = start_group) -> Roles:
+    """Start every spec's actors (or local objects) and wrap them in typed handles; every local model
+    directory is checked before any actor starts. `start` is `start_group` except in tests."""
+    for spec in specs:
+        if spec.model_dir is not None:
+            check_model_dir(spec.model_dir)
+    groups = {spec.role: start(spec) for spec in specs}
+    trainer = TrainerGroup(groups["trainer"])
+    trainer.connect()
+    rm = groups.get("helpfulness")
+    return Roles(RolloutGroup(groups["rollout"]), GuardGroup(groups["guard"]),
+                 HelpfulnessGroup(rm) if rm is not None else None, trainer)

@@ -13,24 +13,23 @@ continuous batching) instead of one call per group.
 
 from __future__ import annotations
 
-from typing import Any
-
 from saferl.guard.scorer import ModerationItem
+from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup
 from saferl.tracking import PhaseTimer
-from saferl.types import Rollout, ScoredRollout
+from saferl.types import Prompt, Rollout, ScoredRollout
 
 
 class Scoring:
     """Guard and RM calls in flight for a list of rollouts (`submit_scoring`)."""
 
-    def __init__(self, rollouts: list[Rollout], guard: Any, helpfulness: Any | None) -> None:
+    def __init__(self, rollouts: list[Rollout], guard: GuardGroup, helpfulness: HelpfulnessGroup | None) -> None:
         # One guard call: every answer, then every thinking text, so the guard batches them together.
         items = [ModerationItem(r.prompt.messages, r.answer) for r in rollouts]
         items += [ModerationItem(r.prompt.messages, r.thinking) for r in rollouts if r.thinking]
         self.rollouts, self.n_items = rollouts, len(items)
-        self.guard = guard.submit("moderate", items)
+        self.guard = guard.moderate(items)
         pairs = [(r.prompt.messages, r.answer) for r in rollouts]
-        self.rm = helpfulness.submit("score_with_fallbacks", pairs) if helpfulness is not None else None
+        self.rm = helpfulness.score(pairs) if helpfulness is not None else None
 
     def done(self) -> bool:
         return self.guard.done() and (self.rm is None or self.rm.done())
@@ -49,9 +48,9 @@ class Scoring:
                 in zip(self.rollouts, answers, thinking, scores, strict=True)]
 
 
-def score_rollouts(rollouts: list[Rollout], guard: Any, helpfulness: Any | None,
+def score_rollouts(rollouts: list[Rollout], guard: GuardGroup, helpfulness: HelpfulnessGroup | None,
                    timer: PhaseTimer | None = None) -> list[ScoredRollout]:
-    """Each rollout with its guard verdicts and helpfulness score (`guard`/`helpfulness` are ActorGroups).
+    """Each rollout with its guard verdicts and helpfulness score.
 
     With a `timer`, the wait is timed as phase `reward`.
     """
@@ -59,22 +58,24 @@ def score_rollouts(rollouts: list[Rollout], guard: Any, helpfulness: Any | None,
         return Scoring(rollouts, guard, helpfulness).result()
 
 
-def generate_and_score(rollout: Any, prompts: list[Any], n: int, guard: Any, helpfulness: Any | None, *,
-                       timer: PhaseTimer | None = None, **sampling: Any) -> list[ScoredRollout]:
+def generate_and_score(rollout: RolloutGroup, prompts: list[Prompt], n: int, guard: GuardGroup,
+                       helpfulness: HelpfulnessGroup | None, *, temperature: float, top_p: float,
+                       max_new_tokens: int, seed: int, timer: PhaseTimer | None = None) -> list[ScoredRollout]:
     """`n` scored rollouts per prompt (grouped, in prompt order).
 
     Phases: `rollout` until the last group is generated (scoring of earlier groups runs meanwhile on Ray),
-    then `reward` for the scoring still outstanding. `sampling`: `RolloutWorker.generate_stream` keywords.
+    then `reward` for the scoring still outstanding. Prompt i is sampled with seed `seed + i`.
     """
     timer = timer or PhaseTimer()
-    if rollout.executor == "local":  # nothing runs in the background in one process: one batch, then score
+    sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    if rollout.in_process:  # nothing runs in the background in one process: one batch, then score
         with timer.phase("rollout"):
-            rollouts = rollout.map("generate", prompts, n, offset_kwarg="first_group", **sampling)
+            rollouts = rollout.generate(prompts, n, **sampling)
         return score_rollouts(rollouts, guard, helpfulness, timer)
     calls: list[Scoring] = []
     finished: list[Rollout] = []
     with timer.phase("rollout"):
-        for group in rollout.stream("generate_stream", prompts, n, offset_kwarg="first_group", **sampling):
+        for group in rollout.generate_stream(prompts, n, **sampling):
             finished += group
             if not calls or calls[-1].done():  # scorers idle: hand them everything finished so far
                 calls.append(Scoring(finished, guard, helpfulness))

@@ -16,7 +16,7 @@ import itertools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import torch
 from omegaconf import OmegaConf
@@ -28,9 +28,9 @@ from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import Columns, PromptSampler, load_prompts, subsample
 from saferl.eval.metrics import before_after_table
 from saferl.eval.policy_eval import evaluate, ground_truth_metrics
-from saferl.placement import format_plan, plan, requests
+from saferl.placement import format_plan, requests
 from saferl.references import resolve_reference
-from saferl.roles import Roles, build_roles, check_endpoints
+from saferl.roles import Roles, build_roles, check_endpoints, role_specs
 from saferl.runtime import configure_process
 from saferl.scoring import generate_and_score
 from saferl.tracking import PhaseTimer, Tracker, step_timing
@@ -101,11 +101,14 @@ def record_resumed_config(run_dir: Path, cfg: SafeRLConfig, step: int) -> None:
     saved_file.write_text(current)
 
 
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         return [k for key in sorted(set(old) | set(new))
                 for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+TrainResult = TypedDict("TrainResult", {"before": dict[str, float], "after": dict[str, float], "checkpoint": str})
 
 
 def load_prompt_sets(cfg: SafeRLConfig) -> tuple[list[Prompt], list[Prompt]]:
@@ -119,7 +122,7 @@ def load_prompt_sets(cfg: SafeRLConfig) -> tuple[list[Prompt], list[Prompt]]:
     return train, subsample(held_out, cfg.eval.max_prompts)
 
 
-def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> dict[str, Any]:
+def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> TrainResult:
     """Run one experiment end to end (or continue an interrupted one); returns the before/after evaluation.
     `truth`, a ground-truth oracle (the CLI hands in the toy world's), adds the `truth_*` metrics."""
     configure_process(cfg.run.torch_threads)
@@ -133,11 +136,12 @@ def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> dict[str, Any]
                          "are separate processes)")
     train_prompts, eval_prompts = load_prompt_sets(cfg)
     resume_from = prepare_run_dir(cfg)
-    print(format_plan(cfg), flush=True)
+    specs = role_specs(cfg)  # what --dry-run prints is what starts
+    print(format_plan(specs, cfg), flush=True)
     if cfg.run.executor == "ray":
         resources = start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir, cfg.run.torch_threads)
-        check_resources(requests(plan(cfg)), resources)
-    roles = build_roles(cfg)
+        check_resources(requests(specs), resources)
+    roles = build_roles(specs)
     try:
         return _loop(cfg, roles, recipe, cfg.reward.rules, train_prompts, eval_prompts, Path(cfg.run.dir),
                      resume_from, truth)
@@ -145,9 +149,9 @@ def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> dict[str, Any]
         roles.shutdown()
 
 
-def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPolicy, train_prompts: list,
-          eval_prompts: list, run_dir: Path, resume_from: Path | None,
-          truth: GroundTruth | None) -> dict[str, Any]:
+def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPolicy, train_prompts: list[Prompt],
+          eval_prompts: list[Prompt], run_dir: Path, resume_from: Path | None,
+          truth: GroundTruth | None) -> TrainResult:
     G, r = cfg.rollout.samples_per_prompt, cfg.rollout
     sampling = dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     sampler = PromptSampler(train_prompts, cfg.run.seed)
@@ -157,7 +161,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
         return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules,
                         samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling, truth=truth)
 
-    def sample(prompts: list, step: int, round_: int, timer: PhaseTimer) -> list[Group]:
+    def sample(prompts: list[Prompt], step: int, round_: int, timer: PhaseTimer) -> list[Group]:
         scored = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness, timer=timer,
                                     **sampling, seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
         return groups_of(apply_recipe(recipe, scored, rules))
@@ -169,7 +173,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
     start = 0
     if resume_from is not None:  # trainer state and data position from the checkpoint; engines get its weights
         start = checkpoint.read_state(resume_from)["step"]
-        roles.trainer.call("load", str(resume_from))
+        roles.trainer.load(str(resume_from))
         sampler.load_state_dict(checkpoint.read_state(resume_from)["sampler"])
         weight_sync.push()
     tracker = Tracker(run_dir, total_steps=cfg.trainer.steps, wandb_mode=cfg.logging.wandb,
@@ -198,16 +202,12 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
             advantages = group_advantages(torch.tensor([s.reward for s in records]), G,
                                           normalize_std=cfg.trainer.normalize_std)
             with timer.phase("train"):
-                per_rank = roles.trainer.call("train_step", make_train_batch(records, advantages.tolist()))
+                per_rank = roles.trainer.train_step(make_train_batch(records, advantages.tolist()))
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
         step_window, compute = (step_start, time.time()), roles.pop_compute()
-        for name, group in (("guard", roles.guard), ("rm", roles.helpfulness)):  # cumulative failure counters
-            if group is not None:
-                stats = group.call("stats")
-                metrics.update({f"{name}/{k}": float(sum(s[k] for s in stats)) for k in stats[0]})
-                metrics[f"{name}/restarts"] = float(group.restarts())
+        metrics.update(roles.failure_counters())  # cumulative: guard/*, rm/* and their actors' restarts
         # Overhead: the step's time with no role computing (scoring overlapping generation counts once).
         metrics.update({**timer.metrics(), **step_timing(step_window, compute)})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.trainer.steps:

@@ -16,8 +16,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from saferl.placement import format_plan
+        from saferl.roles import role_specs
 
-        print(f"config OK: {args.config or '(defaults)'}\n{format_plan(cfg)}")
+        # The role specs a real run would start (nothing built, no weights loaded).
+        print(f"config OK: {args.config or '(defaults)'}\n{format_plan(role_specs(cfg, build=False), cfg)}")
         return 0
     from saferl.toyworld.oracle import ToyGroundTruth
     from saferl.train import train

@@ -11,16 +11,17 @@ exposes a guard being fooled by garbled text (reward hacking).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 from saferl.eval.metrics import judge, policy_metrics
+from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup
 from saferl.scoring import generate_and_score
 from saferl.types import GroundTruth, GuardVerdict, Prompt, Rollout, SafetyLabel, SafetyPolicy
 
 
-def evaluate(prompts: list[Prompt], rollout: Any, guard: Any, helpfulness: Any | None, *,
-             safety: SafetyPolicy, samples: int, seed: int, temperature: float, top_p: float,
-             max_new_tokens: int, truth: GroundTruth | None = None) -> dict[str, float]:
+def evaluate(prompts: list[Prompt], rollout: RolloutGroup, guard: GuardGroup,
+             helpfulness: HelpfulnessGroup | None, *, safety: SafetyPolicy, samples: int, seed: int,
+             temperature: float, top_p: float, max_new_tokens: int,
+             truth: GroundTruth | None = None) -> dict[str, float]:
     """Metrics of the policy currently loaded in the rollout engines (see module docstring)."""
     scored = generate_and_score(rollout, prompts, samples, guard, helpfulness, temperature=temperature,
                                 top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)

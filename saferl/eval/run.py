@@ -28,7 +28,6 @@ from saferl.eval.metrics import judge, models_table, policy_metrics
 from saferl.types import GroundTruth, Prompt, Rollout, SafetyPolicy, ScoredRollout
 
 
-
 @dataclass(frozen=True)
 class PolicyRef:
     """A policy to evaluate: its column label and model (directory, hub id or `toyworld:policy`)."""
@@ -67,12 +66,13 @@ def generate(model: str, prompts: list[Prompt], *, rollout_kwargs: dict[str, Any
              sampling: dict[str, Any]) -> list[Rollout]:
     """`samples` answers per prompt from `model`, grouped in prompt order (training's evaluation sampling)."""
     from saferl.actor_group import ActorGroup
+    from saferl.handles import RolloutGroup
     from saferl.rollout.worker import RolloutWorker
 
     rollout = ActorGroup(RolloutWorker, 1, executor="local", name="rollout", kwargs=dict(model=model,
                                                                                          **rollout_kwargs))
     try:
-        return rollout.map("generate", prompts, samples, offset_kwarg="first_group", **sampling)
+        return RolloutGroup(rollout).generate(prompts, samples, **sampling)
     finally:
         _release(rollout, rollout_kwargs["backend"])
 
@@ -82,6 +82,7 @@ def score(answers: dict[str, list[Rollout]], *, guard_kwargs: dict[str, Any],
     """Every policy's answers with their guard verdicts (answer and thinking) and RM scores."""
     from saferl.actor_group import ActorGroup
     from saferl.guard.scorer import GuardScorer
+    from saferl.handles import GuardGroup, HelpfulnessGroup
     from saferl.helpfulness import HelpfulnessScorer
     from saferl.scoring import score_rollouts
 
@@ -89,7 +90,8 @@ def score(answers: dict[str, list[Rollout]], *, guard_kwargs: dict[str, Any],
     rm = (ActorGroup(HelpfulnessScorer, 1, executor="local", name="helpfulness", kwargs=rm_kwargs)
           if rm_kwargs is not None else None)
     try:
-        return {label: score_rollouts(rollouts, guard, rm) for label, rollouts in answers.items()}
+        judges = GuardGroup(guard), HelpfulnessGroup(rm) if rm is not None else None
+        return {label: score_rollouts(rollouts, *judges) for label, rollouts in answers.items()}
     finally:
         _release(guard, guard_kwargs["backend"])
         if rm is not None:

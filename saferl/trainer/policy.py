@@ -9,7 +9,8 @@ nucleus, see gspo.py). The rollout engine's own log-probs are only compared with
 
 Lifecycle: `PolicyTrainer(...)` loads the model on every rank; with several ranks, `address()` on rank 0
 names a rendezvous and `connect(address)` on all joins the process group and builds the engine (plain
-torch/DDP or DeepSpeed ZeRO); `connect_ranks` does both. A single rank connects itself.
+torch/DDP or DeepSpeed ZeRO); `saferl.handles.TrainerGroup.connect` does both. A single rank connects
+itself.
 A plain class: Ray hosts the ranks as actors, `executor: local` runs one rank in-process.
 """
 
@@ -296,14 +297,6 @@ def _engine_mismatch(old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch, m
         lps = batch.old_logprobs[row][: old.shape[1]]
         behaviour[b, : len(lps)] = torch.tensor(lps, dtype=old.dtype)
     return float(((old - behaviour).abs() * mask).sum())
-
-
-def connect_ranks(group: Any) -> None:
-    """Rendezvous every PolicyTrainer rank of an ActorGroup at rank 0's address (a single rank is ready)."""
-    if len(group) == 1:
-        return
-    address = group.call("address")[0]
-    group.call("connect", address)
 
 
 # What a rank metric is a mean over: merged means are weighted by it, so a rank whose share was only padding

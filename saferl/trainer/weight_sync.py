@@ -8,7 +8,7 @@ prefix cache. A GPU transport (NCCL broadcast, CUDA IPC handles) implements the 
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class WeightSync(Protocol):
@@ -17,12 +17,22 @@ class WeightSync(Protocol):
         ...
 
 
+class WeightSource(Protocol):
+    def state_blob(self) -> bytes: ...
+
+
+class WeightSink(Protocol):
+    def load_weights(self, blob: bytes) -> None: ...
+
+
 class BlobWeightSync:
-    def __init__(self, trainer: Any, rollout: Any) -> None:
-        self.trainer = trainer  # ActorGroup of PolicyTrainer (one actor)
-        self.rollout = rollout  # ActorGroup of RolloutWorker
+    """`trainer` and `rollout` are the `saferl.handles` TrainerGroup and RolloutGroup (this package stays below
+    the roles layer, so it names only the one method it calls on each)."""
+
+    def __init__(self, trainer: WeightSource, rollout: WeightSink) -> None:
+        self.trainer, self.rollout = trainer, rollout
 
     def push(self) -> int:
-        blob = self.trainer.call("state_blob")[0]
-        self.rollout.call("load_weights", blob)
+        blob = self.trainer.state_blob()
+        self.rollout.load_weights(blob)
         return len(blob)

@@ -171,6 +171,7 @@ def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank):
     from saferl.trainer.policy import PolicyTrainer
     from saferl.trainer.weight_sync import BlobWeightSync
     from saferl.actor_group import ActorGroup
+    from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup
 
     policy = str(toy_world.part("policy"))
     prompts = load_prompts(toy_world.part("heldout"))[::80]
@@ -191,7 +192,7 @@ def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank):
     advantages = [1.0 if i % 2 else -1.0 for i in range(len(fixed))]
     metrics = learner.train_step(batch_of(fixed, advantages))
     assert metrics["grad_norm"] > 0
-    BlobWeightSync(trainer, rollout).push()
+    BlobWeightSync(TrainerGroup(trainer), RolloutGroup(rollout)).push()
 
     after = worker.generate(prompts, 2, seed=7)
     after_trainer = learner.sequence_logprobs(batch_of(after, [0.0] * len(after)))
@@ -214,6 +215,7 @@ def test_rewards_follow_recipe_on_known_verdicts(toy_world):
     from rewards import load_recipe
     from rewards.base import RewardRules
     from saferl.actor_group import ActorGroup
+    from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup
     from saferl.data import load_prompts
     from saferl.guard.scorer import GuardScorer
     from saferl.helpfulness import HelpfulnessScorer
@@ -227,8 +229,9 @@ def test_rewards_follow_recipe_on_known_verdicts(toy_world):
     cases = [(harmful, "unsafe"), (harmful, "refusal"), (harmful, "safe_completion"), (benign, "helpful"),
              (benign, "refusal")]
     rollouts = [Rollout(p, [], [], [], t, "", t, "stop") for p, s in cases for t in [world.responses_for(p)[s][0]]]
-    guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
-    rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
+    guard = GuardGroup(ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard")))))
+    rm = HelpfulnessGroup(ActorGroup(HelpfulnessScorer, 1, executor="local",
+                                     kwargs=dict(model=str(toy_world.part("reward_model")))))
     inputs = RewardInputs.of(score_rollouts(rollouts, guard, rm))
     assert [v.safety.value for v in inputs.answer_verdicts] == ["Unsafe", "Safe", "Safe", "Safe", "Safe"]
     assert [v.refusal for v in inputs.answer_verdicts] == [False, True, False, False, True]
@@ -259,6 +262,7 @@ def test_thinking_is_judged_and_unparsable_guard_output_is_counted(toy_world):
     from rewards import load_recipe
     from rewards.base import RewardRules
     from saferl.actor_group import ActorGroup
+    from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup
     from saferl.data import load_prompts
     from saferl.guard.scorer import GuardScorer
     from saferl.helpfulness import HelpfulnessScorer
@@ -270,15 +274,16 @@ def test_thinking_is_judged_and_unparsable_guard_output_is_counted(toy_world):
     unsafe, safe = world.responses_for(harmful)["unsafe"][0], world.responses_for(harmful)["safe_completion"][0]
     rollouts = [Rollout(harmful, [], [], [], "", unsafe, safe, "stop"),
                 Rollout(harmful, [], [], [], "", "", safe, "stop")]
-    rm = ActorGroup(HelpfulnessScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("reward_model"))))
-    guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard"))))
+    rm = HelpfulnessGroup(ActorGroup(HelpfulnessScorer, 1, executor="local",
+                                     kwargs=dict(model=str(toy_world.part("reward_model")))))
+    guard = GuardGroup(ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("guard")))))
     inputs = RewardInputs.of(score_rollouts(rollouts, guard, rm))
     assert inputs.thinking_verdicts[0].safety.value == "Unsafe" and inputs.thinking_verdicts[1] is None
     out = load_recipe("hybrid")(inputs, RewardRules())
     assert out.total[0] <= -10.0 and out.total[1] == pytest.approx(inputs.helpfulness[1])
 
-    not_a_guard = ActorGroup(GuardScorer, 1, executor="local", kwargs=dict(model=str(toy_world.part("policy")),
-                                                                           backend="hf"))
+    not_a_guard = GuardGroup(ActorGroup(GuardScorer, 1, executor="local",
+                                        kwargs=dict(model=str(toy_world.part("policy")), backend="hf")))
     inputs = RewardInputs.of(score_rollouts(rollouts[1:], not_a_guard, rm))
     assert not inputs.answer_verdicts[0].parse_ok
     strict = load_recipe("hybrid")(inputs, RewardRules(unparsable="unsafe"))

@@ -41,7 +41,8 @@ def test_two_ranks_over_gloo_equal_one_rank(toy_world, strategy, zero_stage):
     that dropped or double-counted samples would be off by ~1e-5, while float reordering stays near 4e-7.
     """
     from saferl.actor_group import ActorGroup, start_ray
-    from saferl.trainer.policy import PolicyTrainer, connect_ranks, merge_rank_metrics
+    from saferl.handles import TrainerGroup
+    from saferl.trainer.policy import PolicyTrainer, merge_rank_metrics
 
     kwargs = dict(model=str(toy_world.part("policy")), lr=1e-5, minibatches=2, kl_coef=0.1, strategy=strategy,
                   zero_stage=zero_stage, seed=0)
@@ -56,7 +57,7 @@ def test_two_ranks_over_gloo_equal_one_rank(toy_world, strategy, zero_stage):
     two = ActorGroup(PolicyTrainer, 2, executor="ray", rank_kwarg="rank", num_cpus=1,
                      kwargs=dict(kwargs, world_size=2, micro_batch_size=2))
     try:
-        connect_ranks(two)
+        TrainerGroup(two).connect()
         per_rank = two.call("train_step", batch)
         blobs = two.call("state_blob")
     finally:

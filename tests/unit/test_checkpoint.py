@@ -13,14 +13,13 @@ from saferl.types import Prompt
 
 
 class FakeTrainer:
-    """Stands in for the ActorGroup of PolicyTrainer: `call("save", directory, export)` writes a weights file."""
+    """Stands in for the PolicyTrainer ranks (`handles.TrainerGroup`): `save(directory, export)` writes a weights
+    file."""
 
     def __init__(self, tag: str = "", fail: bool = False) -> None:
         self.tag, self.fail, self.calls = tag, fail, []
 
-    def call(self, method, *args):
-        assert method == "save"
-        directory, export = args
+    def save(self, directory, export):
         self.calls.append((directory, export))
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
@@ -28,7 +27,6 @@ class FakeTrainer:
         if self.fail:  # e.g. one rank dies half-way through writing its shard
             raise RuntimeError("rank 1 died while saving")
         (d / "trainer").mkdir(exist_ok=True)
-        return [None]
 
 
 def _root(tmp_path: Path) -> Path:

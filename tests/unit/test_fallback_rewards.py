@@ -18,6 +18,7 @@ from rewards.base import RewardRules
 from rewards.guard_only import guard_only
 from rewards.hybrid import hybrid
 from saferl.actor_group import ActorGroup
+from saferl.handles import GuardGroup, HelpfulnessGroup
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import ModerationItem
 from saferl.scoring import score_rollouts
@@ -227,13 +228,13 @@ def test_an_rm_failure_never_beats_a_refusal_under_hybrid(failure):
 
     guard_server = ThreadingHTTPServer(("127.0.0.1", 0), PerAnswer)
     threading.Thread(target=guard_server.serve_forever, daemon=True).start()
-    guard = ActorGroup(RemoteGuardScorer, 1, executor="local", kwargs=dict(
-        urls=[f"http://127.0.0.1:{guard_server.server_address[1]}"], protocol="openai"))
-    rm = ActorGroup(RemoteHelpfulnessScorer, 1, executor="local", kwargs=dict(
-        urls=[rm_endpoint.url], timeout_s=0.3, retries=1, backoff_s=0.01, fallback_score=100.0))
+    guard = GuardGroup(ActorGroup(RemoteGuardScorer, 1, executor="local", kwargs=dict(
+        urls=[f"http://127.0.0.1:{guard_server.server_address[1]}"], protocol="openai")))
+    rm = HelpfulnessGroup(ActorGroup(RemoteHelpfulnessScorer, 1, executor="local", kwargs=dict(
+        urls=[rm_endpoint.url], timeout_s=0.3, retries=1, backoff_s=0.01, fallback_score=100.0)))
     inputs = RewardInputs.of(score_rollouts(_rollouts(), guard, rm))
     assert inputs.helpfulness == [100.0] * 4 and inputs.helpfulness_fallback == [True] * 4
-    stats = rm.call("stats")[0]
+    stats = rm.group.call("stats")[0]
     assert stats["fallbacks"] == 4 and stats["timeouts" if failure == "hung" else "errors"] == 2
     out = hybrid(inputs, RewardRules())
     assert out.total == [-5.0, -10.0, -5.0, -5.0] and out.metrics["helpfulness_fallbacks"] == 4.0

@@ -2,16 +2,18 @@ import pytest
 
 from saferl.actor_group import check_resources
 from saferl.config import load_config
-from saferl.placement import count_params, format_plan, plan, requests
+from saferl.placement import count_params, format_plan, requests
+from saferl.roles import role_specs
 
 
 def test_requests_count_tensor_parallel_gpus():
     cfg = load_config(None, ["rollout.num_engines=2", "rollout.gpus_per_engine=1", "rollout.tensor_parallel_size=2",
                              "guard.gpus_per_actor=1", "trainer.gpus=1"])
-    req = requests(plan(cfg))
+    specs = role_specs(cfg, build=False)
+    req = requests(specs)
     assert req["rollout"] == (2, 0.5, 2.0)
     assert sum(n * g for n, _, g in req.values()) == 6
-    assert "total: " in format_plan(cfg) and "6 GPUs" in format_plan(cfg)
+    assert "total: " in format_plan(specs, cfg) and "6 GPUs" in format_plan(specs, cfg)
 
 
 def test_check_resources_fails_fast_with_the_numbers():
@@ -29,3 +31,89 @@ def test_param_count_of_a_qwen3_config(tmp_path):
         '{"hidden_size": 1024, "num_hidden_layers": 28, "vocab_size": 151936, "intermediate_size": 3072,'
         ' "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": true}')
     assert 0.55e9 < count_params(tmp_path / "config.json") < 0.65e9  # Qwen3-0.6B has 0.6B parameters
+
+
+QWEN_LIKE = ('{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1000, "intermediate_size": 128,'
+             ' "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": true}')
+
+
+class _RecordingGroup:
+    """Stands in for a started ActorGroup; records the role methods called on it."""
+
+    def __init__(self, spec):
+        self.spec, self.calls = spec, []
+
+    def __len__(self):
+        return self.spec.actors
+
+    def call(self, method, *args):
+        self.calls.append((method, args))
+        return [("10.0.0.1", 29500)] * self.spec.actors
+
+
+def test_dry_run_prints_exactly_the_specs_build_roles_starts(tmp_path, capsys):
+    """One list of role specs drives both: `--dry-run` prints `format_plan` of them, and `build_roles` starts
+    each of them, no more, no other. The helpfulness row names the engine that starts (vllm), the rollout row
+    the GPUs each engine actor holds (1 per engine x TP 2)."""
+    from saferl.cli.main import main
+    from saferl.roles import build_roles, role_specs
+
+    models = {}
+    for name in ("policy", "guard", "rm"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(QWEN_LIKE)
+        models[name] = str(tmp_path / name)
+    overrides = [f"policy.model={models['policy']}", f"guard.model={models['guard']}",
+                 f"helpfulness.model={models['rm']}", "helpfulness.backend=vllm", "rollout.num_engines=2",
+                 "rollout.gpus_per_engine=1", "rollout.tensor_parallel_size=2", "guard.num_actors=3",
+                 "guard.gpus_per_actor=0.5", "trainer.workers=2", "trainer.gpus=1"]
+    assert main(["train", "--dry-run", *overrides]) == 0
+    printed = capsys.readouterr().out
+    cfg = load_config(None, overrides)
+    specs = role_specs(cfg, build=False)
+    assert printed == f"config OK: (defaults)\n{format_plan(specs, cfg)}\n"
+
+    started = []
+    roles = build_roles(specs, start=lambda spec: started.append(spec) or _RecordingGroup(spec))
+    assert started == specs
+    rows = {line.split()[0]: line.split() for line in printed.splitlines()[3:-1]}
+    assert {s.role: [s.role, str(s.actors), f"{s.cpus:g}", f"{s.gpus:g}", s.engine] for s in started} == {
+        role: row[:5] for role, row in rows.items()}
+    assert rows["helpfulness"][4] == "vllm" and started[2].kwargs["backend"] == "vllm"
+    assert rows["rollout"][1:4] == ["2", f"{cfg.rollout.cpus_per_engine:g}", "2"]
+    assert started[0].kwargs["tensor_parallel_size"] == 2 and started[0].gpus == 2
+    gpus = 2 * 2 + 3 * 0.5 + cfg.helpfulness.num_actors * cfg.helpfulness.gpus_per_actor + 2 * 1
+    assert printed.splitlines()[-1].endswith(f", {gpus:g} GPUs")
+    # Two trainer ranks: build_roles rendezvoused them at rank 0's address.
+    assert roles.trainer.group.calls == [("address", ()), ("connect", (("10.0.0.1", 29500),))]
+
+
+class _Recorder:
+    def __init__(self, rank, **kwargs):
+        self.rank, self.kwargs = rank, kwargs
+
+
+def test_start_group_builds_what_the_spec_says():
+    from saferl.placement import RoleSpec
+    from saferl.roles import start_group
+
+    spec = RoleSpec("trainer", _Recorder, 3, "local", 1.0, 0.0, dict(model="m", lr=0.1), "m", None, "torch",
+                    "float32", rank_kwarg="rank")
+    group = start_group(spec)
+    assert group.name == "trainer" and [(a.rank, a.kwargs) for a in group.actors] == [
+        (i, dict(model="m", lr=0.1)) for i in range(3)]
+
+
+@pytest.mark.parametrize("overrides", [[], ["guard.backend=http", "guard.urls=[http://127.0.0.1:1]",
+                                            "helpfulness.backend=http", "helpfulness.urls=[http://127.0.0.1:2]"]],
+                         ids=["in-process", "remote"])
+def test_every_role_class_meets_the_role_contract(overrides):
+    """`Roles.pop_compute` asks every role for its compute intervals and `Roles.failure_counters` asks the guard
+    and the RM for their counters, so each class a run starts must have them (in-process and remote alike)."""
+    from saferl.handles import Role, Scorer
+    from saferl.roles import role_specs
+
+    specs = role_specs(load_config(None, overrides), build=False)
+    assert [s.role for s in specs] == ["rollout", "guard", "helpfulness", "trainer"]
+    assert all(issubclass(s.cls, Role) for s in specs)
+    assert [issubclass(s.cls, Scorer) for s in specs] == [False, True, True, False]

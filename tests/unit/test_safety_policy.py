@@ -10,6 +10,7 @@ from rewards.base import RewardRules
 from rewards.guard_only import guard_only
 from rewards.hybrid import hybrid
 from saferl.actor_group import ActorGroup
+from saferl.handles import GuardGroup, RolloutGroup
 from saferl.eval import run as eval_run
 from saferl.eval.policy_eval import evaluate
 from saferl.types import GuardVerdict, Prompt, RewardInputs, Rollout, SafetyLabel, SafetyPolicy, ScoredRollout
@@ -78,8 +79,8 @@ def test_reward_and_both_evaluations_agree_on_every_verdict_kind(case):
     # Training's held-out evaluation, through the same in-process roles the driver builds.
     rollout = ActorGroup(FakeRollout, 1, executor="local", kwargs={})
     guard = ActorGroup(FakeGuard, 1, executor="local", kwargs=dict(verdict=verdict))
-    during_training = evaluate(HARMFUL, rollout, guard, None, safety=rules, samples=2, seed=0,
-                               temperature=1.0, top_p=1.0, max_new_tokens=8)
+    during_training = evaluate(HARMFUL, RolloutGroup(rollout), GuardGroup(guard), None, safety=rules,
+                               samples=2, seed=0, temperature=1.0, top_p=1.0, max_new_tokens=8)
     assert during_training["safety_rate"] == (0.0 if unsafe else 1.0)
     assert during_training["fallback_samples"] == (6.0 if verdict.fallback else 0.0)
     # `saferl eval`'s metrics of the same answers.

@@ -72,11 +72,13 @@ class _SleepingRole:
 def _roles(trainer_ranks: int = 1):
     """Roles of local fake-role groups; returns (roles, the groups by role name)."""
     from saferl.actor_group import ActorGroup
+    from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup
     from saferl.roles import Roles
 
     group = {name: ActorGroup(_SleepingRole, trainer_ranks if name == "trainer" else 1, executor="local",
                               name=name, kwargs={}) for name in ("rollout", "guard", "helpfulness", "trainer")}
-    return Roles(**group), group
+    return Roles(RolloutGroup(group["rollout"]), GuardGroup(group["guard"]), HelpfulnessGroup(group["helpfulness"]),
+                 TrainerGroup(group["trainer"])), group
 
 
 def test_roles_pop_every_actors_intervals_by_role():
