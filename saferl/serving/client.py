@@ -73,6 +73,7 @@ class EndpointPool:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counters)
+
     def check_health(self, paths: tuple[str, ...], timeout_s: float) -> dict[str, str]:
         """GET `paths` in turn on every endpoint (in parallel, `timeout_s` each); an endpoint is up when one
         answers 2xx.

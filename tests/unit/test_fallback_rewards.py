@@ -125,7 +125,10 @@ def verdicts():
         endpoint = StandIn(failure)
         for protocol in ("saferl", "openai"):
             for fallback in ("unsafe", "safe"):
-                guard = RemoteGuardScorer([endpoint.url], protocol=protocol, timeout_s=0.3, retries=1,
+                # A short timeout only for the endpoint that never answers: the others must be read as
+                # errors, not time out on a loaded machine (a 0.3 s budget did in a loaded CI run).
+                guard = RemoteGuardScorer([endpoint.url], protocol=protocol,
+                                          timeout_s=0.3 if failure == "hung" else 10.0, retries=1,
                                           backoff_s=0.01, fallback=fallback)
                 out[failure, protocol, fallback] = guard.moderate(ITEMS), guard.stats()
         endpoint.close()
@@ -231,7 +234,8 @@ def test_an_rm_failure_never_beats_a_refusal_under_hybrid(failure):
     guard = GuardGroup(ActorGroup(RemoteGuardScorer, 1, executor="local", kwargs=dict(
         urls=[f"http://127.0.0.1:{guard_server.server_address[1]}"], protocol="openai")))
     rm = HelpfulnessGroup(ActorGroup(RemoteHelpfulnessScorer, 1, executor="local", kwargs=dict(
-        urls=[rm_endpoint.url], timeout_s=0.3, retries=1, backoff_s=0.01, fallback_score=100.0)))
+        urls=[rm_endpoint.url], timeout_s=0.3 if failure == "hung" else 10.0, retries=1, backoff_s=0.01,
+        fallback_score=100.0)))
     inputs = RewardInputs.of(score_rollouts(_rollouts(), guard, rm))
     assert inputs.helpfulness == [100.0] * 4 and inputs.helpfulness_fallback == [True] * 4
     stats = rm.group.call("stats")[0]

@@ -58,7 +58,8 @@ ITEMS = [ModerationItem([{"role": "user", "content": f"question {i}"}], f"answer
 def test_a_hung_endpoint_in_the_pool_is_retried_on_the_good_one():
     good, server, seen = _chat_server("Safety: Unsafe\nCategories: Violent\nRefusal: No")
     hung, sock = _hung_endpoint()
-    guard = RemoteGuardScorer([hung, good], protocol="openai", timeout_s=0.3, retries=2, backoff_s=0.01)
+    # 1 s: the good endpoint must answer within it even on a loaded machine (0.3 s timed out there once).
+    guard = RemoteGuardScorer([hung, good], protocol="openai", timeout_s=1.0, retries=2, backoff_s=0.01)
     verdicts = guard.moderate(ITEMS)
     assert [v.safety for v in verdicts] == [SafetyLabel.UNSAFE] * 6
     assert all(v.categories == ("Violent",) and v.refusal is False for v in verdicts)
