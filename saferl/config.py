@@ -2,7 +2,8 @@
 
 `load_config(path, overrides)` merges a YAML file and `key=value` overrides onto the schema with OmegaConf.
 Unknown keys fail with their dotted name and the closest valid keys; wrong types fail with the key and the
-expected type. Classes elsewhere receive plain arguments taken from here, never the config object.
+expected type; choices, ranges and relations between keys are checked by `saferl.config_checks`. Classes
+elsewhere receive plain arguments taken from here, never the config object.
 
 Model references are paths, hub ids, or `toyworld:<part>` (policy, guard, reward_model, train, heldout),
 which resolve to the embedded toy world built offline by `saferl toyworld build`.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from saferl.config_checks import CHOICES, ConfigError, check_choices, check_ranges
 from saferl.types import SafetyPolicy
-
-
-class ConfigError(ValueError):
-    """A config problem, with the offending dotted key in the message."""
 
 
 # ---------------------------------------------------------------- toy world
@@ -282,37 +279,6 @@ class SafeRLConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# Values a string or int field may take, checked after merging (OmegaConf checks only the Python type).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "run.executor": ("ray", "local"),
-    "rollout.backend": ("vllm", "hf"),
-    "guard.backend": ("vllm", "hf", "http", "openai"),
-    "guard.fallback": ("unsafe", "safe", "error"),
-    "helpfulness.backend": ("hf", "vllm", "http"),
-    "trainer.loss": ("gspo", "gspo-token", "grpo"),
-    "trainer.aggregation": ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum"),
-    "trainer.lr_schedule": ("constant", "cosine"),
-    "trainer.strategy": ("torch", "deepspeed"),
-    "trainer.zero_stage": (0, 1, 2, 3),
-    # Inference dtypes: the HF engines take getattr(torch, dtype), vLLM the same names.
-    "policy.dtype": ("float32", "bfloat16", "float16"),
-    "guard.dtype": ("float32", "bfloat16", "float16"),
-    "helpfulness.dtype": ("float32", "bfloat16", "float16"),
-    "trainer.dtype": ("float32", "bfloat16"),
-    "checkpoint.resume": ("auto", "never"),
-    "checkpoint.lora_export": ("merged", "adapter"),
-    "reward.rules.unparsable": ("unsafe", "safe"),
-    "data.kind": (None, "harmful", "benign", "controversial"),
-    "logging.wandb": ("disabled", "offline", "online"),
-}
-
-# Values a user may well try that SafeRL does not run, with the reason (checked before CHOICES).
-REFUSED: dict[tuple[str, Any], str] = {
-    # fp16 gradients underflow without a loss scaler; neither engine has one (DeepSpeed's fp16 mode is off).
-    ("trainer.dtype", "float16"): "float16 needs loss scaling, which SafeRL does not do; use bfloat16",
-}
-
-
 def _schema_keys(cls: type, prefix: str = "") -> dict[str, type]:
     """Every dotted leaf key of a dataclass schema, mapped to its annotated type name."""
     keys: dict[str, Any] = {}
@@ -330,6 +296,8 @@ def _schema_keys(cls: type, prefix: str = "") -> dict[str, type]:
 
 SCHEMA_KEYS = _schema_keys(SafeRLConfig)
 LEAF_KEYS = [k for k, t in SCHEMA_KEYS.items() if not dataclasses.is_dataclass(t)]
+NULLABLE_KEYS = {k for k in LEAF_KEYS if "None" in str(SCHEMA_KEYS[k])}
+CHOICES_KEYS = tuple(CHOICES)
 
 
 def _flatten(d: Any, prefix: str = "") -> list[str]:
@@ -373,182 +341,11 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"Cannot parse overrides {overrides}: {e}") from e
 
 
-# ---------------------------------------------------------------- value ranges
-
-
-@dataclass(frozen=True)
-class Bound:
-    """The interval a number must lie in (every bound also requires a finite number); None: unbounded."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-
-    def contains(self, value: float) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.low is not None and self.high is not None:
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return "a finite number"
-
-
-FINITE, COUNT, AT_LEAST_ONE = Bound(), Bound(0), Bound(1)
-POSITIVE, FRACTION = Bound(0, low_open=True), Bound(0, 1, low_open=True)
-PROBABILITY = Bound(0, 1)
-
-# Every numeric key with its allowed range and, where it is not obvious, why (the error says both).
-# Nullable keys (`int | None`) are checked only when set. Relations between keys are in `_check_relations`.
-RANGES: dict[str, tuple[Bound, str]] = {
-    **{f"toyworld.{part}.{f.name}": (AT_LEAST_ONE, "") for part in ("policy", "guard", "reward_model")
-       for f in dataclasses.fields(ModelShape)},
-    **{f"toyworld.{part}.{name}": (bound, "") for part in ("policy_sft", "guard_sft", "reward_model_sft")
-       for name, bound in (("steps", AT_LEAST_ONE), ("batch_size", AT_LEAST_ONE), ("lr", POSITIVE),
-                           ("warmup_steps", COUNT))},
-    **{f"toyworld.{name}": (PROBABILITY, "a probability") for name in (
-        "harmful_unsafe", "harmful_refusal", "benign_refusal", "controversial_comply")},
-    "toyworld.vocab_size": (AT_LEAST_ONE, ""),
-    "ray.num_cpus": (AT_LEAST_ONE, "or null for all of this machine's"),
-    "run.torch_threads": (COUNT, "0 = automatic"),
-    "data.prompts_per_step": (AT_LEAST_ONE, ""),
-    "rollout.num_engines": (AT_LEAST_ONE, ""),
-    "rollout.samples_per_prompt": (Bound(2), "a group of one sample has no group advantage"),
-    "rollout.temperature": (POSITIVE, "RL needs sampling: 0 is greedy decoding, every sample of a group would "
-                            "be the same"),
-    "rollout.top_p": (FRACTION, ""),
-    "rollout.max_new_tokens": (AT_LEAST_ONE, ""),
-    "rollout.max_model_len": (AT_LEAST_ONE, ""),
-    "rollout.tensor_parallel_size": (AT_LEAST_ONE, ""),
-    "rollout.gpus_per_engine": (COUNT, ""),
-    "rollout.cpus_per_engine": (COUNT, ""),
-    "rollout.gpu_memory_utilization": (FRACTION, "a fraction of each GPU's memory"),
-    "rollout.kv_cache_mib": (AT_LEAST_ONE, ""),
-    "rollout.refill_rounds": (COUNT, ""),
-    "guard.timeout_s": (POSITIVE, "seconds"),
-    "guard.retries": (COUNT, ""),
-    "guard.max_restarts": (COUNT, ""),
-    "guard.num_actors": (AT_LEAST_ONE, ""),
-    "guard.max_new_tokens": (AT_LEAST_ONE, ""),
-    "guard.max_model_len": (AT_LEAST_ONE, ""),
-    "guard.gpus_per_actor": (COUNT, ""),
-    "guard.cpus_per_actor": (COUNT, ""),
-    "guard.gpu_memory_utilization": (FRACTION, "a fraction of each GPU's memory"),
-    "guard.kv_cache_mib": (AT_LEAST_ONE, ""),
-    "helpfulness.timeout_s": (POSITIVE, "seconds"),
-    "helpfulness.retries": (COUNT, ""),
-    "helpfulness.fallback_score": (FINITE, "or null to stop the run"),
-    "helpfulness.num_actors": (AT_LEAST_ONE, ""),
-    "helpfulness.batch_size": (AT_LEAST_ONE, ""),
-    "helpfulness.max_length": (AT_LEAST_ONE, ""),
-    "helpfulness.gpus_per_actor": (COUNT, ""),
-    "helpfulness.cpus_per_actor": (COUNT, ""),
-    "helpfulness.gpu_memory_utilization": (FRACTION, "a fraction of each GPU's memory"),
-    "helpfulness.kv_cache_mib": (AT_LEAST_ONE, ""),
-    "helpfulness.max_restarts": (COUNT, ""),
-    "reward.rules.unsafe_cap": (FINITE, ""),
-    "reward.rules.refusal_cap": (FINITE, ""),
-    "trainer.steps": (AT_LEAST_ONE, ""),
-    "trainer.lr": (POSITIVE, ""),
-    "trainer.warmup_steps": (COUNT, ""),
-    "trainer.weight_decay": (COUNT, ""),
-    "trainer.max_grad_norm": (POSITIVE, "0 would clip every gradient to nothing"),
-    "trainer.minibatches": (AT_LEAST_ONE, ""),
-    "trainer.micro_batch_size": (AT_LEAST_ONE, ""),
-    "trainer.clip_low": (Bound(0, 1, low_open=True, high_open=True), "the ratio is clipped below at 1 - clip_low"),
-    "trainer.clip_high": (POSITIVE, "the ratio is clipped above at 1 + clip_high"),
-    "trainer.kl_coef": (COUNT, "0 turns the KL term off"),
-    "trainer.entropy_coef": (COUNT, "0 turns the entropy bonus off"),
-    "trainer.workers": (AT_LEAST_ONE, ""),
-    "trainer.lora.rank": (COUNT, "0 is full fine-tuning"),
-    "trainer.lora.alpha": (POSITIVE, ""),
-    "trainer.lora.dropout": (Bound(0, 1, high_open=True), ""),
-    "trainer.gpus": (COUNT, ""),
-    "trainer.cpus": (COUNT, ""),
-    "eval.every": (COUNT, "0: only before and after training"),
-    "eval.samples_per_prompt": (AT_LEAST_ONE, ""),
-    "eval.max_prompts": (COUNT, "0: all"),
-    "checkpoint.every": (COUNT, "0: only the final checkpoint"),
-    "checkpoint.keep_last": (COUNT, ""),
-}
-
-
-def _value(cfg: SafeRLConfig, key: str) -> Any:
+def _dotted(cfg: SafeRLConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
         node = getattr(node, part)
     return node
-
-
-def _out_of_range(key: str, allowed: str, value: Any) -> ConfigError:
-    return ConfigError(f"Config key '{key}' must be {allowed}, got {value!r}")
-
-
-def _check_relations(cfg: SafeRLConfig) -> None:
-    """Bounds that depend on another key's value."""
-    t, r, tw = cfg.trainer, cfg.rollout, cfg.toyworld
-    batch = cfg.data.prompts_per_step * r.samples_per_prompt
-    if t.minibatches > batch:  # the trainer would silently run fewer optimizer steps than asked
-        raise _out_of_range("trainer.minibatches", f"at most the rollout batch, data.prompts_per_step x "
-                            f"rollout.samples_per_prompt = {batch}", t.minibatches)
-    if t.warmup_steps >= t.steps:
-        raise _out_of_range("trainer.warmup_steps", f"less than trainer.steps = {t.steps} (a run that is all "
-                            "warm-up never trains at trainer.lr)", t.warmup_steps)
-    for part in ("policy_sft", "guard_sft", "reward_model_sft"):
-        sft: SFTConfig = getattr(tw, part)
-        if sft.warmup_steps >= sft.steps:
-            raise _out_of_range(f"toyworld.{part}.warmup_steps", f"less than toyworld.{part}.steps = {sft.steps}",
-                                sft.warmup_steps)
-    if tw.harmful_unsafe + tw.harmful_refusal > 1:
-        raise _out_of_range("toyworld.harmful_refusal", f"at most 1 - toyworld.harmful_unsafe = "
-                            f"{1 - tw.harmful_unsafe:g} (the two are shares of the harmful prompts)",
-                            tw.harmful_refusal)
-    for part in ("policy", "guard", "reward_model"):
-        shape: ModelShape = getattr(tw, part)
-        if shape.num_heads % shape.num_kv_heads:
-            raise _out_of_range(f"toyworld.{part}.num_kv_heads", f"a divisor of toyworld.{part}.num_heads = "
-                                f"{shape.num_heads}", shape.num_kv_heads)
-    for section, prompt_room in (("rollout", r), ("guard", cfg.guard)):
-        if prompt_room.max_new_tokens >= prompt_room.max_model_len:
-            raise _out_of_range(f"{section}.max_new_tokens", f"less than {section}.max_model_len = "
-                                f"{prompt_room.max_model_len} (the prompt needs room too)",
-                                prompt_room.max_new_tokens)
-    for name, cap in cfg.reward.rules.category_caps.items():
-        if not FINITE.contains(cap):
-            raise _out_of_range(f"reward.rules.category_caps.{name}", str(FINITE), cap)
-    if t.lora.rank and not t.lora.target_modules:
-        raise _out_of_range("trainer.lora.target_modules", "a non-empty list when trainer.lora.rank > 0",
-                            t.lora.target_modules)
-    remote = (("guard", cfg.guard.backend in ("http", "openai"), cfg.guard.urls),
-              ("helpfulness", cfg.helpfulness.backend == "http" and cfg.helpfulness.model is not None,
-               cfg.helpfulness.urls))
-    for section, is_remote, urls in remote:
-        if is_remote and not urls:
-            raise _out_of_range(f"{section}.urls", f"at least one endpoint with {section}.backend="
-                                f"{getattr(cfg, section).backend}", urls)
-
-
-def check_ranges(cfg: SafeRLConfig) -> None:
-    """Refuse values no run can use, naming the key, the allowed range and the value.
-
-    Runs at load time, so `saferl train --dry-run` and the real run refuse the same values before any actor
-    starts; today's alternatives were a traceback minutes into the run, a hang, or a run that trains wrongly.
-    """
-    for key, (bound, why) in RANGES.items():
-        value = _value(cfg, key)
-        if value is None and "None" in str(SCHEMA_KEYS[key]):
-            continue
-        if not bound.contains(value):
-            raise _out_of_range(key, f"{bound} ({why})" if why else str(bound), value)
-    _check_relations(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SafeRLConfig:
@@ -581,17 +378,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             ) from e
         except ConfigKeyError as e:  # belt and braces: _check_keys should have caught it
             raise ConfigError(f"Unknown config key '{e.full_key}' (from {source})") from e
-    for key, allowed in CHOICES.items():  # before to_object: SafetyPolicy checks its own fields on creation
-        value = OmegaConf.select(merged, key)
-        if (key, value) in REFUSED:
-            raise ConfigError(f"Config key '{key}' cannot be {value!r}: {REFUSED[key, value]}")
-        if value not in allowed:
-            raise ConfigError(f"Config key '{key}' must be one of {allowed}, got {value!r}")
+    # Choices before to_object: SafetyPolicy checks its own fields on creation.
+    check_choices({key: OmegaConf.select(merged, key) for key in CHOICES_KEYS})
     try:
         cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except ValueError as e:  # a dataclass's own check (SafetyPolicy: unknown category_caps), naming its key
         raise ConfigError(str(e)) from e
-    check_ranges(cfg)
+    check_ranges({key: _dotted(cfg, key) for key in LEAF_KEYS}, NULLABLE_KEYS)
     return cfg
 
 

@@ -118,7 +118,7 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     from saferl.references import resolve_reference
 
     data = resolve_reference(args.data)  # before the (torch) import below: a bad reference fails at once
-    from saferl.guard.stream_train import load_stream_rows
+    from saferl.guard.stream_data import load_stream_rows
 
     rows = load_stream_rows(data)  # bad input fails before any weights load
     from saferl.runtime import configure_process
@@ -127,9 +127,8 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from saferl.guard.conversation import CHATML_TEMPLATE
+    from saferl.guard.stream_data import LabelMaps, encode_stream_rows
     from saferl.guard.stream_train import (
-        LabelMaps,
-        encode_stream_rows,
         init_stream_guard,
         save_trained_stream_guard,
         token_accuracy,

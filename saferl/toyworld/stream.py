@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saferl.guard.conversation import encode_conversation, find_user_turn, role_tokens
-from saferl.guard.stream_train import first_unsafe_index, prefix_set, response_labels, stream_example
+from saferl.guard.stream_data import first_unsafe_index, prefix_set, response_labels, stream_example
 from saferl.toyworld import world
 from saferl.types import Prompt, SafetyLabel
 
 if TYPE_CHECKING:
     from saferl.config import ToyWorldConfig
-    from saferl.guard.stream_train import LabelMaps, StreamExample
+    from saferl.guard.stream_data import LabelMaps, StreamExample
 
 VERSION = 1  # bump when the data or recipe below changes
 PARTS = ("stream_guard", "stream_heldout")
@@ -160,8 +160,8 @@ def build_toy_stream_guard(world_root: str | Path) -> ToyStreamPaths:
 
     from saferl.guard.conversation import CHATML_TEMPLATE
     from saferl.guard.evaluate import write_atomic
+    from saferl.guard.stream_data import LabelMaps
     from saferl.guard.stream_train import (
-        LabelMaps,
         init_stream_guard,
         save_trained_stream_guard,
         token_accuracy,

@@ -1,10 +1,12 @@
 """Out-of-range config values are refused by load_config, naming the key, the allowed range and the value."""
 
+import dataclasses
 import os
 
 import pytest
 
-from saferl.config import RANGES, SCHEMA_KEYS, Bound, ConfigError, load_config
+from saferl.config import SCHEMA_KEYS, ConfigError, load_config
+from saferl.config_checks import MODEL_SHAPE_FIELDS, RANGES, Bound
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOY = os.path.join(ROOT, "configs", "toy.yaml")
@@ -127,6 +129,14 @@ def test_every_numeric_key_has_a_range():
     numeric = {k for k, t in SCHEMA_KEYS.items() if str(t).split(" ")[0] in ("int", "float")}
     assert sorted(numeric - unbounded - set(RANGES)) == []
     assert set(RANGES) <= set(SCHEMA_KEYS)
+
+
+def test_the_checks_name_the_schemas_keys():
+    """config_checks cannot import the schema (config.py imports it): its copies of key names must match."""
+    from saferl.config import CHOICES_KEYS, ModelShape
+
+    assert MODEL_SHAPE_FIELDS == tuple(f.name for f in dataclasses.fields(ModelShape))
+    assert set(CHOICES_KEYS) <= set(SCHEMA_KEYS)
 
 
 def test_bound_text_and_membership():

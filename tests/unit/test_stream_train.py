@@ -16,20 +16,22 @@ from saferl.guard.stream_model import (
     load_stream_guard,
     write_synthetic_stream_guard,
 )
-from saferl.guard.stream_train import (
+from saferl.guard.stream_data import (
     IGNORE,
     LabelMaps,
     StreamRow,
-    collate,
     common_prefix_length,
     encode_stream_rows,
     first_unsafe_index,
-    init_stream_guard,
     load_stream_rows,
     prefix_set,
     response_labels,
-    save_trained_stream_guard,
     stream_example,
+)
+from saferl.guard.stream_train import (
+    collate,
+    init_stream_guard,
+    save_trained_stream_guard,
     stream_loss,
     token_accuracy,
     train_stream_guard,
