@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from rewards import RewardRecipe, apply_recipe, load_recipe
 from saferl import checkpoint
-from saferl.actor_group import check_resources, start_ray
+from saferl.actor_group import check_ray_address, check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import Columns, PromptSampler, load_prompts, subsample
 from saferl.eval.metrics import before_after_table
@@ -127,6 +127,8 @@ def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> TrainResult:
     `truth`, a ground-truth oracle (the CLI hands in the toy world's), adds the `truth_*` metrics."""
     configure_process(cfg.run.torch_threads)
     check_endpoints(cfg)  # before the toy world, Ray or any actor starts
+    if cfg.run.executor == "ray" and cfg.ray.address:
+        check_ray_address(cfg.ray.address)  # the same: a cold toy world would otherwise build first (minutes)
     recipe = load_recipe(cfg.reward.recipe)
     if cfg.helpfulness.model is None and cfg.reward.recipe in ("hybrid", "helpfulness_only"):
         raise ValueError(f"reward.recipe={cfg.reward.recipe} needs a helpfulness model, but helpfulness.model "

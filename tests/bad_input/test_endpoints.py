@@ -57,10 +57,11 @@ def test_http_reward_model_nothing_answers(tmp_path):
 
 
 def test_ray_address_nothing_answers_fails_within_30s(tmp_path):
-    """Today ray.init retries such an address for minutes. Plain prompt files keep the toy world out of it."""
+    """Today ray.init retries such an address for minutes. An empty toy-world cache: the address must be
+    refused before the toy world would be built (a clean clone's first test run has none yet)."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
     out, seconds = _train(tmp_path, "ray.address=127.0.0.1:9", f"data.train={prompts}",
-                          f"eval.prompts={prompts}")
+                          f"eval.prompts={prompts}", f"toyworld.cache_dir={tmp_path / 'no-toy-world'}")
     _assert_refused(out, tmp_path, "ray.address=127.0.0.1:9")
     assert seconds < 30, f"took {seconds:.1f}s"
