@@ -9,14 +9,19 @@ its verdicts and helpfulness score, the record the reward recipe, group selectio
 soon as its samples are finished, while the engines go on with the other groups. Groups that finish while the
 scorers are busy are coalesced into their next call, so the scorers see few, large batches (the same idea as
 continuous batching) instead of one call per group.
+
+`with_reference_logprobs` adds what the frozen starting policy thinks of each response (the fluency gate's and
+the monitor's input), one trainer call over the whole round.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from saferl.guard.scorer import ModerationItem
-from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup
+from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup
 from saferl.tracking import PhaseTimer
-from saferl.types import Prompt, Rollout, ScoredRollout
+from saferl.types import Prompt, Rollout, ScoredRollout, TrainBatch
 
 
 class Scoring:
@@ -86,3 +91,11 @@ def generate_and_score(rollout: RolloutGroup, prompts: list[Prompt], n: int, gua
         scored = [record for call in calls for record in call.result()]
     return sorted(scored, key=lambda record: record.rollout.group)  # stable: a group keeps its sample order
 
+
+def with_reference_logprobs(records: list[ScoredRollout], trainer: TrainerGroup,
+                            timer: PhaseTimer | None = None) -> list[ScoredRollout]:
+    """The records with `reference_logprob` filled in by one `TrainerGroup.reference_logprobs` call over all
+    of them (timed as phase `reference`)."""
+    with (timer or PhaseTimer()).phase("reference"):
+        means = trainer.reference_logprobs(TrainBatch.of(records, [0.0] * len(records)))
+    return [dataclasses.replace(r, reference_logprob=m) for r, m in zip(records, means, strict=True)]

@@ -44,13 +44,6 @@ from saferl.types import GroundTruth, Prompt, RewardInputs, Rollout, SafetyPolic
 Group = list[ScoredRollout]
 
 
-def make_train_batch(records: list[ScoredRollout], advantages: list[float]) -> TrainBatch:
-    rollouts = [s.rollout for s in records]
-    return TrainBatch(input_ids=[r.prompt_ids + r.response_ids for r in rollouts],
-                      prompt_lens=[len(r.prompt_ids) for r in rollouts],
-                      old_logprobs=[r.logprobs for r in rollouts], advantages=advantages)
-
-
 def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
     lengths = [len(r.response_ids) for r in rollouts]
     return {"rollout/response_len": sum(lengths) / len(lengths),
@@ -204,7 +197,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
             advantages = group_advantages(torch.tensor([s.reward for s in records]), G,
                                           normalize_std=cfg.trainer.normalize_std)
             with timer.phase("train"):
-                per_rank = roles.trainer.train_step(make_train_batch(records, advantages.tolist()))
+                per_rank = roles.trainer.train_step(TrainBatch.of(records, advantages.tolist()))
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())

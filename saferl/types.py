@@ -195,6 +195,9 @@ class ScoredRollout:
         helpfulness_fallback: the score is the remote RM client's `fallback_score` (every endpoint failed),
             not a judgement.
         reward: the recipe's reward; None until `rewards.apply_recipe` fills it in.
+        reference_logprob: the mean log-prob of the response tokens under the frozen starting policy at
+            temperature 1 (`PolicyTrainer.reference_logprobs`), a fluency measure; None unless the run's
+            fluency gate or monitor asked for it.
     """
 
     rollout: Rollout
@@ -203,6 +206,7 @@ class ScoredRollout:
     helpfulness: float | None = None
     helpfulness_fallback: bool = False
     reward: float | None = None
+    reference_logprob: float | None = None
 
 
 @dataclass
@@ -227,6 +231,14 @@ class TrainBatch:
     prompt_lens: list[int]
     old_logprobs: list[list[float]]
     advantages: list[float]
+
+    @classmethod
+    def of(cls, records: Sequence[ScoredRollout], advantages: list[float]) -> TrainBatch:
+        """The sequences of `records` (prompt + response tokens) with one advantage each."""
+        rollouts = [s.rollout for s in records]
+        return cls(input_ids=[r.prompt_ids + r.response_ids for r in rollouts],
+                   prompt_lens=[len(r.prompt_ids) for r in rollouts],
+                   old_logprobs=[r.logprobs for r in rollouts], advantages=advantages)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class PolicyTrainer:
                  aggregation: str = "seq-mean-token-mean", temperature: float = 1.0, top_p: float = 1.0,
                  dtype: str = "float32", kl_coef: float = 0.0, entropy_coef: float = 0.0, lora_rank: int = 0,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = (
-                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0) -> None:
+                 "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0,
+                 reference_scoring: bool = False) -> None:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,9 +80,11 @@ class PolicyTrainer:
             policy = lora.apply_lora(policy, lora_rank, lora_alpha, lora_dropout, list(lora_target_modules))
         policy.train()
         self.policy = policy
-        # The KL reference: the base model with the adapter off under LoRA, else a frozen copy of the start.
+        # The reference, for the KL term and (`reference_scoring`) the driver's `reference_logprobs`: the base
+        # model with the adapter off under LoRA, else a frozen copy of the start.
+        self.has_reference = kl_coef > 0 or reference_scoring
         self.reference = None
-        if kl_coef > 0 and not lora_rank:
+        if self.has_reference and not lora_rank:
             self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=self.compute_dtype)
             self.reference.to(policy.device).eval().requires_grad_(False)
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
@@ -128,12 +131,13 @@ class PolicyTrainer:
 
     # ---- the update ---------------------------------------------------------------------------------------
 
-    def _forward(self, batch: TrainBatch, micro: batching.MicroBatch, model: Any = None, last: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: TrainBatch, micro: batching.MicroBatch, model: Any = None, last: bool = True,
+                 own_distribution: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Response-token log-probs [b, C], response mask [b, C] and logits [b, C, V] of one micro-batch.
 
         `model=None` is the trained policy through its engine (gradient-synchronising on the `last`
-        micro-batch); otherwise that module is called directly (no-grad passes).
+        micro-batch); otherwise that module is called directly (no-grad passes). The log-probs are the
+        sampler's (temperature, top-p), or with `own_distribution` the model's own (temperature 1, top-p 1).
         """
         padded = batching.pad_batch(batch, micro.rows, self.tokenizer.pad_token_id, micro.empty)
         device = self.policy.device
@@ -145,18 +149,45 @@ class PolicyTrainer:
         # Logit column j (of width + 1) predicts response token j; `token_logprobs` pairs column j with
         # target j + 1, so the targets get one leading placeholder.
         response_ids = padded.input_ids[:, -width:].to(device)
-        lp = token_logprobs(logits, torch.cat([response_ids[:, :1], response_ids], 1), self.temperature,
-                            self.top_p)
+        temperature, top_p = (1.0, 1.0) if own_distribution else (self.temperature, self.top_p)
+        lp = token_logprobs(logits, torch.cat([response_ids[:, :1], response_ids], 1), temperature, top_p)
         return lp, padded.response_mask.to(device), logits[:, :-1]
 
     @torch.no_grad()
-    def _reference_logprobs(self, batch: TrainBatch, micro: batching.MicroBatch) -> torch.Tensor | None:
-        if self.kl_coef <= 0:
-            return None
+    def _reference_forward(self, batch: TrainBatch, micro: batching.MicroBatch, own_distribution: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Response-token log-probs [b, C] and mask [b, C] of one micro-batch under the reference."""
         if self.reference is not None:
-            return self._forward(batch, micro, model=self.reference)[0]
+            return self._forward(batch, micro, model=self.reference, own_distribution=own_distribution)[:2]
         with self.policy.disable_adapter():  # LoRA: the base model is the reference
-            return self._forward(batch, micro, model=self.policy)[0]
+            return self._forward(batch, micro, model=self.policy, own_distribution=own_distribution)[:2]
+
+    def _reference_logprobs(self, batch: TrainBatch, micro: batching.MicroBatch) -> torch.Tensor | None:
+        return self._reference_forward(batch, micro)[0] if self.kl_coef > 0 else None
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: TrainBatch) -> list[float]:
+        """A fluency measure: per sequence of this rank's share (rows rank, rank + world_size, ...), the mean
+        log-prob of its response tokens under the frozen starting policy (the KL term's reference) at
+        temperature 1 and top-p 1, the model's own distribution rather than the sampler's. 0.0 for an empty
+        response (the log-prob of nothing). Every rank must call it: each runs the same number of
+        micro-batches (a short rank pads with a dummy row), since under ZeRO-3 a LoRA base forward gathers
+        weights collectively. Needs `kl_coef > 0` or `reference_scoring`."""
+        if not self.has_reference:
+            raise RuntimeError("PolicyTrainer.reference_logprobs needs the reference model: construct the "
+                               "trainer with reference_scoring=True (or kl_coef > 0)")
+        start = time.time()
+        rows = list(range(self.rank, len(batch.input_ids), self.world_size))
+        size = self.micro_batch_size
+        out: list[float] = []
+        for k in range(math.ceil(math.ceil(len(batch.input_ids) / self.world_size) / size)):
+            part = rows[k * size: (k + 1) * size]
+            micro = batching.MicroBatch(part, [False] * len(part)) if part else batching.MicroBatch([0], [True])
+            lp, mask = self._reference_forward(batch, micro, own_distribution=True)
+            if part:
+                out += ((lp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).tolist()
+        self.compute_intervals.append((start, time.time()))
+        return out
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One GSPO/GRPO update over a rollout batch (every rank gets the whole batch).

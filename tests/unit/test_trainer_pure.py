@@ -16,13 +16,12 @@ from saferl.config import to_yaml
 from rewards.base import apply_recipe
 from saferl.train import (
     groups_of,
-    make_train_batch,
     n_informative,
     record_resumed_config,
     select_groups,
     trained_metrics,
 )
-from saferl.types import GuardVerdict, Prompt, RewardOutput, SafetyLabel, ScoredRollout
+from saferl.types import GuardVerdict, Prompt, RewardOutput, SafetyLabel, ScoredRollout, TrainBatch
 from saferl.trainer.batching import assign
 from saferl.trainer.policy import lr_at, merge_rank_metrics
 
@@ -257,7 +256,7 @@ def test_train_batch_is_made_from_the_trained_records():
     """Each row of the batch is one record's prompt + response with its behaviour log-probs."""
     records = [ScoredRollout(types.SimpleNamespace(prompt_ids=[1, 2], response_ids=[3 + i], logprobs=[-0.5 * i]),
                              _verdict("s"), reward=float(i)) for i in range(2)]
-    batch = make_train_batch(records, [0.5, -0.5])
+    batch = TrainBatch.of(records, [0.5, -0.5])
     assert (batch.input_ids, batch.prompt_lens, batch.old_logprobs, batch.advantages) == (
         [[1, 2, 3], [1, 2, 4]], [2, 2], [[-0.0], [-0.5]], [0.5, -0.5])
 

@@ -1,0 +1,138 @@
+"""Reference log-probs (#16.4): the mean response-token log-prob under the frozen starting policy at temperature
+1 and top-p 1, against a hand computation with the HF model, for a frozen copy and for LoRA's adapter-off base,
+before and after an update; the ranks' shares put back in order; records filled in by one call."""
+
+import random
+import types
+
+import pytest
+import torch
+
+from saferl.handles import TrainerGroup
+from saferl.scoring import with_reference_logprobs
+from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel, ScoredRollout, TrainBatch
+
+
+@pytest.fixture(scope="module")
+def policy_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny random Qwen3 with a real tokenizer, saved as a model directory."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    tok_dir = tiny_tokenizer(["how", "to", "bake", "bread", "sure", "here", "sorry", "no"])
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("policy")
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path), len(tok)
+
+
+def _batch(vocab: int) -> TrainBatch:
+    """Five sequences of different prompt and response lengths (the last response empty)."""
+    g = random.Random(0)
+    ids, lens = [], []
+    for n_prompt, n_response in ((4, 6), (7, 2), (3, 9), (5, 1), (6, 0)):
+        ids.append([g.randrange(3, vocab) for _ in range(n_prompt + n_response)])
+        lens.append(n_prompt)
+    return TrainBatch(ids, lens, [[0.0] * (len(i) - p) for i, p in zip(ids, lens)], [1.0, -1.0, 0.5, -0.5, 0.0])
+
+
+def _by_hand(model_dir: str, batch: TrainBatch) -> list[float]:
+    """Mean over response tokens of log softmax(logits) at the next token, one unpadded sequence at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for ids, p in zip(batch.input_ids, batch.prompt_lens):
+            if len(ids) == p:
+                out.append(0.0)
+                continue
+            logits = model(torch.tensor([ids])).logits[0]
+            lp = torch.log_softmax(logits[p - 1:-1].double(), -1).gather(-1, torch.tensor(ids[p:])[:, None])
+            out.append(float(lp.mean()))
+    return out
+
+
+def _trainer(model_dir: str, **kwargs):
+    from saferl.trainer.policy import PolicyTrainer
+
+    # The sampler's temperature and top-p are set on purpose: the reference must not use them.
+    base = dict(temperature=0.7, top_p=0.8, micro_batch_size=2, minibatches=1, lr=5e-2, seed=0)
+    return PolicyTrainer(model_dir, **{**base, **kwargs})
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4], ids=["frozen-copy", "lora-base"])
+def test_reference_logprobs_equal_the_hand_computation_before_and_after_an_update(policy_dir, lora_rank):
+    model_dir, vocab = policy_dir
+    batch = _batch(vocab)
+    expected = _by_hand(model_dir, batch)
+    trainer = _trainer(model_dir, reference_scoring=True, lora_rank=lora_rank)
+    assert trainer.reference_logprobs(batch) == pytest.approx(expected, abs=1e-5)
+    before = trainer.sequence_logprobs(batch)
+    trainer.train_step(batch)
+    after = trainer.sequence_logprobs(batch)
+    assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 1e-3  # the policy moved
+    assert trainer.reference_logprobs(batch) == pytest.approx(expected, abs=1e-5)  # the reference did not
+
+
+def test_reference_logprobs_need_the_reference(policy_dir):
+    model_dir, vocab = policy_dir
+    batch = _batch(vocab)
+    with pytest.raises(RuntimeError, match="reference_scoring"):
+        _trainer(model_dir).reference_logprobs(batch)
+    # kl_coef > 0 loads it too: the same model serves the KL term and the fluency measure.
+    kl = _trainer(model_dir, kl_coef=0.1)
+    assert kl.reference_logprobs(batch) == pytest.approx(_by_hand(model_dir, batch), abs=1e-5)
+
+
+class TwoRanks:
+    """A stand-in ActorGroup whose `call` runs the method on two trainers set up as ranks 0 and 1 of 2."""
+
+    executor = "local"
+
+    def __init__(self, trainers):
+        self.trainers = trainers
+
+    def __len__(self):
+        return len(self.trainers)
+
+    def call(self, method, *args):
+        return [getattr(t, method)(*args) for t in self.trainers]
+
+
+def test_the_ranks_share_the_sequences_and_the_handle_puts_them_back_in_order(policy_dir):
+    model_dir, vocab = policy_dir
+    batch = _batch(vocab)
+    ranks = [_trainer(model_dir, reference_scoring=True, micro_batch_size=1) for _ in range(2)]
+    forwards = []
+    for rank, trainer in enumerate(ranks):
+        trainer.rank, trainer.world_size = rank, 2  # as the ranks of a 2-worker trainer see themselves
+        original = trainer._reference_forward
+        trainer._reference_forward = lambda *a, _f=original, _r=rank, **k: forwards.append(_r) or _f(*a, **k)
+    assert len(ranks[0].reference_logprobs(batch)) == 3 and len(ranks[1].reference_logprobs(batch)) == 2
+    # The short rank runs a dummy micro-batch so that both run the same forwards (ZeRO-3 gathers together).
+    assert forwards.count(0) == forwards.count(1) == 3
+    assert TrainerGroup(TwoRanks(ranks)).reference_logprobs(batch) == pytest.approx(_by_hand(model_dir, batch),
+                                                                                    abs=1e-5)
+
+
+def test_with_reference_logprobs_fills_each_record_from_one_call():
+    calls = []
+
+    class Trainer:
+        def reference_logprobs(self, batch):
+            calls.append(batch)
+            return [-float(len(ids) - p) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
+
+    verdict = GuardVerdict(SafetyLabel.SAFE, refusal=False)
+    prompt = Prompt(id="p", messages=[{"role": "user", "content": "q"}])
+    records = [ScoredRollout(Rollout(prompt, [1, 2], [3] * (i + 1), [-0.1] * (i + 1), "t", "", "t", "stop"),
+                             verdict, helpfulness=float(i)) for i in range(3)]
+    out = with_reference_logprobs(records, types.SimpleNamespace(reference_logprobs=Trainer().reference_logprobs))
+    assert len(calls) == 1 and calls[0].input_ids == [[1, 2, 3], [1, 2, 3, 3], [1, 2, 3, 3, 3]]
+    assert [r.reference_logprob for r in out] == [-1.0, -2.0, -3.0]
+    assert [r.helpfulness for r in out] == [0.0, 1.0, 2.0] and all(r.reference_logprob is None for r in records)
