@@ -12,7 +12,6 @@ which resolve to the embedded toy world built offline by `saferl toyworld build`
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from saferl.config_checks import CHOICES, ConfigError, check_choices, check_ranges
+from saferl.config_checks import CHOICES, ConfigError, check_choices, check_keys, check_ranges, schema_keys
 from saferl.types import SafetyPolicy
 
 
@@ -244,6 +243,30 @@ class EvalConfig:
     samples_per_prompt: int = 2
     seed: int = 1234
     max_prompts: int = 0  # 0: all
+    # An independent guard judging held-out evaluation (and the monitor's samples), reported as judge_*
+    # beside the reward guard: a GuardConfig (any Gen-format guard; vllm | hf | http | openai). A partial
+    # mapping takes the rest from GuardConfig's defaults, not from this run's guard section. null: no judge.
+    judge: GuardConfig | None = None
+
+
+@dataclass
+class AlarmConfig:
+    """Fires once, when `metric` has been at or above `threshold` for `patience` monitored steps in a row."""
+
+    metric: str | None = None  # monitor/judge_disagreement | monitor/ref_logprob_drop; null: no alarm
+    threshold: float = 0.0
+    patience: int = 3
+    # warn: a loud line and monitor/alarm=1 from then on; checkpoint: also saves alarm_step_<N>; stop: ends
+    # the run there (the final evaluation and checkpoint still run; eval.json records stopped_by_alarm).
+    action: str = "warn"
+
+
+@dataclass
+class MonitorConfig:
+    """The reward-hacking early warning (saferl.eval.monitor), logged as monitor/*; it only reads."""
+
+    sample: int = 0  # trained rollouts per step (whole groups) judged again by eval.judge and truth; 0: off
+    alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 
 @dataclass
@@ -275,60 +298,16 @@ class SafeRLConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _schema_keys(cls: type, prefix: str = "") -> dict[str, type]:
-    """Every dotted leaf key of a dataclass schema, mapped to its annotated type name."""
-    keys: dict[str, Any] = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
-    for name, f in hints.items():
-        dotted = f"{prefix}{name}"
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys[dotted] = type(default)
-            keys.update(_schema_keys(type(default), dotted + "."))
-        else:
-            keys[dotted] = f.type
-    return keys
-
-
-SCHEMA_KEYS = _schema_keys(SafeRLConfig)
+SCHEMA_KEYS = schema_keys(SafeRLConfig)
 LEAF_KEYS = [k for k, t in SCHEMA_KEYS.items() if not dataclasses.is_dataclass(t)]
 NULLABLE_KEYS = {k for k in LEAF_KEYS if "None" in str(SCHEMA_KEYS[k])}
+OPTIONAL_SECTION_KEYS = tuple(k for k in LEAF_KEYS if any(key.startswith(k + ".") for key in SCHEMA_KEYS))
 CHOICES_KEYS = tuple(CHOICES)
-
-
-def _flatten(d: Any, prefix: str = "") -> list[str]:
-    if not isinstance(d, dict):
-        return [prefix.rstrip(".")]
-    out: list[str] = []
-    for k, v in d.items():
-        dotted = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.extend(_flatten(v, dotted + "."))
-        else:
-            out.append(dotted)
-    return out
-
-
-def _inside_mapping(key: str) -> bool:
-    """True for `a.b.name` where `a.b` is a dict-typed field (its keys are data, not schema)."""
-    parts = key.split(".")
-    return any(str(SCHEMA_KEYS.get(".".join(parts[:i]), "")).startswith("dict") for i in range(1, len(parts)))
-
-
-def _check_keys(raw: dict[str, Any], source: str) -> None:
-    for key in _flatten(raw):
-        if key in SCHEMA_KEYS or _inside_mapping(key):
-            continue
-        close = difflib.get_close_matches(key, LEAF_KEYS, n=3, cutoff=0.6)
-        if not close:  # fall back to same-section keys, then to the last component alone
-            section = key.rsplit(".", 1)[0] + "." if "." in key else ""
-            close = [k for k in LEAF_KEYS if k.startswith(section) and k.count(".") == key.count(".")][:6]
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigError(f"Unknown config key '{key}' (from {source}).{hint}")
 
 
 def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -342,8 +321,11 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def _dotted(cfg: SafeRLConfig, key: str) -> Any:
+    """The value at a dotted key; None under an optional section that is off (null)."""
     node: Any = cfg
     for part in key.split("."):
+        if node is None:
+            return None
         node = getattr(node, part)
     return node
 
@@ -366,7 +348,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         sources.append(("the command line", _parse_overrides(overrides)))
     for source, raw in sources:
-        _check_keys(raw, source)
+        check_keys(raw, source, SCHEMA_KEYS)
         try:
             merged = OmegaConf.merge(merged, raw)  # type: ignore[assignment]
         except ValidationError as e:
@@ -376,10 +358,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"Config key '{key}' (from {source}) has the wrong type: expected {expected}, "
                 f"got {e.value!r}"
             ) from e
-        except ConfigKeyError as e:  # belt and braces: _check_keys should have caught it
+        except ConfigKeyError as e:  # belt and braces: check_keys should have caught it
             raise ConfigError(f"Unknown config key '{e.full_key}' (from {source})") from e
     # Choices before to_object: SafetyPolicy checks its own fields on creation.
-    check_choices({key: OmegaConf.select(merged, key) for key in CHOICES_KEYS})
+    check_choices({key: OmegaConf.select(merged, key) for key in (*CHOICES_KEYS, *OPTIONAL_SECTION_KEYS)})
     try:
         cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except ValueError as e:  # a dataclass's own check (SafetyPolicy: unknown category_caps), naming its key

@@ -1,7 +1,8 @@
-"""Value checks of a merged config: allowed choices, refused values, numeric ranges, relations between keys.
+"""Checks of a config: unknown keys, allowed choices, refused values, numeric ranges, relations between keys.
 
-Every check reads the config as dotted key -> value (`values`), so this module imports nothing of the schema in
-`saferl.config` (which calls `check_values` from `load_config`); a range or choice for a key the schema lacks
+Every check reads the config as dotted key -> value (`values`), or is handed the schema's dotted keys
+(`schema_keys` of the dataclass, `check_keys`), so this module imports nothing of the schema in
+`saferl.config` (whose `load_config` calls the checks); a range or choice for a key the schema lacks
 is caught by the tests in tests/unit/test_config_ranges.py. Each error names the key, what is allowed and the
 value, and runs at load time, so `saferl train --dry-run` and the real run refuse the same values before any
 actor starts (the alternatives were a traceback minutes into a run, a hang, or a run that trains wrongly).
@@ -9,7 +10,10 @@ actor starts (the alternatives were a traceback minutes into a run, a hang, or a
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +21,65 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config problem, with the offending dotted key in the message."""
+
+
+# ---------------------------------------------------------------- keys
+
+
+def _optional_section(cls: type, name: str) -> type | None:
+    """The dataclass `X` of a field annotated `X | None` (a section that is null when off), else None."""
+    args = [a for a in typing.get_args(typing.get_type_hints(cls)[name]) if a is not type(None)]
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None
+
+
+def schema_keys(cls: type, prefix: str = "") -> dict[str, type]:
+    """Every dotted key of a dataclass schema, mapped to its annotated type name (a section: its class). An
+    optional section (`eval.judge: GuardConfig | None`) is a nullable key whose fields are keys too."""
+    keys: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys[dotted] = type(default)
+            keys.update(schema_keys(type(default), dotted + "."))
+        else:
+            keys[dotted] = f.type
+            if (section := _optional_section(cls, f.name)) is not None:
+                keys.update(schema_keys(section, dotted + "."))
+    return keys
+
+
+def _flatten(d: Any, prefix: str = "") -> list[str]:
+    if not isinstance(d, dict):
+        return [prefix.rstrip(".")]
+    out: list[str] = []
+    for k, v in d.items():
+        dotted = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, dotted + "."))
+        else:
+            out.append(dotted)
+    return out
+
+
+def check_keys(raw: dict[str, Any], source: str, keys: Mapping[str, Any]) -> None:
+    """Refuse a key of `raw` (a YAML file's or the overrides' nested mapping) that the schema's `keys` lack,
+    naming the closest valid ones; the keys of a dict-typed field's value are data, not schema."""
+    leaves = [k for k, t in keys.items() if not dataclasses.is_dataclass(t)]
+    for key in _flatten(raw):
+        parts = key.split(".")
+        if key in keys or any(str(keys.get(".".join(parts[:i]), "")).startswith("dict")
+                              for i in range(1, len(parts))):
+            continue
+        close = difflib.get_close_matches(key, leaves, n=3, cutoff=0.6)
+        if not close:  # fall back to same-section keys, then to the last component alone
+            section = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            close = [k for k in leaves if k.startswith(section) and k.count(".") == key.count(".")][:6]
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ConfigError(f"Unknown config key '{key}' (from {source}).{hint}")
+
+
+# ---------------------------------------------------------------- values
 
 
 # Values a string or int field may take, checked after merging (OmegaConf checks only the Python type).
@@ -41,7 +104,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "reward.rules.unparsable": ("unsafe", "safe"),
     "data.kind": (None, "harmful", "benign", "controversial"),
     "logging.wandb": ("disabled", "offline", "online"),
+    # Monitor statistics where higher means more reward hacking (the alarm fires at or above its threshold).
+    "monitor.alarm.metric": (None, "monitor/judge_disagreement", "monitor/ref_logprob_drop"),
+    "monitor.alarm.action": ("warn", "checkpoint", "stop"),
 }
+# eval.judge is a GuardConfig: the guard's choices (and ranges, below) apply to it when it is set.
+CHOICES.update({"eval.judge." + k.removeprefix("guard."): v for k, v in list(CHOICES.items())
+                if k.startswith("guard.")})
 
 # Values a user may well try that SafeRL does not run, with the reason (checked before CHOICES).
 REFUSED: dict[tuple[str, Any], str] = {
@@ -155,7 +224,12 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "eval.max_prompts": (COUNT, "0: all"),
     "checkpoint.every": (COUNT, "0: only the final checkpoint"),
     "checkpoint.keep_last": (COUNT, ""),
+    "monitor.sample": (COUNT, "0: off"),
+    "monitor.alarm.threshold": (FINITE, ""),
+    "monitor.alarm.patience": (AT_LEAST_ONE, "monitored steps in a row"),
 }
+RANGES.update({"eval.judge." + k.removeprefix("guard."): v for k, v in list(RANGES.items())
+               if k.startswith("guard.")})
 
 
 
@@ -163,9 +237,18 @@ def _out_of_range(key: str, allowed: str, value: Any) -> ConfigError:
     return ConfigError(f"Config key '{key}' must be {allowed}, got {value!r}")
 
 
+def _off(key: str, values: Mapping[str, Any]) -> bool:
+    """True for a key inside an optional section that is null (eval.judge.* without a judge): unchecked."""
+    parts = key.split(".")
+    return any(values.get(".".join(parts[:i]), ...) is None for i in range(1, len(parts)))
+
+
 def check_choices(values: Mapping[str, Any]) -> None:
-    """Refused values first (they say why), then the allowed choices of every CHOICES key."""
+    """Refused values first (they say why), then the allowed choices of every CHOICES key (`values` also
+    holds the optional sections, so that the keys of one that is off are skipped)."""
     for key, allowed in CHOICES.items():
+        if _off(key, values):
+            continue
         value = values[key]
         if (key, value) in REFUSED:
             raise ConfigError(f"Config key '{key}' cannot be {value!r}: {REFUSED[key, value]}")
@@ -196,7 +279,8 @@ def _check_relations(v: Mapping[str, Any]) -> None:
         if heads % kv_heads:
             raise _out_of_range(f"toyworld.{part}.num_kv_heads", f"a divisor of toyworld.{part}.num_heads = "
                                 f"{heads}", kv_heads)
-    for section in ("rollout", "guard"):
+    judge = v["eval.judge"] is not None
+    for section in ("rollout", "guard", *(("eval.judge",) if judge else ())):
         new, room = v[f"{section}.max_new_tokens"], v[f"{section}.max_model_len"]
         if new >= room:
             raise _out_of_range(f"{section}.max_new_tokens", f"less than {section}.max_model_len = {room} (the "
@@ -208,18 +292,26 @@ def _check_relations(v: Mapping[str, Any]) -> None:
         raise _out_of_range("trainer.lora.target_modules", "a non-empty list when trainer.lora.rank > 0",
                             v["trainer.lora.target_modules"])
     remote = (("guard", v["guard.backend"] in ("http", "openai")),
-              ("helpfulness", v["helpfulness.backend"] == "http" and v["helpfulness.model"] is not None))
+              ("helpfulness", v["helpfulness.backend"] == "http" and v["helpfulness.model"] is not None),
+              ("eval.judge", judge and v["eval.judge.backend"] in ("http", "openai")))
     for section, is_remote in remote:
         if is_remote and not v[f"{section}.urls"]:
             raise _out_of_range(f"{section}.urls", f"at least one endpoint with {section}.backend="
                                 f"{v[section + '.backend']}", v[f"{section}.urls"])
+    metric = v["monitor.alarm.metric"]
+    if metric is not None and v["monitor.sample"] == 0:
+        raise _out_of_range("monitor.alarm.metric", "null while monitor.sample = 0 (the monitor is off, so "
+                            "the alarm would never see a value)", metric)
+    if metric == "monitor/judge_disagreement" and not judge:
+        raise _out_of_range("monitor.alarm.metric", "a statistic the run computes: "
+                            "monitor/judge_disagreement needs eval.judge", metric)
 
 
 def check_ranges(values: Mapping[str, Any], nullable: set[str]) -> None:
     """Refuse numbers no run can use (`nullable` keys may also be None), then the relations between keys."""
     for key, (bound, why) in RANGES.items():
         value = values[key]
-        if value is None and key in nullable:
+        if (value is None and key in nullable) or _off(key, values):
             continue
         if not bound.contains(value):
             raise _out_of_range(key, f"{bound} ({why})" if why else str(bound), value)

@@ -22,7 +22,7 @@ class RoleSpec:
     """One role's actors: `actors` instances of `cls(**kwargs)` (plus the rank keyword), each holding `cpus` and
     `gpus` on Ray (`executor: ray`) or living in the driver process (`local`: in-process runs, remote clients)."""
 
-    role: str  # rollout | guard | helpfulness | trainer
+    role: str  # rollout | guard | helpfulness | trainer | judge
     cls: type
     actors: int
     executor: str

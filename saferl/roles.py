@@ -1,4 +1,5 @@
-"""Every role of a run, built from config: rollout engines, guard, helpfulness model, policy trainer ranks.
+"""Every role of a run, built from config: rollout engines, guard, helpfulness model, policy trainer ranks and
+the independent judge (`eval.judge`, a second guard).
 
 `role_specs` turns the config into one `RoleSpec` per role (class, actors, resources, plain constructor
 arguments, so the role classes never see the config); the dry-run plan prints that list and `build_roles`
@@ -13,7 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from saferl.actor_group import ActorGroup
-from saferl.config import SafeRLConfig
+from saferl.config import GuardConfig, SafeRLConfig
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import GuardScorer
 from saferl.handles import (GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup, failure_counters,
@@ -33,11 +34,12 @@ def check_endpoints(cfg: SafeRLConfig, timeout_s: float = 10.0) -> None:
     naming the URLs when none of a pool answers (a wrong URL would train a whole run on fallback verdicts), a
     warning naming the dead ones otherwise. `saferl serve` and vLLM's OpenAI server both answer GET /health;
     other OpenAI-compatible servers may only have /v1/models."""
-    g, h = cfg.guard, cfg.helpfulness
+    h = cfg.helpfulness
     pools = []
-    if g.backend in ("http", "openai"):
-        pools.append((g.urls, g.token_env, ("/health",) if g.backend == "http" else ("/health", "/v1/models"),
-                      "guard", g.timeout_s))
+    for what, g in (("guard", cfg.guard), ("eval.judge", cfg.eval.judge)):  # what: the config section
+        if g is not None and g.backend in ("http", "openai"):
+            paths = ("/health",) if g.backend == "http" else ("/health", "/v1/models")
+            pools.append((g.urls, g.token_env, paths, what, g.timeout_s))
     if h.model is not None and h.backend == "http":
         pools.append((h.urls, h.token_env, ("/health",), "helpfulness", h.timeout_s))
     for urls, token_env, paths, what, request_timeout_s in pools:
@@ -49,16 +51,18 @@ def check_endpoints(cfg: SafeRLConfig, timeout_s: float = 10.0) -> None:
 
 @dataclasses.dataclass
 class Roles:
-    """The typed handles of a run's roles (`saferl.handles`); `helpfulness` is None without a reward model."""
+    """The typed handles of a run's roles (`saferl.handles`); `helpfulness` is None without a reward model,
+    `judge` (the independent guard of `eval.judge`) None without one."""
 
     rollout: RolloutGroup
     guard: GuardGroup
     helpfulness: HelpfulnessGroup | None
     trainer: TrainerGroup
+    judge: GuardGroup | None = None
 
     def groups(self) -> dict[str, ActorGroup]:
-        return {h.group.name: h.group for h in (self.rollout, self.guard, self.helpfulness, self.trainer)
-                if h is not None}
+        return {h.group.name: h.group for h in (self.rollout, self.guard, self.helpfulness, self.trainer,
+                                                self.judge) if h is not None}
 
     def pop_compute(self) -> dict[str, list[Interval]]:
         """Each role's model-compute (start, end) wall-clock intervals since the last call, all its actors
@@ -66,8 +70,9 @@ class Roles:
         return {name: pop_compute(group) for name, group in self.groups().items()}
 
     def failure_counters(self) -> dict[str, float]:
-        """The scorers' cumulative failure counters and Ray restarts, as `guard/<k>` and `rm/<k>` metrics."""
-        scorers = (("guard", self.guard), ("rm", self.helpfulness))
+        """The scorers' cumulative failure counters and Ray restarts, as `guard/<k>`, `rm/<k>` and `judge/<k>`
+        metrics."""
+        scorers = (("guard", self.guard), ("rm", self.helpfulness), ("judge", self.judge))
         return {f"{prefix}/{k}": v for prefix, h in scorers if h is not None
                 for k, v in failure_counters(h.group).items()}
 
@@ -92,18 +97,7 @@ def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
                           gpu_memory_utilization=r.gpu_memory_utilization, enable_thinking=r.enable_thinking,
                           seed=cfg.run.seed),
                       cfg.policy.model, policy, r.backend, cfg.policy.dtype, r.tensor_parallel_size)]
-    if g.backend in ("http", "openai"):  # a client in this process; the model is served elsewhere
-        specs.append(RoleSpec("guard", RemoteGuardScorer, 1, "local", 0.0, 0.0, dict(
-            urls=list(g.urls), protocol="saferl" if g.backend == "http" else "openai",
-            served_model_name=g.served_model_name, token_env=g.token_env, timeout_s=g.timeout_s,
-            retries=g.retries, fallback=g.fallback, max_new_tokens=g.max_new_tokens),
-            ", ".join(g.urls) or "(guard.urls is empty)", None, g.backend, g.dtype))
-    else:
-        guard_model = local(g.model)
-        specs.append(RoleSpec("guard", GuardScorer, g.num_actors, ex, g.cpus_per_actor, g.gpus_per_actor, dict(
-            model=guard_model, backend=g.backend, max_new_tokens=g.max_new_tokens, max_model_len=g.max_model_len,
-            dtype=g.dtype, kv_cache_mib=g.kv_cache_mib, gpu_memory_utilization=g.gpu_memory_utilization),
-            g.model, guard_model, g.backend, g.dtype, max_restarts=g.max_restarts))
+    specs.append(guard_spec("guard", "guard", g, ex, local))
     if h.model is not None and h.backend == "http":
         specs.append(RoleSpec("helpfulness", RemoteHelpfulnessScorer, 1, "local", 0.0, 0.0, dict(
             urls=list(h.urls), token_env=h.token_env, timeout_s=h.timeout_s, retries=h.retries,
@@ -127,7 +121,27 @@ def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
         lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed),
         cfg.policy.model, policy, f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch", t.dtype,
         rank_kwarg="rank"))
+    if cfg.eval.judge is not None:
+        specs.append(guard_spec("judge", "eval.judge", cfg.eval.judge, ex, local))
     return specs
+
+
+def guard_spec(role: str, section: str, g: GuardConfig, executor: str,
+               local: Callable[[str], str]) -> RoleSpec:
+    """A guard role from its config section (`guard`, or `eval.judge`): `GuardScorer` actors hosting the
+    model, or for `backend: http | openai` one `RemoteGuardScorer` client in this process. `local` resolves a
+    model reference."""
+    if g.backend in ("http", "openai"):  # a client in this process; the model is served elsewhere
+        return RoleSpec(role, RemoteGuardScorer, 1, "local", 0.0, 0.0, dict(
+            urls=list(g.urls), protocol="saferl" if g.backend == "http" else "openai",
+            served_model_name=g.served_model_name, token_env=g.token_env, timeout_s=g.timeout_s,
+            retries=g.retries, fallback=g.fallback, max_new_tokens=g.max_new_tokens),
+            ", ".join(g.urls) or f"({section}.urls is empty)", None, g.backend, g.dtype)
+    model = local(g.model)
+    return RoleSpec(role, GuardScorer, g.num_actors, executor, g.cpus_per_actor, g.gpus_per_actor, dict(
+        model=model, backend=g.backend, max_new_tokens=g.max_new_tokens, max_model_len=g.max_model_len,
+        dtype=g.dtype, kv_cache_mib=g.kv_cache_mib, gpu_memory_utilization=g.gpu_memory_utilization),
+        g.model, model, g.backend, g.dtype, max_restarts=g.max_restarts)
 
 
 def start_group(spec: RoleSpec) -> ActorGroup:
@@ -146,6 +160,7 @@ def build_roles(specs: list[RoleSpec], start: Callable[[RoleSpec], ActorGroup] =
     groups = {spec.role: start(spec) for spec in specs}
     trainer = TrainerGroup(groups["trainer"])
     trainer.connect()
-    rm = groups.get("helpfulness")
+    rm, judge = groups.get("helpfulness"), groups.get("judge")
     return Roles(RolloutGroup(groups["rollout"]), GuardGroup(groups["guard"]),
-                 HelpfulnessGroup(rm) if rm is not None else None, trainer)
+                 HelpfulnessGroup(rm) if rm is not None else None, trainer,
+                 GuardGroup(judge) if judge is not None else None)

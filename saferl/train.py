@@ -154,7 +154,8 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
 
     def run_eval() -> dict[str, float]:
         return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules,
-                        samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling, truth=truth)
+                        samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling, truth=truth,
+                        judge=roles.judge)
 
     def sample(prompts: list[Prompt], step: int, round_: int, timer: PhaseTimer) -> list[Group]:
         scored = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness, timer=timer,

@@ -6,6 +6,7 @@ Definitions (also used by the held-out evaluation during training, `saferl.eval.
                          verdicts), the same judgement the reward makes
   safety_rate/<category> the same, over the harmful prompts of one category
   benign_refusal_rate    benign prompts whose answer the guard marks `Refusal: Yes`
+  judge_<rate>           the same rates as judged by an independent guard (`eval.judge`) on the same answers
   benign_helpfulness     mean helpfulness RM score on benign prompts
   fallback_samples       samples judged by a stand-in: a remote guard's fallback verdict or the RM's
                          fallback score (0 unless an endpoint failed)
@@ -125,17 +126,22 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]],
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-# Rows of a metrics table, in order: key -> label. `safety_rate/<category>` rows go after the headline ones.
+# Rows of a metrics table, in order: key -> label ({guard}: whose verdicts). `safety_rate/<category>` rows go
+# after the headline ones; the judge's (`judge_` keys) before the guard's.
+GUARD_ROWS: tuple[tuple[str, str], ...] = (
+    ("safety_rate", "safety rate (harmful, {guard})"),
+    ("benign_refusal_rate", "benign refusal rate ({guard})"),
+)
 HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
-    ("safety_rate", "safety rate (harmful, guard)"),
-    ("benign_refusal_rate", "benign refusal rate (guard)"),
+    *GUARD_ROWS,
     ("benign_helpfulness", "mean helpfulness (benign, RM)"),
 )
 TRUTH_ROWS: tuple[tuple[str, str], ...] = (
     ("truth_unsafe_rate", "unsafe rate (harmful, ground truth)"),
     ("truth_benign_refusal_rate", "benign refusal rate (ground truth)"),
     ("truth_garbled_rate", "garbled answers (ground truth)"),
-    ("guard_fooled_rate", "guard fooled (Safe but truly unsafe/garbled)"),
+    ("judge_fooled_rate", "judge fooled (Safe but truly unsafe/garbled)"),
+    ("guard_fooled_rate", "{guard} fooled (Safe but truly unsafe/garbled)"),
 )
 COUNT_ROWS: tuple[tuple[str, str], ...] = (
     ("harmful_samples", "samples: harmful"),
@@ -144,14 +150,23 @@ COUNT_ROWS: tuple[tuple[str, str], ...] = (
 )
 
 
-def table_rows(metrics: Sequence[dict[str, float]]) -> list[tuple[str, str]]:
-    """(key, label) of the rows to show for these metric dicts: headline, per category, ground truth, counts;
-    a row appears when any dict has its key."""
+def table_rows(metrics: Sequence[dict[str, float]], guard: str = "guard") -> list[tuple[str, str]]:
+    """(key, label) of the rows to show for these metric dicts: the judge's rates (when there are `judge_`
+    keys), the guard's headline rates (labelled `guard`), per category, ground truth, counts; a row appears
+    when any dict has its key. Category rows name their judge when there is one."""
     keys = set().union(*metrics) if metrics else set()
-    categories = sorted({k.split("/", 1)[1] for k in keys if k.startswith("safety_rate/")})
-    rows = [r for r in HEADLINE_ROWS if r[0] in keys]
-    rows += [(f"safety_rate/{c}", f"safety rate: {c}") for c in categories]
-    return rows + [r for r in TRUTH_ROWS + COUNT_ROWS if r[0] in keys]
+    judged = any(k.startswith("judge_") for k in keys)
+
+    def categories(prefix: str, who: str) -> list[tuple[str, str]]:
+        names = sorted({k.split("/", 1)[1] for k in keys if k.startswith(f"{prefix}safety_rate/")})
+        return [(f"{prefix}safety_rate/{c}", f"safety rate: {c}" + (f" ({who})" if judged else ""))
+                for c in names]
+
+    rows = [(f"judge_{k}", label.format(guard="judge")) for k, label in GUARD_ROWS if f"judge_{k}" in keys]
+    rows += categories("judge_", "judge")
+    rows += [(k, label.format(guard=guard)) for k, label in HEADLINE_ROWS if k in keys]
+    rows += categories("", guard)
+    return rows + [(k, label.format(guard=guard)) for k, label in TRUTH_ROWS + COUNT_ROWS if k in keys]
 
 
 def models_table(results: dict[str, dict[str, float]]) -> str:
@@ -165,9 +180,10 @@ def models_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
-    """Before, after and change for every metric both evaluations have (rates and scores only)."""
+    """Before, after and change for every metric both evaluations have (rates and scores only): the
+    independent judge's rows first (when the run has one), then the reward guard's, then ground truth."""
     rows = []
-    for key, label in table_rows([before, after]):
+    for key, label in table_rows([before, after], guard="reward guard"):
         if key in before and key in after and not key.endswith("samples"):
             b, a = before[key], after[key]
             change = a - b if b is not None and a is not None else None

@@ -103,7 +103,7 @@ def test_models_table_rows_and_columns():
 
 def test_before_after_table_change():
     table = before_after_table({"safety_rate": 0.375, "samples": 4.0}, {"safety_rate": 0.875, "samples": 4.0})
-    assert table.splitlines()[2] == "| safety rate (harmful, guard) |  0.375 | 0.875 | +0.500 |"
+    assert table.splitlines()[2] == "| safety rate (harmful, reward guard) |  0.375 | 0.875 | +0.500 |"
     assert "samples" not in table
 
 

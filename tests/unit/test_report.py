@@ -48,7 +48,7 @@ def test_run_report_writes_every_figure(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 15_000, figure.name  # a drawn figure, not a blank
         assert f"![{figure.title}]({figure.name}.png)" in text
     assert "reward.recipe=hybrid" in text and "trainer.kl_coef=0.1" in text
-    assert "| safety rate (harmful, guard)" in text and "+0.500" in text
+    assert "| safety rate (harmful, reward guard)" in text and "+0.500" in text
     assert "Skipped" not in text
 
 
@@ -59,7 +59,7 @@ def test_missing_metrics_skip_figures_with_a_note(tmp_path):
     assert names == {"reward", "safety", "hacking"}  # hacking: the held-out guard_fooled points still exist
     assert "Skipped: the run logged none of train/clip_frac, train/clip_frac_high, train/clip_frac_low." in text
     assert "Skipped: the run logged none of train/entropy, train/kl." in text
-    assert "No eval.json" in text and "| safety rate (harmful, guard)" in text  # before/after from metrics rows
+    assert "No eval.json" in text and "| safety rate (harmful, reward guard)" in text  # before/after from metrics rows
     assert "Not logged by this run: truth/guard_fooled_rate, truth/truth_garbled_rate." in text
 
 
