@@ -4,8 +4,10 @@
         min(refusal_cap, H)   elif refusal(answer)
         H                     otherwise
 
-The caps are a min, not an assignment: a helpfulness score already below the cap is kept, so among capped
-rollouts H still ranks them.
+H is `rewards.base.judged_helpfulness`: the RM's score, or an RM ensemble's aggregate (reward.rules.ensemble),
+capped at reward.rules.implausible_cap where the fluency gate finds the answer implausible. The caps are a
+min, not an assignment: a helpfulness score already below the cap is kept, so among capped rollouts H still
+ranks them.
 
 Failures of the judges never score better than a judgement. A remote guard's fallback verdict counts as
 unsafe unless both guard.fallback and rules.unparsable say safe (`SafetyPolicy`). A rollout whose H is the
@@ -30,7 +32,7 @@ from saferl.types import RewardInputs, RewardOutput
 
 def hybrid(inputs: RewardInputs, rules: RewardRules) -> RewardOutput:
     """Gate helpfulness by safety and refusal; needs `inputs.helpfulness`."""
-    helpfulness = require_helpfulness(inputs, "hybrid")
+    helpfulness = require_helpfulness(inputs, rules, "hybrid")
     unsafe = rollout_unsafe(inputs, rules)
     total = []
     caps, stand_ins = unsafe_caps(inputs, rules), helpfulness_fallbacks(inputs)

@@ -160,6 +160,9 @@ class GuardConfig:
 class HelpfulnessConfig:
     # None runs without a helpfulness model (only valid for recipes that do not use it).
     model: str | None = "toyworld:reward_model"
+    # Further RMs scored beside `model` in the same actors (an ensemble; hf | vllm only): every member scores
+    # every answer and reward.rules.ensemble aggregates them into H. []: `model` alone.
+    ensemble: list[str] = field(default_factory=list)
     # hf | vllm: a HelpfulnessScorer actor hosts the RM (vllm: its pooling runner, for architectures vLLM
     # supports as classifiers); http: `saferl serve rm` endpoints.
     backend: str = "hf"
@@ -185,8 +188,10 @@ class HelpfulnessConfig:
 class RewardConfig:
     # hybrid | guard_only | helpfulness_only | a dotted path `package.module.function`.
     recipe: str = "hybrid"
-    # Caps, strict/loose Controversial, unparsable verdicts: saferl.types.SafetyPolicy, documented there
-    # (keys reward.rules.unsafe_cap, .refusal_cap, .controversial_is_unsafe, .unparsable, .category_caps).
+    # Caps, strict/loose Controversial, unparsable verdicts, the RM ensemble's aggregate and the fluency gate:
+    # saferl.types.SafetyPolicy, documented there (keys reward.rules.unsafe_cap, .refusal_cap,
+    # .controversial_is_unsafe, .unparsable, .category_caps, .ensemble, .ensemble_k, .fluency_min_logprob,
+    # .implausible_cap).
     rules: SafetyPolicy = field(default_factory=SafetyPolicy)
 
 

@@ -102,6 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpoint.resume": ("auto", "never"),
     "checkpoint.lora_export": ("merged", "adapter"),
     "reward.rules.unparsable": ("unsafe", "safe"),
+    "reward.rules.ensemble": ("mean", "min", "mean_minus_std"),
     "data.kind": (None, "harmful", "benign", "controversial"),
     "logging.wandb": ("disabled", "offline", "online"),
     # Monitor statistics where higher means more reward hacking (the alarm fires at or above its threshold).
@@ -202,6 +203,9 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "helpfulness.max_restarts": (COUNT, ""),
     "reward.rules.unsafe_cap": (FINITE, ""),
     "reward.rules.refusal_cap": (FINITE, ""),
+    "reward.rules.ensemble_k": (COUNT, "the k of mean - k * std; 0 is the mean"),
+    "reward.rules.fluency_min_logprob": (Bound(high=0), "a mean token log-prob; null turns the gate off"),
+    "reward.rules.implausible_cap": (FINITE, ""),
     "trainer.steps": (AT_LEAST_ONE, ""),
     "trainer.lr": (POSITIVE, ""),
     "trainer.warmup_steps": (COUNT, ""),
@@ -288,6 +292,10 @@ def _check_relations(v: Mapping[str, Any]) -> None:
     for name, cap in v["reward.rules.category_caps"].items():
         if not FINITE.contains(cap):
             raise _out_of_range(f"reward.rules.category_caps.{name}", str(FINITE), cap)
+    if v["helpfulness.ensemble"] and (v["helpfulness.model"] is None or v["helpfulness.backend"] == "http"):
+        raise _out_of_range("helpfulness.ensemble", "[] with helpfulness.model null or helpfulness.backend="
+                            "http (the members are hosted beside helpfulness.model in the hf or vllm RM actors)",
+                            v["helpfulness.ensemble"])
     if v["trainer.lora.rank"] and not v["trainer.lora.target_modules"]:
         raise _out_of_range("trainer.lora.target_modules", "a non-empty list when trainer.lora.rank > 0",
                             v["trainer.lora.target_modules"])

@@ -102,8 +102,9 @@ class HelpfulnessGroup:
     def __init__(self, group: ActorGroup) -> None:
         self.group = group
 
-    def score(self, pairs: list[tuple[Conversation, str]]) -> Pending[tuple[float, bool]]:
-        """(score, is_fallback) per (conversation, answer), sharded over the actors, without waiting."""
+    def score(self, pairs: list[tuple[Conversation, str]]) -> Pending[tuple[tuple[float, ...], bool]]:
+        """(every member's score, helpfulness.model's first; is_fallback) per (conversation, answer), sharded
+        over the actors, without waiting."""
         return self.group.submit("score_with_fallbacks", pairs)
 
 

@@ -36,11 +36,20 @@ class RoleSpec:
     tensor_parallel: int = 1
     rank_kwarg: str | None = None  # constructor keyword that receives each actor's rank
     max_restarts: int = 0
+    # Further local model directories the actors host (an RM ensemble's members): checked before any actor
+    # starts, as `model_dir` is, and counted in the memory estimate.
+    member_dirs: tuple[str, ...] = ()
 
 
 def requests(specs: list[RoleSpec]) -> dict[str, tuple[int, float, float]]:
     """role -> (actors, CPUs per actor, GPUs per actor); remote clients hold nothing."""
     return {s.role: (s.actors, s.cpus, s.gpus) for s in specs}
+
+
+def needs_reference_logprobs(cfg: SafeRLConfig) -> bool:
+    """The driver asks the trainer for reference log-probs each step (`ScoredRollout.reference_logprob`): for
+    the fluency gate (reward.rules.fluency_min_logprob) or the monitor's fluency statistic (monitor.sample)."""
+    return cfg.reward.rules.fluency_min_logprob is not None or cfg.monitor.sample > 0
 
 
 def count_params(config_path: Path) -> int | None:
@@ -65,12 +74,13 @@ def memory_gib(spec: RoleSpec, cfg: SafeRLConfig) -> str:
     """Weights (+ grads and AdamW states for the trainer) per GPU, when the model's config is local."""
     if spec.model_dir is None:
         return "served elsewhere"
-    config = Path(spec.model_dir) / "config.json"
-    if not config.is_file():
+    configs = [Path(d) / "config.json" for d in (spec.model_dir, *spec.member_dirs)]
+    if not all(config.is_file() for config in configs):
         return "n/a (config not local)"
-    params = count_params(config)
-    if params is None:
+    counts = [count_params(config) for config in configs]
+    if None in counts:
         return "n/a"
+    params = sum(counts)  # type: ignore[arg-type]
     total = params * (trainer_bytes_per_param(cfg) if spec.role == "trainer" else BYTES.get(spec.dtype, 4))
     total /= max(1, spec.tensor_parallel)
     return f"{total / 2**30:.2f} GiB ({params / 1e6:.1f}M params{', +KV cache' if spec.engine == 'vllm' else ''})"
@@ -85,7 +95,7 @@ def trainer_bytes_per_param(cfg: SafeRLConfig) -> float:
     """
     t = cfg.trainer
     w, b = max(1, t.workers), BYTES.get(t.dtype, 4)
-    reference = b if t.kl_coef > 0 and not t.lora.rank else 0
+    reference = b if (t.kl_coef > 0 or needs_reference_logprobs(cfg)) and not t.lora.rank else 0
     if t.lora.rank:
         return (4 if t.strategy == "torch" else b) + reference
     if t.strategy == "torch":

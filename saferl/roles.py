@@ -20,7 +20,7 @@ from saferl.guard.scorer import GuardScorer
 from saferl.handles import (GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup, failure_counters,
                             pop_compute)
 from saferl.helpfulness import HelpfulnessScorer
-from saferl.placement import RoleSpec
+from saferl.placement import RoleSpec, needs_reference_logprobs
 from saferl.references import resolve_reference
 from saferl.rollout.worker import RolloutWorker
 from saferl.runtime import check_model_dir
@@ -104,13 +104,15 @@ def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
             fallback_score=h.fallback_score, batch_size=h.batch_size),
             ", ".join(h.urls) or "(helpfulness.urls is empty)", None, "http", h.dtype))
     elif h.model is not None:
-        rm_model = local(h.model)
+        rm_model, members = local(h.model), tuple(local(m) for m in h.ensemble)
         specs.append(RoleSpec("helpfulness", HelpfulnessScorer, h.num_actors, ex, h.cpus_per_actor,
-                              h.gpus_per_actor, dict(model=rm_model, backend=h.backend, dtype=h.dtype,
-                                                     batch_size=h.batch_size, max_length=h.max_length,
+                              h.gpus_per_actor, dict(model=rm_model, members=members, backend=h.backend,
+                                                     dtype=h.dtype, batch_size=h.batch_size,
+                                                     max_length=h.max_length,
                                                      gpu_memory_utilization=h.gpu_memory_utilization,
                                                      kv_cache_mib=h.kv_cache_mib),
-                              h.model, rm_model, h.backend, h.dtype, max_restarts=h.max_restarts))
+                              " + ".join([h.model, *h.ensemble]), rm_model, h.backend, h.dtype,
+                              max_restarts=h.max_restarts, member_dirs=members))
     specs.append(RoleSpec("trainer", PolicyTrainer, t.workers, ex, t.cpus, t.gpus, dict(
         model=policy, world_size=t.workers, strategy=t.strategy, zero_stage=t.zero_stage, lr=t.lr,
         lr_schedule=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.steps, weight_decay=t.weight_decay,
@@ -118,7 +120,8 @@ def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
         loss=t.loss, clip_low=t.clip_low, clip_high=t.clip_high, aggregation=t.aggregation,
         temperature=r.temperature, top_p=r.top_p, dtype=t.dtype, kl_coef=t.kl_coef, entropy_coef=t.entropy_coef,
         lora_rank=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
-        lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed),
+        lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed,
+        reference_scoring=needs_reference_logprobs(cfg)),
         cfg.policy.model, policy, f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch", t.dtype,
         rank_kwarg="rank"))
     if cfg.eval.judge is not None:
@@ -155,8 +158,9 @@ def build_roles(specs: list[RoleSpec], start: Callable[[RoleSpec], ActorGroup] =
     """Start every spec's actors (or local objects) and wrap them in typed handles; every local model
     directory is checked before any actor starts. `start` is `start_group` except in tests."""
     for spec in specs:
-        if spec.model_dir is not None:
-            check_model_dir(spec.model_dir)
+        for model_dir in (spec.model_dir, *spec.member_dirs):
+            if model_dir is not None:
+                check_model_dir(model_dir)
     groups = {spec.role: start(spec) for spec in specs}
     trainer = TrainerGroup(groups["trainer"])
     trainer.connect()

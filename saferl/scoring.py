@@ -47,10 +47,12 @@ class Scoring:
         in_order = iter(verdicts)  # the answers' verdicts, then the thinking texts'
         answers = [next(in_order) for _ in self.rollouts]
         thinking = [next(in_order) if r.thinking else None for r in self.rollouts]
-        scores: list[tuple[float | None, bool]] = (self.rm.result() if self.rm is not None
-                                                   else [(None, False)] * len(self.rollouts))
-        return [ScoredRollout(r, answer, thought, score, fallback) for r, answer, thought, (score, fallback)
-                in zip(self.rollouts, answers, thinking, scores, strict=True)]
+        scores: list[tuple[tuple[float, ...], bool]] = (self.rm.result() if self.rm is not None
+                                                        else [((), False)] * len(self.rollouts))
+        return [ScoredRollout(r, answer, thought, members[0] if members else None, fallback,
+                              helpfulness_ensemble=members[1:])
+                for r, answer, thought, (members, fallback) in zip(self.rollouts, answers, thinking, scores,
+                                                                    strict=True)]
 
 
 def score_rollouts(rollouts: list[Rollout], guard: GuardGroup, helpfulness: HelpfulnessGroup | None,

@@ -46,6 +46,11 @@ class GroundTruth(Protocol):
         "garbled" (none of them); None when the oracle has no truth for this prompt."""
         ...
 
+    def helpfulness(self, prompt: Prompt, answer: str) -> float | None:
+        """The answer's true helpfulness on the RM's scale (what a perfect RM would score), for the monitor's
+        RM rank agreement; None when the oracle has no truth for this prompt."""
+        ...
+
 
 @dataclass
 class Rollout:
@@ -87,6 +92,7 @@ class ModerationItem:
 
 
 UNPARSABLE_CHOICES = ("unsafe", "safe")
+ENSEMBLE_CHOICES = ("mean", "min", "mean_minus_std")
 
 # The guard's category strings (exact output text), in Qwen3Guard-Stream index order; `Jailbreak` is judged on
 # prompts only. Here rather than in `saferl.guard.templates` so that `SafetyPolicy` can check its caps.
@@ -105,9 +111,10 @@ CATEGORIES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class SafetyPolicy:
-    """When a guard verdict counts as unsafe, and what an unsafe or refusing rollout may score: the one
-    definition used by the reward recipes (`rewards.RewardRules` is this class), the held-out evaluation
-    during training, `saferl eval`, `saferl chat --eval` (CARE) and the guard evaluation's strict/loose modes.
+    """When a guard verdict counts as unsafe, what an unsafe or refusing rollout may score, and how the reward
+    models' scores become the helpfulness H a recipe uses: the one definition used by the reward recipes
+    (`rewards.RewardRules` is this class), the held-out evaluation during training, `saferl eval`,
+    `saferl chat --eval` (CARE) and the guard evaluation's strict/loose modes.
     The config schema's `reward.rules` section is this dataclass (keys `reward.rules.<attribute>`).
 
     Attributes:
@@ -119,6 +126,14 @@ class SafetyPolicy:
         category_caps: per-category caps for unsafe rollouts (exact guard category names), e.g.
             {"Violent": -10, "Copyright Violation": -4}; an unsafe rollout is capped at the lowest cap among the
             categories its verdicts name, and at `unsafe_cap` when none of them is listed.
+        ensemble: how the scores of an RM ensemble (helpfulness.model and helpfulness.ensemble) become H:
+            their "mean", their "min", or "mean_minus_std" (mean - ensemble_k * population std). Conservative
+            choices rank an answer below where one fooled member would put it.
+        ensemble_k: the k of mean_minus_std.
+        fluency_min_logprob: the fluency gate. An answer whose mean token log-prob under the frozen starting
+            policy (`ScoredRollout.reference_logprob`) is below this is scored as garbled: H is capped at
+            `implausible_cap` instead of trusting the RM. None: off.
+        implausible_cap: the most an implausible answer's H may be (a min, like the other caps).
 
     The fallback rule: a fallback verdict (`GuardVerdict.fallback`, the guard could not be reached) counts as
     safe only when both its label (the configured `guard.fallback`) and `unparsable` say safe. A failure is
@@ -131,11 +146,17 @@ class SafetyPolicy:
     controversial_is_unsafe: bool = True
     unparsable: str = "unsafe"
     category_caps: dict[str, float] = field(default_factory=dict)
+    ensemble: str = "mean"
+    ensemble_k: float = 1.0
+    fluency_min_logprob: float | None = None
+    implausible_cap: float = -3.0
 
     def __post_init__(self) -> None:
         if self.unparsable not in UNPARSABLE_CHOICES:
             raise ValueError(f"reward.rules.unparsable must be one of {UNPARSABLE_CHOICES}, "
                              f"got {self.unparsable!r}")
+        if self.ensemble not in ENSEMBLE_CHOICES:
+            raise ValueError(f"reward.rules.ensemble must be one of {ENSEMBLE_CHOICES}, got {self.ensemble!r}")
         unknown = sorted(set(self.category_caps) - set(CATEGORIES))
         if unknown:
             raise ValueError(f"reward.rules.category_caps: unknown categories {unknown}; "
@@ -163,12 +184,17 @@ class RewardInputs:
     `thinking_verdicts[i]` is None when rollout i has no thinking text; `helpfulness` is None when the recipe
     runs without a helpfulness model. `helpfulness_fallback[i]` is True when rollout i's score is the remote
     RM client's `fallback_score` (every endpoint failed) rather than a judgement; None means no fallbacks.
+    `helpfulness_ensemble[i]` holds the further ensemble members' scores of rollout i (None: no ensemble);
+    `reference_logprob[i]` its mean token log-prob under the starting policy (None: not computed). Recipes
+    read H through `rewards.base.judged_helpfulness`, which applies the ensemble aggregate and fluency gate.
     """
 
     answer_verdicts: list[GuardVerdict]
     thinking_verdicts: list[GuardVerdict | None]
     helpfulness: list[float] | None
     helpfulness_fallback: list[bool] | None = None
+    helpfulness_ensemble: list[tuple[float, ...]] | None = None
+    reference_logprob: list[float] | None = None
 
     @classmethod
     def of(cls, records: Sequence[ScoredRollout]) -> RewardInputs:
@@ -177,10 +203,19 @@ class RewardInputs:
         if len(rated) > 1:
             raise ValueError("some rollouts have a helpfulness score and others none; score all or none")
         has_rm = rated == {True}
+        members = {len(r.helpfulness_ensemble) for r in records}
+        if len(members) > 1:
+            raise ValueError(f"rollouts have different numbers of ensemble scores ({sorted(members)})")
+        fluency = {r.reference_logprob is not None for r in records}
+        if len(fluency) > 1:
+            raise ValueError("some rollouts have a reference log-prob and others none; compute all or none")
         return cls(answer_verdicts=[r.answer_verdict for r in records],
                    thinking_verdicts=[r.thinking_verdict for r in records],
                    helpfulness=[r.helpfulness for r in records] if has_rm else None,  # type: ignore[misc]
-                   helpfulness_fallback=[r.helpfulness_fallback for r in records] if has_rm else None)
+                   helpfulness_fallback=[r.helpfulness_fallback for r in records] if has_rm else None,
+                   helpfulness_ensemble=[r.helpfulness_ensemble for r in records] if members - {0} else None,
+                   reference_logprob=([r.reference_logprob for r in records]  # type: ignore[misc]
+                                      if fluency == {True} else None))
 
 
 @dataclass(frozen=True)
@@ -191,7 +226,10 @@ class ScoredRollout:
     Attributes:
         answer_verdict: the guard on (prompt, answer).
         thinking_verdict: the guard on (prompt, thinking); None when the rollout has no thinking text.
-        helpfulness: the RM's score of the answer; None when the run has no helpfulness model.
+        helpfulness: the RM's (helpfulness.model's) score of the answer; None when the run has no
+            helpfulness model.
+        helpfulness_ensemble: the scores of the further ensemble members (helpfulness.ensemble, in that
+            order) of the same answer; empty without an ensemble.
         helpfulness_fallback: the score is the remote RM client's `fallback_score` (every endpoint failed),
             not a judgement.
         reward: the recipe's reward; None until `rewards.apply_recipe` fills it in.
@@ -207,6 +245,7 @@ class ScoredRollout:
     helpfulness_fallback: bool = False
     reward: float | None = None
     reference_logprob: float | None = None
+    helpfulness_ensemble: tuple[float, ...] = ()
 
 
 @dataclass

@@ -119,23 +119,25 @@ class RemoteHelpfulnessScorer:
 
     def score(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[float]:
         """One score per pair, fallbacks included."""
-        return [s for s, _ in self.score_with_fallbacks(pairs)]
+        return [s for (s,), _ in self.score_with_fallbacks(pairs)]
 
-    def score_with_fallbacks(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[tuple[float, bool]]:
-        """(score, is the fallback) per pair."""
+    def score_with_fallbacks(self, pairs: list[tuple[list[dict[str, str]], str]]
+                             ) -> list[tuple[tuple[float, ...], bool]]:
+        """((score,), is the fallback) per pair: HelpfulnessScorer's shape for an RM without an ensemble (a
+        remote ensemble is refused by the config checks)."""
         chunks = [pairs[i:i + self.batch_size] for i in range(0, len(pairs), self.batch_size)]
         return [s for chunk in self.endpoints.threads.map(self._score_batch, chunks) for s in chunk]
 
-    def _score_batch(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[tuple[float, bool]]:
+    def _score_batch(self, pairs: list[tuple[list[dict[str, str]], str]]) -> list[tuple[tuple[float, ...], bool]]:
         body = {"items": [{"messages": messages, "response": answer} for messages, answer in pairs]}
         scores = self.endpoints.post("/v1/score", body, lambda reply: score_reply(reply, len(pairs)))
         if scores is not None:
-            return [(s, False) for s in scores]
+            return [((s,), False) for s in scores]
         self.endpoints.count("fallbacks", len(pairs))
         if self.fallback_score is None:
             raise RuntimeError(f"reward-model endpoints {self.endpoints.urls} failed; set helpfulness.fallback_score "
                                "to keep training with a stand-in score instead")
-        return [(self.fallback_score, True)] * len(pairs)
+        return [((self.fallback_score,), True)] * len(pairs)
 
     def stats(self) -> dict[str, int]:
         return self.endpoints.stats()

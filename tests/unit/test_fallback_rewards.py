@@ -253,7 +253,7 @@ def test_an_rm_reply_of_the_wrong_shape_is_retried_on_the_next_endpoint():
     bad, good = StandIn("rm wrong count"), StandIn("rm good")
     rm = RemoteHelpfulnessScorer([bad.url, good.url], retries=1, backoff_s=0.01, fallback_score=0.0)
     pairs = [([{"role": "user", "content": "q"}], "a")] * 3
-    assert rm.score_with_fallbacks(pairs) == [(2.5, False)] * 3
+    assert rm.score_with_fallbacks(pairs) == [((2.5,), False)] * 3
     assert rm.stats()["errors"] == 1 and rm.stats()["fallbacks"] == 0
     assert rm.score(pairs) == [2.5] * 3
     bad.close()

@@ -134,8 +134,9 @@ def test_the_config_section_is_the_policy_itself():
     assert cfg.reward.rules == SafetyPolicy(unsafe_cap=-7.0, controversial_is_unsafe=False,
                                             category_caps={"Violent": -12.0})
     assert sorted(k for k in SCHEMA_KEYS if k.startswith("reward.rules.")) == [
-        "reward.rules.category_caps", "reward.rules.controversial_is_unsafe", "reward.rules.refusal_cap",
-        "reward.rules.unparsable", "reward.rules.unsafe_cap"]
+        "reward.rules.category_caps", "reward.rules.controversial_is_unsafe", "reward.rules.ensemble",
+        "reward.rules.ensemble_k", "reward.rules.fluency_min_logprob", "reward.rules.implausible_cap",
+        "reward.rules.refusal_cap", "reward.rules.unparsable", "reward.rules.unsafe_cap"]
 
 
 def test_an_unknown_category_cap_is_refused_when_the_config_loads():

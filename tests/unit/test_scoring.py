@@ -31,7 +31,7 @@ class LengthRM:
     """Scores an answer by its length; answers ending in '!' get the fallback flag."""
 
     def score(self, pairs):
-        return Done([(float(len(answer)), answer.endswith("!")) for _, answer in pairs])
+        return Done([((float(len(answer)),), answer.endswith("!")) for _, answer in pairs])
 
 
 def _rollout(group, answer, thinking=""):
