@@ -27,6 +27,7 @@ from saferl.actor_group import check_ray_address, check_resources, start_ray
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import Columns, PromptSampler, load_prompts, subsample
 from saferl.eval.metrics import before_after_table
+from saferl.eval.monitor import Monitor, stopped_by_alarm
 from saferl.eval.policy_eval import evaluate, ground_truth_metrics
 from saferl.placement import format_plan, needs_reference_logprobs, requests
 from saferl.references import resolve_reference
@@ -55,12 +56,13 @@ def prepare_run_dir(cfg: SafeRLConfig) -> Path | None:
     """Create run.dir; returns the checkpoint to resume from, if any.
 
     With checkpoint.resume=auto an unfinished run continues from its latest checkpoint (a run that reached
-    trainer.steps counts as finished). Any other existing run is moved aside, never overwritten.
+    trainer.steps, or that the monitor's alarm stopped, counts as finished). Any other existing run is moved
+    aside, never overwritten.
     """
     run_dir = Path(cfg.run.dir)
     if cfg.checkpoint.resume == "auto" and (ckpt := checkpoint.latest(run_dir)) is not None:
         state = checkpoint.read_state(ckpt)
-        if state["step"] < cfg.trainer.steps:
+        if state["step"] < cfg.trainer.steps and stopped_by_alarm(state) is None:
             if state["workers"] != cfg.trainer.workers:
                 raise ValueError(f"{ckpt} was written by {state['workers']} trainer workers; resuming needs "
                                  f"trainer.workers={state['workers']} (got {cfg.trainer.workers})")
@@ -101,7 +103,8 @@ def _changed_keys(old: object, new: object, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
-TrainResult = TypedDict("TrainResult", {"before": dict[str, float], "after": dict[str, float], "checkpoint": str})
+TrainResult = TypedDict("TrainResult", {"before": dict[str, float], "after": dict[str, float], "checkpoint": str,
+                                        "stopped_by_alarm": int | None})
 
 
 def load_prompt_sets(cfg: SafeRLConfig) -> tuple[list[Prompt], list[Prompt]]:
@@ -152,6 +155,10 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
     sampler = PromptSampler(train_prompts, cfg.run.seed)
     reference = needs_reference_logprobs(cfg)
     weight_sync = BlobWeightSync(roles.trainer, roles.rollout)
+    m = cfg.monitor  # the reward-hacking early warning: judges a sample of each step's batch again, reads only
+    monitor = Monitor(sample=m.sample, judge=roles.judge, trainer=roles.trainer, safety=rules, truth=truth,
+                      alarm_metric=m.alarm.metric, threshold=m.alarm.threshold, patience=m.alarm.patience,
+                      action=m.alarm.action, seed=cfg.run.seed)
 
     def run_eval() -> dict[str, float]:
         return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules,
@@ -166,7 +173,8 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
         return groups_of(apply_recipe(recipe, scored, rules))
 
     def save(name: str, step: int, keep_last: int) -> Path:
-        state = {"step": step, "sampler": sampler.state_dict(), "workers": cfg.trainer.workers}
+        state = {"step": step, "sampler": sampler.state_dict(), "workers": cfg.trainer.workers,
+                 "monitor": monitor.state_dict()}
         return checkpoint.save(run_dir, name, roles.trainer, state, keep_last, cfg.checkpoint.lora_export)
 
     start = 0
@@ -174,6 +182,8 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
         start = checkpoint.read_state(resume_from)["step"]
         roles.trainer.load(str(resume_from))
         sampler.load_state_dict(checkpoint.read_state(resume_from)["sampler"])
+        if (saved := checkpoint.read_state(resume_from).get("monitor")) is not None:  # none before #16.2
+            monitor.load_state_dict(saved)
         weight_sync.push()
     tracker = Tracker(run_dir, total_steps=cfg.trainer.steps, wandb_mode=cfg.logging.wandb,
                       project=cfg.logging.project, config=json.loads(json.dumps(dataclasses.asdict(cfg))),
@@ -205,6 +215,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
+        metrics.update(monitor.observe(step, trained, timer))  # monitor/*, after the update it cannot change
         step_window, compute = (step_start, time.time()), roles.pop_compute()
         metrics.update(roles.failure_counters())  # cumulative: guard/*, rm/* and their actors' restarts
         # Overhead: the step's time with no role computing (scoring overlapping generation counts once).
@@ -214,17 +225,29 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
         tracker.log(step, metrics)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.trainer.steps:
             save(f"step_{step}", step, cfg.checkpoint.keep_last)
+        if monitor.fired(step):  # the reward-hacking alarm, once: warn, also save a checkpoint, or stop here
+            tracker.write(monitor.alarm_message())
+            if m.alarm.action == "checkpoint":
+                save(f"alarm_step_{step}", step, cfg.checkpoint.keep_last)
+            if monitor.stopped_at is not None:
+                break
+    last = monitor.stopped_at or cfg.trainer.steps
     after = run_eval()
-    tracker.log(cfg.trainer.steps, {f"eval/{k}": v for k, v in after.items()}, advance=False)
-    final = save("final", cfg.trainer.steps, keep_last=0)
+    tracker.log(last, {f"eval/{k}": v for k, v in after.items()}, advance=False)
+    final = save("final", last, keep_last=0)
     tracker.close()
     table = before_after_table(before, after)
-    (run_dir / "eval.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
+    stopped = monitor.stopped_at
+    evals = {"before": before, "after": after, "stopped_by_alarm": stopped}
+    (run_dir / "eval.json").write_text(json.dumps(evals, indent=2))
     (run_dir / "eval.md").write_text(table + "\n")
     print(f"\nHeld-out evaluation ({len(eval_prompts)} prompts x {cfg.eval.samples_per_prompt} samples, "
           f"seed {cfg.eval.seed}):\n{table}\n\nfinal checkpoint: {final}\nmetrics: {run_dir / 'metrics.jsonl'}",
           flush=True)
-    return {"before": before, "after": after, "checkpoint": str(final)}
+    if stopped is not None:
+        print(f"STOPPED by the reward-hacking alarm after step {stopped} of {cfg.trainer.steps}: "
+              f"{m.alarm.metric} >= {m.alarm.threshold:g} for {m.alarm.patience} monitored steps", flush=True)
+    return {"before": before, "after": after, "checkpoint": str(final), "stopped_by_alarm": stopped}
 
 
 def groups_of(records: list[ScoredRollout]) -> list[Group]:

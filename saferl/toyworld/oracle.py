@@ -13,10 +13,15 @@ from saferl.types import Prompt
 
 
 class ToyGroundTruth:
-    """The true style of an answer to a toy-world prompt (`world.classify_response`); None for any other
-    prompt (one without the world's `group` in its meta)."""
+    """The true style of an answer to a toy-world prompt (`world.classify_response`) and its true helpfulness
+    (the toy RM's regression target of that style, `world.helpfulness_target`); None for any other prompt
+    (one without the world's `group` in its meta)."""
 
     def style(self, prompt: Prompt, answer: str) -> str | None:
         if "group" not in prompt.meta:
             return None
         return world.classify_response(prompt, answer)
+
+    def helpfulness(self, prompt: Prompt, answer: str) -> float | None:
+        style = self.style(prompt, answer)
+        return None if style is None else world.helpfulness_target(style)

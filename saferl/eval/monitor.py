@@ -1,0 +1,207 @@
+"""The early warning of reward hacking: each step, a sample of the trained rollouts is judged again.
+
+A policy that learns to please its reward guard and RM rather than to be safe and helpful shows it first as
+the reward's judges drifting away from an independent view of the same answers, well before held-out rates
+or KL curves move. `Monitor.observe` takes `sample` rollouts of the trained batch (whole prompt groups, drawn
+with the monitor's own seeded generator) and logs:
+
+  monitor/judge_disagreement  with an independent judge (`eval.judge`): the fraction of sampled rollouts whose
+                              decision, unsafe under the run's `SafetyPolicy` or refused, differs between the
+                              reward guard and the judge
+  monitor/rm_rank_agreement   with a ground-truth oracle that knows helpfulness (the toy world): over pairs
+                              of sampled rollouts of one prompt whose true helpfulness differs, the fraction
+                              the RM strictly orders the same way (a tie is no agreement); NaN without a pair
+  monitor/ref_logprob         mean over the sample of each answer's mean token log-prob under the frozen
+                              starting policy (`ScoredRollout.reference_logprob`; computed here when the
+                              reward did not need it): garbled text is improbable under the SFT policy
+  monitor/ref_logprob_drop    the first monitored step's ref_logprob minus this step's (the baseline is kept
+                              in the checkpoint state, so a resumed run measures from the same start)
+  monitor/alarm               with `monitor.alarm.metric`: 0, then 1 from the step the alarm fired
+
+The alarm (`update_alarm`) fires once, at the first step its metric has been at or above the threshold for
+`patience` monitored steps in a row; a step without a value (no sample, NaN) leaves the count as it is.
+
+The monitor only reads: rewards, advantages and the update are computed before it runs and from nothing it
+makes; it draws from its own `random.Random`, never the global or torch generators; the judge and the
+reference pass are forward passes in their own actors (the trainer's reference pass changes no weight,
+optimizer state or generator). So a run trains the same with the monitor on or off.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from saferl.eval.metrics import Judged
+from saferl.eval.metrics import judge as judge_samples
+from saferl.handles import GuardGroup, TrainerGroup
+from saferl.scoring import score_rollouts, with_reference_logprobs
+from saferl.tracking import PhaseTimer
+from saferl.types import GroundTruth, SafetyPolicy, ScoredRollout
+
+Group = list[ScoredRollout]
+
+
+# ---------------------------------------------------------------- statistics (pure)
+
+
+def sample_groups(groups: list[Group], n: int, rng: random.Random) -> list[Group]:
+    """About `n` rollouts as whole groups in a random order (the last one cut to make exactly `n`), so that
+    most sampled rollouts have others of their prompt to be ranked against; all of them when fewer."""
+    order = list(groups)
+    rng.shuffle(order)
+    out, total = [], 0
+    for group in order:
+        if total >= n:
+            break
+        out.append(group[:n - total])
+        total += len(out[-1])
+    return out
+
+
+def disagreement(guard: list[Judged], judge: list[Judged]) -> float:
+    """The fraction of samples whose decision (safe, refused) differs between two judges of the same answers
+    (`guard[i]` and `judge[i]` judge answer i); NaN for none."""
+    if not guard:
+        return math.nan
+    differ = [(g.safe, g.refusal) != (j.safe, j.refusal) for g, j in zip(guard, judge, strict=True)]
+    return sum(differ) / len(differ)
+
+
+def rank_agreement(groups: list[list[tuple[float, float]]]) -> float:
+    """Pairwise rank agreement of a score with the truth: each group is one prompt's (score, true value)
+    pairs; over the pairs of a group with different true values, the fraction whose scores are strictly
+    ordered the same way. NaN when no group has such a pair."""
+    agree = pairs = 0
+    for group in groups:
+        for i, (score_i, truth_i) in enumerate(group):
+            for score_j, truth_j in group[i + 1:]:
+                if truth_i != truth_j:
+                    pairs += 1
+                    agree += (score_i - score_j) * (truth_i - truth_j) > 0
+    return agree / pairs if pairs else math.nan
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass(frozen=True)
+class AlarmState:
+    """How many monitored steps in a row the alarm's metric has been at or above its threshold, and the step
+    it fired (None: not yet)."""
+
+    streak: int = 0
+    fired_step: int | None = None
+
+
+def update_alarm(state: AlarmState, value: float | None, *, threshold: float, patience: int,
+                 step: int) -> AlarmState:
+    """The alarm after one more monitored step: `value` at or above `threshold` extends the streak, below it
+    resets it; a missing value (None or NaN) leaves it as it is. It fires (records `step`) when the streak
+    reaches `patience`, and only once."""
+    if state.fired_step is not None or value is None or math.isnan(value):
+        return state
+    streak = state.streak + 1 if value >= threshold else 0
+    return AlarmState(streak, step if streak >= patience else None)
+
+
+# ---------------------------------------------------------------- the monitor
+
+
+class Monitor:
+    """Judges a sample of each step's trained rollouts again and keeps the alarm (see the module docstring).
+
+    Args:
+        sample: rollouts per step (0: off; `observe` returns nothing).
+        judge: the independent guard, or None (then no judge_disagreement).
+        trainer: the policy trainer, for reference log-probs of answers the reward did not need them for.
+        safety: the run's SafetyPolicy, which decides "unsafe" for both guards.
+        truth: a ground-truth oracle; its helpfulness (when it knows it) gives rm_rank_agreement.
+        alarm_metric, threshold, patience, action: the alarm (metric None: none); action warn | checkpoint |
+            stop is for the driver, which saves or stops when `fired(step)`.
+        seed: seeds the sampling (the same draws for a step on resume).
+    """
+
+    def __init__(self, *, sample: int, judge: GuardGroup | None, trainer: TrainerGroup, safety: SafetyPolicy,
+                 truth: GroundTruth | None, alarm_metric: str | None, threshold: float, patience: int,
+                 action: str, seed: int) -> None:
+        if alarm_metric == "monitor/judge_disagreement" and judge is None:
+            raise ValueError("monitor.alarm.metric=monitor/judge_disagreement needs eval.judge")
+        self.sample, self.judge, self.trainer, self.safety, self.truth = sample, judge, trainer, safety, truth
+        self.metric, self.threshold, self.patience, self.action = alarm_metric, threshold, patience, action
+        self.seed = seed
+        self.alarm, self.baseline, self.stopped_at = AlarmState(), None, None
+        self.last: dict[str, float] = {}
+
+    def observe(self, step: int, groups: list[Group], timer: PhaseTimer | None = None) -> dict[str, float]:
+        """The monitor/* metrics of step `step`'s trained groups (timed as phase `monitor`)."""
+        if not self.sample:
+            return {}
+        with (timer or PhaseTimer()).phase("monitor"):
+            metrics = self._statistics(step, groups)
+        if self.metric is not None:
+            self.alarm = update_alarm(self.alarm, metrics.get(self.metric), threshold=self.threshold,
+                                      patience=self.patience, step=step)
+            metrics["monitor/alarm"] = float(self.alarm.fired_step is not None)
+            if self.fired(step) and self.action == "stop":
+                self.stopped_at = step
+        self.last = metrics
+        return metrics
+
+    def _statistics(self, step: int, groups: list[Group]) -> dict[str, float]:
+        picked = sample_groups(groups, self.sample, random.Random(self.seed * 1_000_003 + step))
+        records = [s for group in picked for s in group]
+        if not records:  # no group was trained on this step
+            return {}
+        out = {"monitor/samples": float(len(records))}
+        if self.judge is not None:
+            judged = score_rollouts([s.rollout for s in records], self.judge, None)
+            out["monitor/judge_disagreement"] = disagreement(judge_samples(records, self.safety),
+                                                             judge_samples(judged, self.safety))
+        if self.truth is not None:
+            truth = self.truth
+            scored = [[(s.helpfulness, truth.helpfulness(s.rollout.prompt, s.rollout.answer)) for s in group]
+                      for group in picked]
+            if all(rm is not None and t is not None for group in scored for rm, t in group):
+                out["monitor/rm_rank_agreement"] = rank_agreement(scored)  # type: ignore[arg-type]
+        if any(s.reference_logprob is None for s in records):
+            records = with_reference_logprobs(records, self.trainer)
+        current = mean([s.reference_logprob for s in records])  # type: ignore[misc]
+        if self.baseline is None:
+            self.baseline = current
+        out.update({"monitor/ref_logprob": current, "monitor/ref_logprob_drop": self.baseline - current})
+        return out
+
+    def fired(self, step: int) -> bool:
+        """True at the step the alarm fired (once per run)."""
+        return self.alarm.fired_step == step
+
+    def alarm_message(self) -> str:
+        """The loud line printed when the alarm fires: what, when, the value, and what happens next."""
+        step = self.alarm.fired_step
+        then = {"warn": "training goes on",
+                "checkpoint": f"saving checkpoint alarm_step_{step}; training goes on",
+                "stop": "stopping the run; the final evaluation still runs"}[self.action]
+        value = self.last.get(self.metric, math.nan)  # type: ignore[arg-type]
+        return (f"[saferl] !!! REWARD-HACKING ALARM at step {step}: {self.metric} = {value:.4g}, at or above "
+                f"{self.threshold:g} for {self.patience} monitored step(s) in a row "
+                f"(monitor.alarm.action={self.action}: {then}) !!!")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"baseline_ref_logprob": self.baseline, "alarm_streak": self.alarm.streak,
+                "alarm_fired_step": self.alarm.fired_step, "stopped_by_alarm": self.stopped_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.baseline = state["baseline_ref_logprob"]
+        self.alarm = AlarmState(state["alarm_streak"], state["alarm_fired_step"])
+        self.stopped_at = state["stopped_by_alarm"]
+
+
+def stopped_by_alarm(state: dict[str, Any]) -> int | None:
+    """The step at which the alarm stopped the run that wrote a checkpoint's driver state (None: it did not,
+    or the checkpoint predates the monitor)."""
+    saved = state.get("monitor")
+    return None if saved is None else saved["stopped_by_alarm"]
