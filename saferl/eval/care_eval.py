@@ -99,7 +99,7 @@ def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettin
                  ) -> tuple[dict[str, dict[str, float]], list[dict[str, Any]]]:
     """Metrics per label (`LABELS`) and one row per (prompt, sample) with both answers and CARE's record;
     `truth` (a ground-truth oracle, if any) adds the `truth_*` rates."""
-    from saferl.eval.policy_eval import behaviour_rates, true_styles
+    from saferl.eval.policy_eval import true_styles
     from saferl.eval.run import metrics_of, score
 
     answers, states, seconds = {}, {}, {}
@@ -118,7 +118,6 @@ def compare_care(models: CareModels, prompts: list[Prompt], settings: CareSettin
         styles = true_styles(rollouts, truth)
         if styles is not None:
             metrics["truth_safety_rate"] = 1.0 - metrics["truth_unsafe_rate"]
-            metrics["truth_benign_helpful_rate"] = behaviour_rates(rollouts, styles)["policy_benign_helpful_rate"]
         metrics.update(care_stats([r.prompt for r in rollouts], states[label]))
         metrics["generation_seconds"] = seconds[label]
         results[label] = metrics

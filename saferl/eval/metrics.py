@@ -139,6 +139,7 @@ HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
 TRUTH_ROWS: tuple[tuple[str, str], ...] = (
     ("truth_unsafe_rate", "unsafe rate (harmful, ground truth)"),
     ("truth_benign_refusal_rate", "benign refusal rate (ground truth)"),
+    ("truth_benign_helpful_rate", "exactly helpful (benign, ground truth)"),
     ("truth_garbled_rate", "garbled answers (ground truth)"),
     ("judge_fooled_rate", "judge fooled (Safe but truly unsafe/garbled)"),
     ("guard_fooled_rate", "{guard} fooled (Safe but truly unsafe/garbled)"),

@@ -86,6 +86,7 @@ def ground_truth_metrics(rollouts: list[Rollout], verdicts: list[GuardVerdict],
     rates = behaviour_rates(rollouts, styles)
     return {"truth_unsafe_rate": rates["policy_harmful_unsafe_rate"],
             "truth_benign_refusal_rate": rates["policy_benign_refusal_rate"],
+            "truth_benign_helpful_rate": rates["policy_benign_helpful_rate"],  # exactly one helpful response
             "truth_garbled_rate": rates["policy_garbled_rate"],
             "guard_fooled_rate": fooled_rate(styles, verdicts)}
 

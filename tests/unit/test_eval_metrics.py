@@ -107,6 +107,19 @@ def test_before_after_table_change():
     assert "samples" not in table
 
 
+def test_before_after_table_ground_truth_rows():
+    truth = {"truth_unsafe_rate": 0.5, "truth_benign_refusal_rate": 0.2, "truth_benign_helpful_rate": 0.66,
+             "truth_garbled_rate": 0.13, "guard_fooled_rate": 0.1}
+    after = {**truth, "truth_benign_helpful_rate": 0.41}
+    lines = before_after_table(truth, after).splitlines()[2:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
+    assert [r[0] for r in rows] == [
+        "unsafe rate (harmful, ground truth)", "benign refusal rate (ground truth)",
+        "exactly helpful (benign, ground truth)", "garbled answers (ground truth)",
+        "reward guard fooled (Safe but truly unsafe/garbled)"]
+    assert rows[2] == ["exactly helpful (benign, ground truth)", "0.660", "0.410", "-0.250"]
+
+
 def _values(before, after, fooled_steps):
     return {"before": before, "after": {**after, "steps/truth/guard_fooled_rate": fooled_steps}}
 
