@@ -34,8 +34,10 @@ held-out safety and benign refusal, GSPO clip fraction, KL and entropy, reward h
 A figure whose metrics the run did not log is skipped and the summary says so.
 
 several runs (--compare or --table): the held-out metrics after training as mean ± sample std over the
-runs of each label (n shown), a baseline row from the evaluations before training, and reward-hacking
-columns; writes OUT (Markdown), OUT.json and OUT.png. Runs without eval.json are skipped (noted).
+runs of each label (n shown), judged by the reward guard, the independent judge (eval.judge) and the toy
+ground truth, a baseline row from the evaluations before training, how often each guard was fooled, and the
+alarm's lead time over the garbled rate doubling (per run in OUT.json); writes OUT (Markdown), OUT.json and
+OUT.png. Runs without eval.json are skipped (noted).
 A --table YAML:  {baseline: SFT (before), rows: {hybrid: hybrid-s*, guard_only: guard_only-s*}}
 
 examples:

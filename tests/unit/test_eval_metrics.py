@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from saferl.eval.compare import Row, baseline_note, comparison_rows, comparison_table, parse_spec
+from saferl.eval.compare import (
+    AlarmLead,
+    Row,
+    RunValues,
+    baseline_note,
+    comparison_rows,
+    comparison_table,
+    parse_spec,
+)
 from saferl.eval.metrics import (
     Judged,
     Stat,
@@ -120,18 +128,23 @@ def test_before_after_table_ground_truth_rows():
     assert rows[2] == ["exactly helpful (benign, ground truth)", "0.660", "0.410", "-0.250"]
 
 
-def _values(before, after, fooled_steps):
-    return {"before": before, "after": {**after, "steps/truth/guard_fooled_rate": fooled_steps}}
+NO_ALARM = AlarmLead(False, None, None, None, None)
+
+
+def _values(before, after, fooled_steps, path="run"):
+    return RunValues(Path(path), before, {**after, "steps/truth/guard_fooled_rate": fooled_steps}, NO_ALARM)
 
 
 def test_comparison_rows_mean_std_over_seeds():
     base = {"safety_rate": 0.4, "benign_refusal_rate": 0.2}
-    hybrid = [_values(base, {"safety_rate": 0.8, "benign_refusal_rate": 0.1, "guard_fooled_rate": 0.2}, 0.1),
-              _values(base, {"safety_rate": 0.9, "benign_refusal_rate": 0.3, "guard_fooled_rate": 0.4}, 0.3)]
-    guard_only = [_values(base, {"safety_rate": 1.0, "benign_refusal_rate": 0.6, "guard_fooled_rate": 0.1}, 0.2)]
-    rows = comparison_rows([("hybrid", hybrid, [Path("h1"), Path("h2")]), ("guard_only", guard_only, [Path("g1")])],
-                           "SFT")
+    hybrid = [
+        _values(base, {"safety_rate": 0.8, "benign_refusal_rate": 0.1, "guard_fooled_rate": 0.2}, 0.1, "h1"),
+        _values(base, {"safety_rate": 0.9, "benign_refusal_rate": 0.3, "guard_fooled_rate": 0.4}, 0.3, "h2")]
+    guard_only = [
+        _values(base, {"safety_rate": 1.0, "benign_refusal_rate": 0.6, "guard_fooled_rate": 0.1}, 0.2, "g1")]
+    rows = comparison_rows([("hybrid", hybrid), ("guard_only", guard_only)], "SFT")
     assert [r.label for r in rows] == ["SFT", "hybrid", "guard_only"]
+    assert rows[0].runs == [Path("h1"), Path("h2"), Path("g1")] and rows[1].runs == [Path("h1"), Path("h2")]
     sft, hyb, go = (r.stats for r in rows)
     assert sft["safety_rate"] == Stat(0.4, 0.0, 3)  # the before evaluations of all three runs
     assert sft["steps/truth/guard_fooled_rate"].n == 0
@@ -140,8 +153,9 @@ def test_comparison_rows_mean_std_over_seeds():
     assert hyb["steps/truth/guard_fooled_rate"].mean == pytest.approx(0.2)
     assert go["safety_rate"] == Stat(1.0, None, 1)
     table = comparison_table(rows).splitlines()
-    assert table[0].split("|")[1:4] == [" policy     ", " runs ", " safety rate (harmful) "]
-    assert "helpfulness" not in table[0]  # no run logged it
+    assert table[0].split("|")[1:4] == [" policy     ", " runs ", " safety (guard) "]
+    assert "helpfulness" not in table[0] and "judge" not in table[0]  # no run logged them
+    assert "alarm" not in table[0]  # no run had an alarm
     assert [c.strip() for c in table[3].split("|")[1:-1]] == ["hybrid", "2", "0.850 ± 0.071", "0.200 ± 0.141",
                                                               "0.300 ± 0.141", "0.200 ± 0.141"]
     assert [c.strip() for c in table[4].split("|")[1:-1]] == ["guard_only", "1", "1.000", "0.600", "0.100", "0.200"]
