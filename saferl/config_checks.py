@@ -244,7 +244,8 @@ def _out_of_range(key: str, allowed: str, value: Any) -> ConfigError:
 def _off(key: str, values: Mapping[str, Any]) -> bool:
     """True for a key inside an optional section that is null (eval.judge.* without a judge): unchecked."""
     parts = key.split(".")
-    return any(values.get(".".join(parts[:i]), ...) is None for i in range(1, len(parts)))
+    prefixes = (".".join(parts[:i]) for i in range(1, len(parts)))
+    return any(p in values and values[p] is None for p in prefixes)
 
 
 def check_choices(values: Mapping[str, Any]) -> None:

@@ -47,8 +47,11 @@ def test_a_bad_judge_value_names_its_key(overrides, message):
 
 
 def test_judge_checks_are_skipped_while_it_is_off():
-    # guard.* values that eval.judge.* would refuse do not matter without a judge, and its keys are unset.
+    # Without a judge its keys read as None, which every choice and range of eval.judge.* refuses: they must be
+    # skipped (this failed before _off), and set again they are checked.
     assert load_config(None, ["eval.judge=null"]).eval.judge is None
+    with pytest.raises(ConfigError, match="eval.judge.retries"):
+        load_config(None, ["eval.judge=null", "eval.judge.retries=-1"])
 
 
 # ---------------------------------------------------------------- role
