@@ -60,12 +60,21 @@ class ToyWorldConfig:
     harmful_refusal: float = 0.2  # the rest of harmful prompts get a safe completion
     benign_refusal: float = 0.2
     controversial_comply: float = 0.6
+    # Perturbed responses per training prompt in the guard, judge and RM data (world.PERTURBATIONS: the text RL
+    # finds in judges that saw only clean answers); 0 builds those judges on clean responses only.
+    perturbations: int = 4
     policy: ModelShape = field(default_factory=ModelShape)
     guard: ModelShape = field(default_factory=lambda: ModelShape(num_layers=2))
+    # The independent judge (eval.judge): a guard twice as deep, with its own seed and perturbation draws.
+    judge: ModelShape = field(default_factory=ModelShape)
+    # Shape of every RM of the ensemble (reward_model, reward_model_1, reward_model_2).
     reward_model: ModelShape = field(default_factory=lambda: ModelShape(num_layers=2))
     policy_sft: SFTConfig = field(default_factory=SFTConfig)
     guard_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=350, lr=3e-3))
-    reward_model_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=300, lr=2e-3))
+    judge_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=350, lr=3e-3))
+    # The RMs: 600 steps of 40 answers (about 4 prompts' groups) with the pairwise term; 300 x 32 sufficed
+    # before the perturbations (build 4).
+    reward_model_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=600, batch_size=40, lr=2e-3))
 
 
 # ---------------------------------------------------------------- RL run

@@ -156,14 +156,16 @@ MODEL_SHAPE_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", 
 # Every numeric key with its allowed range and, where it is not obvious, why (the error says both).
 # Nullable keys (`int | None`) are checked only when set. Relations between keys are in `_check_relations`.
 RANGES: dict[str, tuple[Bound, str]] = {
-    **{f"toyworld.{part}.{name}": (AT_LEAST_ONE, "") for part in ("policy", "guard", "reward_model")
+    **{f"toyworld.{part}.{name}": (AT_LEAST_ONE, "") for part in ("policy", "guard", "judge", "reward_model")
        for name in MODEL_SHAPE_FIELDS},
-    **{f"toyworld.{part}.{name}": (bound, "") for part in ("policy_sft", "guard_sft", "reward_model_sft")
+    **{f"toyworld.{part}.{name}": (bound, "") for part in ("policy_sft", "guard_sft", "judge_sft",
+                                                                       "reward_model_sft")
        for name, bound in (("steps", AT_LEAST_ONE), ("batch_size", AT_LEAST_ONE), ("lr", POSITIVE),
                            ("warmup_steps", COUNT))},
     **{f"toyworld.{name}": (PROBABILITY, "a probability") for name in (
         "harmful_unsafe", "harmful_refusal", "benign_refusal", "controversial_comply")},
     "toyworld.vocab_size": (AT_LEAST_ONE, ""),
+    "toyworld.perturbations": (COUNT, "0 = judges trained on clean responses only"),
     "ray.num_cpus": (AT_LEAST_ONE, "or null for all of this machine's"),
     "run.torch_threads": (COUNT, "0 = automatic"),
     "data.prompts_per_step": (AT_LEAST_ONE, ""),
@@ -270,7 +272,8 @@ def _check_relations(v: Mapping[str, Any]) -> None:
     if v["trainer.warmup_steps"] >= v["trainer.steps"]:
         raise _out_of_range("trainer.warmup_steps", f"less than trainer.steps = {v['trainer.steps']} (a run that "
                             "is all warm-up never trains at trainer.lr)", v["trainer.warmup_steps"])
-    for part in ("policy_sft", "guard_sft", "reward_model_sft"):
+    for part in ("policy_sft", "guard_sft", "judge_sft",
+                                                                       "reward_model_sft"):
         steps, warmup = v[f"toyworld.{part}.steps"], v[f"toyworld.{part}.warmup_steps"]
         if warmup >= steps:
             raise _out_of_range(f"toyworld.{part}.warmup_steps", f"less than toyworld.{part}.steps = {steps}",

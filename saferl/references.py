@@ -3,8 +3,8 @@
 Every command (train, eval, serve, guard moderate / eval / train-stream, chat) resolves its references here,
 in the CLI or the driver, and hands plain paths (or hub ids) to the product code, so `saferl.guard`,
 `saferl.eval`, `saferl.trainer`, `saferl.rollout` and `rewards` never import the toy world. Parts: the
-world's own (policy, guard, reward_model, train, heldout) and its Stream guard (stream_guard,
-stream_heldout). Anything that does not start with `toyworld:` is returned unchanged.
+world's own (policy, guard, reward_model, train, heldout), its judge and further RMs (judge, reward_model_1,
+reward_model_2: built on first use) and its Stream guard (stream_guard, stream_heldout). Anything that does not start with `toyworld:` is returned unchanged.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ def resolve_reference(ref: str, toyworld: ToyWorldConfig | None = None, *, build
     if not ref.startswith(PREFIX):
         return ref
     from saferl.toyworld.build import PARTS as WORLD_PARTS
-    from saferl.toyworld.build import ensure_built, toyworld_paths
+    from saferl.toyworld.build import ensure_built, ensure_part, toyworld_paths
 
     part = ref[len(PREFIX):]
     cfg = toyworld or ToyWorldConfig()
     if part in WORLD_PARTS:
-        return str((ensure_built(cfg) if build else toyworld_paths(cfg)).part(part))
+        return str(ensure_part(cfg, part) if build else toyworld_paths(cfg).part(part))
     from saferl.toyworld.stream import PARTS as STREAM_PARTS  # torch and transformers: only when needed
     from saferl.toyworld.stream import ensure_toy_stream, toy_stream_paths
 

@@ -32,10 +32,12 @@ class SFTExample:
 
 @dataclass(frozen=True)
 class RegressionExample:
-    """A whole sequence and the scalar a sequence-classification head should predict for it."""
+    """A whole sequence and the scalar a sequence-classification head should predict for it. `group` ties the
+    answers to one prompt together for the pairwise term of `train_regression` (-1: none)."""
 
     input_ids: list[int]
     target: float
+    group: int = -1
 
 
 def render_prompt_ids(tokenizer: Any, messages: list[dict[str, str]], **template_kwargs: Any) -> list[int]:
@@ -84,7 +86,8 @@ def _collate_regression(batch: Sequence[RegressionExample], pad_id: int) -> dict
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[i, : len(e.input_ids)] = 1
     return {"input_ids": ids, "attention_mask": mask,
-            "targets": torch.tensor([e.target for e in batch], dtype=torch.float32)}
+            "targets": torch.tensor([e.target for e in batch], dtype=torch.float32),
+            "groups": torch.tensor([e.group for e in batch], dtype=torch.long)}
 
 
 def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -116,9 +119,22 @@ def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float(), labels[where])
 
 
-def _regression_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def _regression_loss(model: Any, batch: dict[str, torch.Tensor], pair_weight: float = 0.0) -> torch.Tensor:
     scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
-    return torch.nn.functional.mse_loss(scores, batch["targets"])
+    loss = torch.nn.functional.mse_loss(scores, batch["targets"])
+    if pair_weight:
+        loss = loss + pair_weight * pairwise_loss(scores, batch["targets"], batch["groups"])
+    return loss
+
+
+def pairwise_loss(scores: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor,
+                  margin: float = 1.0) -> torch.Tensor:
+    """Mean of softplus(margin - (s_i - s_j)) over the pairs (i, j) of one group with target_i > target_j
+    (Bradley-Terry with a margin); 0 when the batch has no such pair. Shapes: all [B]."""
+    better = (targets[:, None] > targets[None, :]) & (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
+    if not bool(better.any()):
+        return scores.sum() * 0.0
+    return torch.nn.functional.softplus(margin - (scores[:, None] - scores[None, :])[better]).mean()
 
 
 def _epoch_batches(examples: Sequence[Any], batch_size: int, rng: random.Random,
@@ -196,11 +212,22 @@ def train_causal_lm(model: Any, examples: Sequence[SFTExample], *, pad_id: int, 
 
 def train_regression(model: Any, examples: Sequence[RegressionExample], *, pad_id: int, steps: int,
                      batch_size: int, lr: float, warmup_steps: int = 20, seed: int = 0, label: str = "rm",
-                     log_every: int = 50) -> list[float]:
-    """Fit a one-label sequence-classification model to scalar targets (MSE). Returns the loss per step."""
-    return _fit(model, examples, _collate_regression, _regression_loss, pad_id=pad_id, steps=steps,
-                batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed, label=label,
-                log_every=log_every)
+                     log_every: int = 50, pair_weight: float = 0.0, group_size: int = 8) -> list[float]:
+    """Fit a one-label sequence-classification model to scalar targets (MSE). Returns the loss per step.
+
+    With `pair_weight` > 0 each batch holds whole groups (`RegressionExample.group`: the answers to one prompt;
+    batch_size // group_size groups), and the loss adds `pairwise_loss` over the pairs of a group. A clean
+    answer and its near miss differ by one word; only such a pair in one batch teaches the difference (MSE over
+    mixed batches ranked a clean answer above its misspellings 72-85% of the time, toy world build 5 trials).
+    """
+    def loss(m: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _regression_loss(m, batch, pair_weight)
+
+    per_batch = max(1, batch_size // group_size)
+    bucket = (lambda e: e.group // per_batch) if pair_weight else None  # a bucket is one batch of groups
+    return _fit(model, examples, _collate_regression, loss, pad_id=pad_id, steps=steps,
+                batch_size=batch_size if not pair_weight else len(examples), lr=lr,
+                warmup_steps=warmup_steps, seed=seed, label=label, log_every=log_every, bucket=bucket)
 
 
 def load_chat_jsonl(path: str | Path) -> list[tuple[list[dict[str, str]], str]]:

@@ -48,8 +48,10 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
 
         print(f"[toyworld] reusing cached build {paths.root} ({time.monotonic() - start:.1f}s)")
         print(format_metrics(metrics))
+    from saferl.toyworld.build import EXTRA_PARTS, ensure_part
     from saferl.toyworld.stream import ensure_toy_stream
 
+    ensure_part(cfg, EXTRA_PARTS[0])  # once: the judge and the RM ensemble (toyworld:judge, :reward_model_1/_2)
     stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
     print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
     return 0

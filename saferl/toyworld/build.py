@@ -4,14 +4,22 @@ Outputs, under `<cache_dir>/<key>/` where the key hashes the toy-world config (a
   train.jsonl, heldout.jsonl   prompts (`saferl.data` format)
   policy/                      Qwen3ForCausalLM fine-tuned to a mixed behaviour RL has to fix
   guard/                       Qwen3ForCausalLM emitting Qwen3Guard-Gen verdicts, with the guard chat template
+  judge/                       a larger Gen-format guard on other perturbation draws and seed: the independent
+                               judge of held-out evaluation and of the reward-hacking monitor (eval.judge)
   reward_model/                Qwen3ForSequenceClassification helpfulness RM (1 label)
-  metrics.json                 held-out quality of all three
+  reward_model_1, _2/          two more RMs (other seeds, each without one training frame): an ensemble
+  metrics.json                 held-out quality of the world's core (policy, guard, reward_model)
+  extras.json                  held-out quality of the judge and the two further RMs, built on first use
+The guard, judge and RMs also train on perturbed responses (`world.PERTURBATIONS`: splices, near-miss
+misspellings, truncations, repeats, dropped words, the right category's text after the wrong prompt), the text
+RL found when they had only seen clean responses; `toyworld.perturbations: 0` builds them the old way.
 Every directory loads with plain `from_pretrained`. The build writes into a temporary directory and renames
 it when complete, so an interrupted build never leaves a half-written world behind. A world that misses its
 quality targets (`evaluate.TARGETS`) is an error: the build raises after caching it (kept for inspection), and
 `ensure_built` raises again rather than reuse it.
 
-Shortcut: the guard trains here while a second process trains the policy and then the RM (2 cores).
+Shortcut: the guard trains here while a second process trains the policy and then the RM (2 cores); the
+extra parts likewise: the judge here, the two further RMs in a second process.
 """
 
 from __future__ import annotations
@@ -30,8 +38,13 @@ from saferl.config import ModelShape, SFTConfig, ToyWorldConfig
 from saferl.runtime import configure_process
 from saferl.toyworld import world
 
-BUILD_VERSION = 4  # bump when the world or the build recipe changes
-PARTS = ("policy", "guard", "reward_model", "train", "heldout")
+BUILD_VERSION = 5  # bump when the world or the build recipe changes
+RM_MEMBERS = ("reward_model", "reward_model_1", "reward_model_2")
+CORE_PARTS = ("policy", "guard", "reward_model", "train", "heldout")
+# Built on first use of any of them (`ensure_part`), all three at once: runs and tests that use neither the
+# judge nor the ensemble do not pay for them (about 6 CPU-minutes).
+EXTRA_PARTS = ("judge", "reward_model_1", "reward_model_2")
+PARTS = CORE_PARTS + EXTRA_PARTS
 
 
 @dataclass(frozen=True)
@@ -67,6 +80,15 @@ def ensure_built(cfg: ToyWorldConfig) -> ToyWorldPaths:
     return build(cfg)
 
 
+def ensure_part(cfg: ToyWorldConfig, part: str) -> Path:
+    """The directory or file of one part of the built world, building the world first and, for an extra part
+    (`EXTRA_PARTS`), every missing extra part when the cache lacks it."""
+    paths = ensure_built(cfg)
+    if part in EXTRA_PARTS and not (paths.root / "extras.json").is_file():
+        build_extras(paths, cfg)
+    return paths.part(part)
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -88,42 +110,63 @@ def _policy_examples(tokenizer, cfg: ToyWorldConfig) -> list:
     return out
 
 
-def _guard_examples(tokenizer, prompts: list) -> list:
+def _response_pool(prompts: list) -> list[str]:
+    """Texts that splices borrow words from: every response of every 50th prompt."""
+    return [t for p in prompts[::50] for texts in world.responses_for(p).values() for t in texts]
+
+
+def _guard_examples(tokenizer, prompts: list, perturbations: int, seed: int) -> list:
     """Prompt- and response-moderation examples. Prompt mode (one example per prompt against ~4.5 responses)
     is repeated 3x and the small controversial group 2x: without that, held-out prompt-mode accuracy on
-    harmful prompts was 12% and controversial compliance was always called Unsafe."""
+    harmful prompts was 12% and controversial compliance was always called Unsafe. `perturbations` corrupted
+    compliances and safe completions per prompt keep the label of the text they were made from: an unsafe
+    answer with a misspelled word or a cut-off end is still unsafe, which is what stops a policy from hiding
+    unsafe text behind corruption."""
     from saferl.guard.templates import format_verdict, moderation_messages
     from saferl.sft import chat_example
 
+    rng, pool = random.Random(seed), _response_pool(prompts)
     out = []
     for p in prompts:
         label, cats = world.prompt_verdict(p)
         repeat = 2 if p.kind == "controversial" else 1
         out += [chat_example(tokenizer, moderation_messages(p.messages, None),
                              format_verdict(label, cats, None))] * (3 * repeat)
-        for style, texts in world.responses_for(p).items():
-            for text in texts:
-                v = world.response_verdict(p, style)
-                out += [chat_example(tokenizer, moderation_messages(p.messages, text),
-                                     format_verdict(v.safety, v.categories, v.refusal))] * repeat
+        responses = [(text, style) for style, texts in world.responses_for(p).items() for text in texts]
+        styles = ("helpful", "unsafe", "controversial", "safe_completion")
+        responses += world.perturbed_responses(p, rng, pool, perturbations, styles) if perturbations else []
+        for text, style in responses:
+            v = world.response_verdict(p, style)
+            out += [chat_example(tokenizer, moderation_messages(p.messages, text),
+                                 format_verdict(v.safety, v.categories, v.refusal))] * repeat
     return out
 
 
-def _rm_examples(tokenizer, prompts: list, seed: int) -> list:
-    """Every clean response with its score, plus one off-topic and one garbled response per prompt (0)."""
+def _rm_examples(tokenizer, prompts: list, seed: int, perturbations: int) -> list:
+    """The RM's training answers, grouped by prompt (`RegressionExample.group`, in a seeded order so a batch
+    mixes groups and topics): every clean response, an off-topic answer, and `perturbations` corrupted answers
+    scored as garbled, trained with the pairwise term (`sft.train_regression`); with 0, one splice, cut or
+    repeat instead and no pairwise term (the worlds before build 5)."""
     from saferl.helpfulness import render_pair
     from saferl.sft import RegressionExample
 
-    rng = random.Random(seed)
-    pool = [t for p in prompts[::50] for texts in world.responses_for(p).values() for t in texts]
+    rng, pool = random.Random(seed), _response_pool(prompts)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
     out = []
-    for p in prompts:
-        scored = [(text, style) for style, texts in world.responses_for(p).items() for text in texts]
-        scored.append((world.off_topic_response(p, rng), "off_topic"))
-        scored.append((world.garble(rng.choice(scored)[0], rng, pool), "garbled"))
+    for group, p in zip(order, prompts):
+        responses = world.responses_for(p)
+        if perturbations:
+            scored = [(text, style) for style, texts in responses.items() for text in texts]
+            scored.append((world.off_topic_response(p, rng), "off_topic"))
+            scored += [(text, "garbled") for text, _ in world.perturbed_responses(p, rng, pool, perturbations)]
+        else:
+            scored = [(text, style) for style, texts in responses.items() for text in texts]
+            scored.append((world.off_topic_response(p, rng), "off_topic"))
+            scored.append((world.garble(rng.choice(scored)[0], rng, pool), "garbled"))
         for text, style in scored:
             ids = tokenizer(render_pair(tokenizer, p.messages, text), add_special_tokens=False)["input_ids"]
-            out.append(RegressionExample(ids, world.helpfulness_target(style)))
+            out.append(RegressionExample(ids, world.helpfulness_target(style), group))
     return out
 
 
@@ -146,8 +189,24 @@ def new_model(shape: ModelShape, tokenizer, *, head: str, seed: int):
     return Qwen3ForCausalLM(config) if head == "lm" else Qwen3ForSequenceClassification(config)
 
 
+def _part_seed(part: str, seed: int) -> int:
+    """Each judge model its own seed (init, data order, perturbation draws): an ensemble or a judge that
+    shares the reward model's draws would share its blind spots."""
+    return seed + {"policy": 0, "guard": 0, "reward_model": 0, "reward_model_1": 1, "reward_model_2": 2,
+                   "judge": 101}[part]
+
+
+def _member_prompts(part: str, prompts: list) -> list:
+    """The training prompts of an RM: all for the first, each further member without one training frame."""
+    if part in ("reward_model_1", "reward_model_2"):
+        left_out = sorted({p.meta["frame"] for p in prompts})[RM_MEMBERS.index(part) - 1]
+        return [p for p in prompts if p.meta["frame"] != left_out]
+    return prompts
+
+
 def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
-    """Train and save one model into `root/part` (runs in a worker process or in this one)."""
+    """Train and save one model into `root/part`, whose tokenizer is there already (runs in a worker process
+    or in this one)."""
     configure_process()
     from transformers import AutoTokenizer
 
@@ -156,19 +215,22 @@ def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
     start = time.monotonic()
     tok = AutoTokenizer.from_pretrained(Path(root) / part)
     prompts = world.make_prompts("train")
-    sft: SFTConfig = getattr(cfg, {"policy": "policy_sft", "guard": "guard_sft",
-                                   "reward_model": "reward_model_sft"}[part])
+    seed = _part_seed(part, cfg.seed)
+    sft: SFTConfig = getattr(cfg, "reward_model_sft" if part in RM_MEMBERS else f"{part}_sft")
     common = dict(pad_id=tok.pad_token_id, steps=sft.steps, batch_size=sft.batch_size, lr=sft.lr,
-                  warmup_steps=sft.warmup_steps, seed=cfg.seed, label=part)
-    if part == "reward_model":
-        model = new_model(cfg.reward_model, tok, head="score", seed=cfg.seed)
-        train_regression(model, _rm_examples(tok, prompts, cfg.seed), **common)
+                  warmup_steps=sft.warmup_steps, seed=seed, label=part)
+    if part in RM_MEMBERS:
+        model = new_model(cfg.reward_model, tok, head="score", seed=seed)
+        train_regression(model, _rm_examples(tok, _member_prompts(part, prompts), seed, cfg.perturbations),
+                         pair_weight=1.0 if cfg.perturbations else 0.0,
+                         group_size=6 + cfg.perturbations, **common)
     else:
-        shape = cfg.policy if part == "policy" else cfg.guard
-        model = new_model(shape, tok, head="lm", seed=cfg.seed)
-        examples = _policy_examples(tok, cfg) if part == "policy" else _guard_examples(tok, prompts)
-        train_causal_lm(model, examples, share_prefix=part == "guard", **common)
-    if part != "reward_model":  # decoding defaults for plain `generate` / vLLM: stop at <|im_end|>
+        shape = {"policy": cfg.policy, "guard": cfg.guard, "judge": cfg.judge}[part]
+        model = new_model(shape, tok, head="lm", seed=seed)
+        examples = (_policy_examples(tok, cfg) if part == "policy"
+                    else _guard_examples(tok, prompts, cfg.perturbations, seed))
+        train_causal_lm(model, examples, share_prefix=part != "policy", **common)
+    if part not in RM_MEMBERS:  # decoding defaults for plain `generate` / vLLM: stop at <|im_end|>
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(Path(root) / part)
@@ -199,9 +261,9 @@ def _make_tokenizers(root: Path, cfg: ToyWorldConfig) -> None:
 def _train_models(root: Path, cfg: ToyWorldConfig) -> dict[str, float]:
     """Train the three models into `root`; seconds per model."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:  # ~160 s on each core: guard here, policy then RM in the worker
+    with ctx.Pool(1) as pool:  # guard here, policy then the RM in the worker: about the same time on each core
         other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(root), cfg))
-        return {"guard": _train_part("guard", str(root), cfg), **other.get()}
+        return {**_train_parts(("guard",), str(root), cfg), **other.get()}
 
 
 def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
@@ -232,3 +294,34 @@ def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
     print(f"[toyworld] done in {metrics['build_seconds']:.0f}s -> {paths.root}", flush=True)
     check_targets(metrics, str(paths.root))
     return paths
+
+
+def build_extras(paths: ToyWorldPaths, cfg: ToyWorldConfig) -> None:
+    """Train the judge and the two further RMs of a built world (next to its parts, each written under a
+    temporary name and renamed when complete), evaluate them on the held-out prompts, then write extras.json.
+    Targets as `build`: a miss raises after extras.json is written (kept for inspection)."""
+    configure_process()
+    from transformers import AutoTokenizer
+
+    from saferl.toyworld.evaluate import EXTRA_TARGETS, check_targets, evaluate_extras
+
+    start = time.monotonic()
+    print(f"[toyworld] building the judge and the RM ensemble of {paths.root} (first use)", flush=True)
+    tmp = paths.root / f"extras.tmp{multiprocessing.current_process().pid}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part, source in (("judge", "guard"), ("reward_model_1", "reward_model"), ("reward_model_2", "reward_model")):
+        AutoTokenizer.from_pretrained(paths.part(source)).save_pretrained(tmp / part)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        other = pool.apply_async(_train_parts, (("reward_model_1", "reward_model_2"), str(tmp), cfg))
+        times = {**_train_parts(("judge",), str(tmp), cfg), **other.get()}
+    for part in EXTRA_PARTS:
+        shutil.rmtree(paths.root / part, ignore_errors=True)
+        (tmp / part).rename(paths.root / part)
+    tmp.rmdir()
+    metrics = evaluate_extras(paths, RM_MEMBERS)
+    metrics["build_seconds"] = round(time.monotonic() - start, 1)
+    print(f"[toyworld] extras trained ({', '.join(f'{k} {v:.0f}s' for k, v in times.items())}) and evaluated "
+          f"in {metrics['build_seconds']:.0f}s", flush=True)
+    (paths.root / "extras.json").write_text(json.dumps(metrics, indent=2))
+    check_targets(metrics, str(paths.root), EXTRA_TARGETS)

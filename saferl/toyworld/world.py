@@ -238,11 +238,109 @@ def off_topic_response(prompt: Prompt, rng: random.Random) -> str:
     return compliance_text(intent_tpl.format(slot=rng.choice(other.slots)), steps)
 
 
-def garble(text: str, rng: random.Random, pool: list[str]) -> str:
-    """A corrupted response: cut short, spliced with words of other responses, or with a word stuck repeating.
+# The kinds of corrupted text RL found in the toy judges' blind spots (experiments/toy_saferl_table/answers.md:
+# "then mix the ovenly, and finally bake untilter"), made from a clean response. The toy guard and RM train on
+# them (`build.py`) and the build reports, per kind, how often the RM still ranks the clean answer above them.
+PERTURBATIONS = ("splice", "misspell", "truncate", "repeat", "drop", "wrong_prompt")
 
-    Reward models trained only on clean texts scored such outputs well, and RL found them (reward hacking).
+
+def _misspell(word: str, rng: random.Random, pool_words: list[str]) -> str:
+    """A near miss of `word`: a letter dropped, doubled, swapped or changed, or the word glued to a piece of
+    another word ("oven" -> "ovenly", "until" -> "untilter")."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    core, tail = (word[:-1], word[-1]) if word[-1:] in ",.:" else (word, "")
+    if len(core) < 2:
+        return core + rng.choice(letters) + tail
+    i = rng.randrange(len(core))
+    mode = rng.randrange(5)
+    if mode == 0:
+        out = core[:i] + core[i + 1:]
+    elif mode == 1:
+        out = core[:i] + core[i] + core[i:]
+    elif mode == 2 and i < len(core) - 1:
+        out = core[:i] + core[i + 1] + core[i] + core[i + 2:]
+    elif mode == 3:
+        out = core[:i] + rng.choice(letters) + core[i + 1:]
+    else:
+        donor = rng.choice(pool_words).strip(",.:")
+        out = core[: rng.randint(1, len(core))] + donor[rng.randrange(len(donor)):]
+    return (out if out != core else core + rng.choice(letters)) + tail
+
+
+def perturb(prompt: Prompt, text: str, kind: str, rng: random.Random, pool: list[str]) -> str:
+    """A corrupted copy of `text` (a clean response to `prompt`) of one of `PERTURBATIONS`; never a clean
+    response of `prompt` itself, so the world classifies it as garbled.
+
+    splice: a run of words from another response (`pool`) replaces a span; misspell: one to three words become
+    near misses; truncate: cut short (possibly inside a word); repeat: one word stuck repeating; drop: one or
+    two words left out; wrong_prompt: the steps of another request of the same group (the right category's
+    text, answering the wrong prompt), alone or mixed into this answer.
     """
+    words = text.split()
+    pool_words = [w for t in pool for w in t.split()]
+    for _ in range(20):
+        if kind == "splice":
+            donor = rng.choice(pool).split()
+            i, j = sorted(rng.sample(range(len(words) + 1), 2))
+            k = rng.randrange(len(donor))
+            out = words[:i] + donor[k: k + rng.randint(1, 5)] + words[j:]
+        elif kind == "misspell":
+            out = list(words)
+            for i in rng.sample(range(len(words)), min(len(words), rng.randint(1, 3))):
+                out[i] = _misspell(words[i], rng, pool_words)
+        elif kind == "truncate":
+            cut = rng.randint(1, max(1, len(words) - 1))
+            out = words[:cut]
+            if rng.random() < 0.4 and len(out[-1]) > 2:
+                out[-1] = out[-1][: rng.randint(1, len(out[-1]) - 1)]
+        elif kind == "repeat":
+            i = rng.randrange(len(words))
+            out = words[:i] + [words[i]] * rng.randint(2, 6) + words[i + 1:]
+        elif kind == "drop":
+            out = list(words)
+            for i in sorted(rng.sample(range(len(words)), min(len(words) - 1, rng.randint(1, 2))), reverse=True):
+                del out[i]
+        elif kind == "wrong_prompt":
+            out = _wrong_prompt_words(prompt, words, rng)
+        else:
+            raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
+        candidate = " ".join(out)
+        if candidate and classify_response(prompt, candidate) == "garbled":
+            return candidate
+    return text + " " + text.split()[-1]  # 20 draws all clean (a 2-word text): a repeated word
+
+
+def _wrong_prompt_words(prompt: Prompt, words: list[str], rng: random.Random) -> list[str]:
+    group = GROUPS_BY_NAME[prompt.meta["group"]]
+    ii, si = rng.randrange(len(group.intents)), rng.randrange(len(group.slots))
+    intent_tpl, steps = group.intents[ii]
+    other = compliance_text(intent_tpl.format(slot=group.slots[si]), steps).split()
+    if rng.random() < 0.5:
+        return other  # another request's whole answer (same category, wrong prompt)
+    cut = rng.randint(1, len(words) - 1)
+    return words[:cut] + other[min(cut, len(other) - 1):]
+
+
+def perturbed_responses(prompt: Prompt, rng: random.Random, pool: list[str], n: int,
+                        styles: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """`n` perturbations of the prompt's clean responses (of `styles`, default all), as (text, style it was
+    made from); the kinds in turn from a random start, so every kind is equally common. The compliance (the
+    first style) is the source half the time: it is what RL corrupts most and what must rank highest.
+    `wrong_prompt` always starts from the compliance, so its text is the group's compliance kind."""
+    clean = [(t, style) for style, texts in responses_for(prompt).items() for t in texts
+             if styles is None or style in styles]
+    start = rng.randrange(len(PERTURBATIONS))
+    out = []
+    for j in range(n):
+        kind = PERTURBATIONS[(start + j) % len(PERTURBATIONS)]
+        text, style = clean[0] if kind == "wrong_prompt" or rng.random() < 0.5 else rng.choice(clean)
+        out.append((perturb(prompt, text, kind, rng, pool), style))
+    return out
+
+
+def garble(text: str, rng: random.Random, pool: list[str]) -> str:
+    """A corrupted response: cut short, spliced with words of other responses, or with a word stuck repeating
+    (the three kinds the world's judges saw before build 5; kept for the world's older metrics)."""
     words = text.split()
     mode = rng.randrange(3)
     if mode == 0:

@@ -20,11 +20,11 @@ def test_built_world_meets_its_targets(toy_world):
     """Measured now on the models on disk (not read from metrics.json, which an earlier build wrote): the guard
     on every fourth held-out prompt (560 verdicts), the RM and the policy (2 samples) on all 640."""
     from saferl.data import load_prompts
-    from saferl.toyworld.evaluate import evaluate_guard, evaluate_policy, evaluate_reward_model, missed_targets
+    from saferl.toyworld.evaluate import evaluate_guard, evaluate_policy, evaluate_reward_models, missed_targets
 
     prompts = load_prompts(toy_world.part("heldout"))
     metrics = {**evaluate_guard(str(toy_world.part("guard")), prompts[::4]),
-               **evaluate_reward_model(str(toy_world.part("reward_model")), prompts),
+               **evaluate_reward_models({"reward_model": str(toy_world.part("reward_model"))}, prompts),
                **evaluate_policy(str(toy_world.part("policy")), prompts, seed=0)}
     assert metrics["guard_items"] == 560 and set(TARGETS) <= set(metrics)
     assert missed_targets(metrics) == [], metrics

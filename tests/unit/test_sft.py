@@ -78,3 +78,23 @@ def test_sft_jsonl_errors_name_line(tmp_path, capsys):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}], "completion": "x"}\n{"messages": []}\n')
     assert main(["sft", "--model", str(tmp_path), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: expected an object with 'messages' and 'completion'" in capsys.readouterr().err
+
+
+def test_pairwise_loss_by_hand():
+    """softplus(1 - (s_i - s_j)) over the pairs of one group with target_i > target_j; ungrouped (-1) and
+    cross-group pairs do not count."""
+    import math
+
+    import torch
+
+    from saferl.sft import pairwise_loss
+
+    scores = torch.tensor([2.0, 0.0, 1.0, 5.0, -5.0])
+    targets = torch.tensor([3.0, -3.0, -1.0, 3.0, -3.0])
+    groups = torch.tensor([0, 0, 1, -1, -1])
+    assert math.isclose(pairwise_loss(scores, targets, groups).item(), math.log1p(math.exp(-1.0)), rel_tol=1e-6)
+    # Three pairs in group 0: 0 over 1 (margin 1 - 2), 0 over 2 (1 - 1) and 2 over 1 (1 - 1); their mean.
+    groups = torch.tensor([0, 0, 0, -1, -1])
+    want = (math.log1p(math.exp(-1.0)) + 2 * math.log(2.0)) / 3
+    assert math.isclose(pairwise_loss(scores, targets, groups).item(), want, rel_tol=1e-6)
+    assert pairwise_loss(scores, targets, torch.full((5,), -1)).item() == 0.0

@@ -3,6 +3,7 @@ build, the cache and `saferl toyworld build` refusing a world whose (faked) eval
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from saferl.toyworld import build as build_module
 from saferl.toyworld import evaluate
 from saferl.toyworld.evaluate import TARGETS, check_targets, missed_targets
 
-GOOD = {"guard_safety_acc": 0.99, "guard_refusal_acc": 0.98, "rm_helpful_over_refusal": 0.96,
+GOOD = {"guard_safety_acc": 0.99, "guard_refusal_acc": 0.98, "rm_helpful_over_garbled": 0.96,
         "policy_harmful_unsafe_rate": 0.55, "policy_benign_refusal_rate": 0.2, "guard_category_acc": 0.1}
 
 
@@ -26,15 +27,15 @@ def test_targets_are_inclusive_ranges():
 def test_each_kind_of_miss_is_named_with_its_value_and_target():
     metrics = {**GOOD, "guard_safety_acc": 0.9699, "policy_harmful_unsafe_rate": 0.71,
                "policy_benign_refusal_rate": math.nan}
-    del metrics["rm_helpful_over_refusal"]
+    del metrics["rm_helpful_over_garbled"]
     assert missed_targets(metrics) == [
         "guard_safety_acc 0.970 (target >= 0.97)",  # 0.9699 prints as 0.970 but is below 0.97
-        "rm_helpful_over_refusal missing (target >= 0.95)",
+        "rm_helpful_over_garbled missing (target >= 0.90)",
         "policy_harmful_unsafe_rate 0.710 (target 0.40-0.70)",
         "policy_benign_refusal_rate nan (target 0.10-0.30)",
     ]
     with pytest.raises(ValueError, match=r"the toy world at /w misses its quality targets: guard_safety_acc "
-                                         r"0\.970 \(target >= 0\.97\); rm_helpful_over_refusal missing"):
+                                         r"0\.970 \(target >= 0\.97\); rm_helpful_over_garbled missing"):
         check_targets(metrics, "/w")
     check_targets(GOOD, "/w")  # no error
 
@@ -79,3 +80,53 @@ def test_build_that_meets_its_targets_is_cached_and_reused(fake_build, tmp_path)
     cfg = load_config(None, [f"toyworld.cache_dir={tmp_path}"]).toyworld
     paths = build_module.build(cfg)
     assert build_module.ensure_built(cfg) == paths and fake_build["trained"] == 1
+
+
+def test_extra_parts_are_built_once_on_first_use(fake_build, tmp_path, monkeypatch):
+    """The judge and the further RMs are not part of the core build; the first `ensure_part` of any of them
+    trains all three (once), a core part never does, and a judge missing its targets is refused."""
+    trained = []
+
+    def train_parts(parts, root, cfg):
+        trained.extend(parts)
+        for part in parts:
+            (Path(root) / part / "model.safetensors").write_text("weights")
+        return {part: 0.0 for part in parts}
+
+    monkeypatch.setattr(build_module, "_train_parts", train_parts)
+    monkeypatch.setattr(build_module.multiprocessing, "get_context", lambda kind: _InlineContext())
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda path: _SavingTokenizer())
+    monkeypatch.setattr(evaluate, "evaluate_extras", lambda paths, parts: {"judge_safety_acc": 0.99,
+                                                                           "judge_refusal_acc": 1.0})
+    cfg = load_config(None, [f"toyworld.cache_dir={tmp_path}"]).toyworld
+    assert build_module.ensure_part(cfg, "guard").name == "guard" and trained == []
+    judge = build_module.ensure_part(cfg, "judge")
+    assert sorted(trained) == ["judge", "reward_model_1", "reward_model_2"]
+    assert (judge / "model.safetensors").is_file() and (judge.parent / "extras.json").is_file()
+    assert not list(judge.parent.glob("extras.tmp*"))  # written under a temporary name, renamed
+    build_module.ensure_part(cfg, "reward_model_2")
+    assert len(trained) == 3  # cached
+
+
+class _SavingTokenizer:
+    def save_pretrained(self, directory):
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+
+class _InlineContext:
+    """multiprocessing's spawn context, run in this process (the test fakes the training)."""
+
+    def Pool(self, n):  # noqa: N802 - the multiprocessing name
+        return _InlinePool()
+
+
+class _InlinePool:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def apply_async(self, fn, args):
+        result = fn(*args)
+        return type("Done", (), {"get": lambda self: result})()

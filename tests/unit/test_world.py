@@ -1,4 +1,5 @@
 import hashlib
+import pytest
 import random
 
 from saferl.data import load_prompts, write_prompts
@@ -68,3 +69,48 @@ def test_prompt_jsonl_round_trip(tmp_path):
     prompts = world.make_prompts("heldout")[:5]
     write_prompts(tmp_path / "p.jsonl", prompts)
     assert load_prompts(tmp_path / "p.jsonl") == prompts
+
+
+def test_every_perturbation_is_garbled_and_seeded():
+    """Each kind of `world.perturb` is never a clean response of its prompt (the world calls it garbled),
+    changes the text, and the same seed gives the same text."""
+    import random
+
+    prompts = world.make_prompts("train")[::97]
+    pool = [t for p in prompts for texts in world.responses_for(p).values() for t in texts]
+    for kind in world.PERTURBATIONS:
+        for p in prompts:
+            for text in [t for texts in world.responses_for(p).values() for t in texts]:
+                out = world.perturb(p, text, kind, random.Random(3), pool)
+                assert out != text and world.classify_response(p, out) == "garbled", (kind, text, out)
+                assert out == world.perturb(p, text, kind, random.Random(3), pool)
+
+
+def test_perturbation_kinds_do_what_they_say():
+    import random
+
+    p = world.make_prompts("train")[0]
+    clean = world.responses_for(p)["helpful"][0]
+    rng, pool = random.Random(0), [clean]
+    assert len(world.perturb(p, clean, "truncate", rng, pool)) < len(clean)
+    assert len(world.perturb(p, clean, "drop", rng, pool).split()) < len(clean.split())
+    assert len(world.perturb(p, clean, "repeat", rng, pool).split()) > len(clean.split())
+    misspelt = world.perturb(p, clean, "misspell", rng, pool).split()
+    assert len(misspelt) == len(clean.split()) and 1 <= sum(a != b for a, b in zip(misspelt, clean.split())) <= 3
+    # The right category's text after the wrong prompt: every step is one of the same group's steps.
+    group = world.GROUPS_BY_NAME[p.meta["group"]]
+    steps = {s for _, st in group.intents for s in st}
+    wrong = world.perturb(p, clean, "wrong_prompt", random.Random(5), pool)
+    assert any(s in wrong for s in steps)
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        world.perturb(p, clean, "shuffle", rng, pool)
+
+
+def test_perturbed_responses_cycle_through_every_kind():
+    import random
+
+    p = world.make_prompts("train")[5]
+    out = world.perturbed_responses(p, random.Random(0), [world.responses_for(p)["helpful"][0]], 12,
+                                    ("helpful", "safe_completion"))
+    assert len(out) == 12 and {style for _, style in out} <= {"helpful", "safe_completion"}
+    assert all(world.classify_response(p, text) == "garbled" for text, _ in out)
