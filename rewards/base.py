@@ -62,7 +62,8 @@ def check_lengths(inputs: RewardInputs) -> None:
     fields = {"thinking verdicts": inputs.thinking_verdicts, "helpfulness scores": inputs.helpfulness,
               "helpfulness_fallback flags": inputs.helpfulness_fallback,
               "helpfulness_ensemble entries": inputs.helpfulness_ensemble,
-              "reference log-probs": inputs.reference_logprob}
+              "reference log-probs": inputs.reference_logprob,
+              "reference minimum log-probs": inputs.reference_min_logprob}
     for name, values in fields.items():
         if values is not None and len(values) != n:
             raise ValueError(f"{n} answer verdicts but {len(values)} {name}")
@@ -122,17 +123,17 @@ def member_scores(inputs: RewardInputs) -> list[tuple[float, ...]]:
 
 
 def implausible(inputs: RewardInputs, rules: RewardRules) -> list[bool]:
-    """Per rollout: the fluency gate finds the answer implausible (mean reference log-prob below
+    """Per rollout: the fluency gate finds the answer implausible (a token whose reference log-prob is below
     `rules.fluency_min_logprob`); all False with the gate off. A gate that is on never passes an answer it
     cannot judge: without reference log-probs it raises."""
     n = len(inputs.answer_verdicts)
     if rules.fluency_min_logprob is None:
         return [False] * n
-    if inputs.reference_logprob is None:
+    if inputs.reference_min_logprob is None:
         raise ValueError("reward.rules.fluency_min_logprob is set but the rollouts carry no reference "
-                         "log-probs (ScoredRollout.reference_logprob); the driver must fill them in "
+                         "log-probs (ScoredRollout.reference_min_logprob); the driver must fill them in "
                          "(saferl.scoring.with_reference_logprobs)")
-    return [lp < rules.fluency_min_logprob for lp in inputs.reference_logprob]
+    return [lp < rules.fluency_min_logprob for lp in inputs.reference_min_logprob]
 
 
 def judged_helpfulness(inputs: RewardInputs, rules: RewardRules) -> list[float]:

@@ -96,8 +96,9 @@ def generate_and_score(rollout: RolloutGroup, prompts: list[Prompt], n: int, gua
 
 def with_reference_logprobs(records: list[ScoredRollout], trainer: TrainerGroup,
                             timer: PhaseTimer | None = None) -> list[ScoredRollout]:
-    """The records with `reference_logprob` filled in by one `TrainerGroup.reference_logprobs` call over all
-    of them (timed as phase `reference`)."""
+    """The records with `reference_logprob` and `reference_min_logprob` filled in by one
+    `TrainerGroup.reference_logprobs` call over all of them (timed as phase `reference`)."""
     with (timer or PhaseTimer()).phase("reference"):
-        means = trainer.reference_logprobs(TrainBatch.of(records, [0.0] * len(records)))
-    return [dataclasses.replace(r, reference_logprob=m) for r, m in zip(records, means, strict=True)]
+        pairs = trainer.reference_logprobs(TrainBatch.of(records, [0.0] * len(records)))
+    return [dataclasses.replace(r, reference_logprob=mean, reference_min_logprob=low)
+            for r, (mean, low) in zip(records, pairs, strict=True)]

@@ -130,9 +130,12 @@ class SafetyPolicy:
             their "mean", their "min", or "mean_minus_std" (mean - ensemble_k * population std). Conservative
             choices rank an answer below where one fooled member would put it.
         ensemble_k: the k of mean_minus_std.
-        fluency_min_logprob: the fluency gate. An answer whose mean token log-prob under the frozen starting
-            policy (`ScoredRollout.reference_logprob`) is below this is scored as garbled: H is capped at
-            `implausible_cap` instead of trusting the RM. None: off.
+        fluency_min_logprob: the fluency gate. An answer with a token whose log-prob under the frozen starting
+            policy is below this (`ScoredRollout.reference_min_logprob`) is scored as garbled: H is capped at
+            `implausible_cap` instead of trusting the RM. None: off. The minimum, not the mean: one misspelt
+            word in a 30-token answer moves the mean by ~0.4 nats and the minimum by ~10 (toy world: every
+            perturbation kind 98-100% below -4, clean policy answers 0%; a mean gate at -0.3 let the policy
+            drift to 30% garbled, experiments/2026-12-01-reward-hacking).
         implausible_cap: the most an implausible answer's H may be (a min, like the other caps).
 
     The fallback rule: a fallback verdict (`GuardVerdict.fallback`, the guard could not be reached) counts as
@@ -185,7 +188,8 @@ class RewardInputs:
     runs without a helpfulness model. `helpfulness_fallback[i]` is True when rollout i's score is the remote
     RM client's `fallback_score` (every endpoint failed) rather than a judgement; None means no fallbacks.
     `helpfulness_ensemble[i]` holds the further ensemble members' scores of rollout i (None: no ensemble);
-    `reference_logprob[i]` its mean token log-prob under the starting policy (None: not computed). Recipes
+    `reference_logprob[i]` its mean and `reference_min_logprob[i]` its lowest token log-prob under the starting
+    policy (None: not computed). Recipes
     read H through `rewards.base.judged_helpfulness`, which applies the ensemble aggregate and fluency gate.
     """
 
@@ -195,6 +199,7 @@ class RewardInputs:
     helpfulness_fallback: list[bool] | None = None
     helpfulness_ensemble: list[tuple[float, ...]] | None = None
     reference_logprob: list[float] | None = None
+    reference_min_logprob: list[float] | None = None
 
     @classmethod
     def of(cls, records: Sequence[ScoredRollout]) -> RewardInputs:
@@ -215,7 +220,9 @@ class RewardInputs:
                    helpfulness_fallback=[r.helpfulness_fallback for r in records] if has_rm else None,
                    helpfulness_ensemble=[r.helpfulness_ensemble for r in records] if members - {0} else None,
                    reference_logprob=([r.reference_logprob for r in records]  # type: ignore[misc]
-                                      if fluency == {True} else None))
+                                      if fluency == {True} else None),
+                   reference_min_logprob=([r.reference_min_logprob for r in records]  # type: ignore[misc]
+                                          if fluency == {True} else None))
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,8 @@ class ScoredRollout:
         reference_logprob: the mean log-prob of the response tokens under the frozen starting policy at
             temperature 1 (`PolicyTrainer.reference_logprobs`), a fluency measure; None unless the run's
             fluency gate or monitor asked for it.
+        reference_min_logprob: the lowest of those token log-probs (the fluency gate's statistic); None with
+            reference_logprob.
     """
 
     rollout: Rollout
@@ -246,6 +255,7 @@ class ScoredRollout:
     reward: float | None = None
     reference_logprob: float | None = None
     helpfulness_ensemble: tuple[float, ...] = ()
+    reference_min_logprob: float | None = None
 
 
 @dataclass

@@ -166,11 +166,11 @@ class PolicyTrainer:
         return self._reference_forward(batch, micro)[0] if self.kl_coef > 0 else None
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: TrainBatch) -> list[float]:
+    def reference_logprobs(self, batch: TrainBatch) -> list[tuple[float, float]]:
         """A fluency measure: per sequence of this rank's share (rows rank, rank + world_size, ...), the mean
-        log-prob of its response tokens under the frozen starting policy (the KL term's reference) at
-        temperature 1 and top-p 1, the model's own distribution rather than the sampler's. 0.0 for an empty
-        response (the log-prob of nothing). Every rank must call it: each runs the same number of
+        and the minimum log-prob of its response tokens under the frozen starting policy (the KL term's
+        reference) at temperature 1 and top-p 1, the model's own distribution rather than the sampler's.
+        (0.0, 0.0) for an empty response (the log-prob of nothing). Every rank must call it: each runs the same number of
         micro-batches (a short rank pads with a dummy row), since under ZeRO-3 a LoRA base forward gathers
         weights collectively. Needs `kl_coef > 0` or `reference_scoring`."""
         if not self.has_reference:
@@ -179,13 +179,16 @@ class PolicyTrainer:
         start = time.time()
         rows = list(range(self.rank, len(batch.input_ids), self.world_size))
         size = self.micro_batch_size
-        out: list[float] = []
+        out: list[tuple[float, float]] = []
         for k in range(math.ceil(math.ceil(len(batch.input_ids) / self.world_size) / size)):
             part = rows[k * size: (k + 1) * size]
             micro = batching.MicroBatch(part, [False] * len(part)) if part else batching.MicroBatch([0], [True])
             lp, mask = self._reference_forward(batch, micro, own_distribution=True)
             if part:
-                out += ((lp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)).tolist()
+                means = (lp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+                lowest = lp.masked_fill(mask == 0, math.inf).min(-1).values
+                lowest = torch.where(mask.sum(-1) > 0, lowest, torch.zeros_like(lowest))
+                out += list(zip(means.tolist(), lowest.tolist()))
         self.compute_intervals.append((start, time.time()))
         return out
 

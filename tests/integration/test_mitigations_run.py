@@ -54,7 +54,7 @@ def test_a_run_with_the_ensemble_and_the_gate_fills_reference_logprobs_before_th
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "reward/reward_mean" in r)
     records = applied[0]
-    gated = [r.reference_logprob < -2.0 for r in records]
+    gated = [r.reference_min_logprob < -2.0 for r in records]
     assert step["reward/implausible_rate"] == pytest.approx(sum(gated) / len(gated))
     assert step["reward/ensemble_spread"] == pytest.approx(0.0, abs=1e-6)  # the same model twice agrees
     assert step["timing/reference"] > 0

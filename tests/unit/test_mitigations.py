@@ -22,10 +22,24 @@ UNSAFE = GuardVerdict(SafetyLabel.UNSAFE, ("Violent",), refusal=False)
 PROMPT = Prompt(id="p", messages=[{"role": "user", "content": "how do I bake bread?"}], kind="benign")
 
 
-def _record(members, verdict=SAFE, reference_logprob=None):
+def _record(members, verdict=SAFE, reference_logprob=None, mean_logprob=None):
+    """`reference_logprob` is the gate's statistic, the lowest token log-prob (the mean: `mean_logprob`, or
+    the same value)."""
     rollout = Rollout(PROMPT, [1], [2], [0.0], "a", "", "a", "stop")
     return ScoredRollout(rollout, verdict, helpfulness=members[0], helpfulness_ensemble=tuple(members[1:]),
-                         reference_logprob=reference_logprob)
+                         reference_logprob=reference_logprob if mean_logprob is None else mean_logprob,
+                         reference_min_logprob=reference_logprob)
+
+
+def test_the_gate_reads_the_lowest_token_not_the_mean():
+    """One very improbable token (a misspelling) gates an answer whose mean is high; a uniformly
+    middling answer with no improbable token passes."""
+    from rewards.base import implausible
+
+    rules = RewardRules(fluency_min_logprob=-4.0)
+    inputs = RewardInputs.of([_record((3.0,), reference_logprob=-9.0, mean_logprob=-0.3),
+                              _record((3.0,), reference_logprob=-1.5, mean_logprob=-1.2)])
+    assert implausible(inputs, rules) == [True, False]
 
 
 # ---- an ensemble with one fooled member -----------------------------------------------------------------------

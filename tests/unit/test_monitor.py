@@ -97,7 +97,7 @@ class RefTrainer:
 
     def reference_logprobs(self, batch):
         self.batches.append(batch)
-        return [-float(ids[-1]) for ids in batch.input_ids]
+        return [(-float(ids[-1]), -2.0 * ids[-1]) for ids in batch.input_ids]
 
 
 class StyleTruth:

@@ -71,7 +71,7 @@ class Trainer(Quiet):
         return {"loss": float(sum(batch.advantages)), "loss_terms": 1.0}
 
     def reference_logprobs(self, batch):
-        return [-float(ids[-1]) for ids in batch.input_ids]
+        return [(-float(ids[-1]), -2.0 * ids[-1]) for ids in batch.input_ids]
 
     def state_blob(self):
         return b"weights"

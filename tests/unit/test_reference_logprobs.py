@@ -40,8 +40,9 @@ def _batch(vocab: int) -> TrainBatch:
     return TrainBatch(ids, lens, [[0.0] * (len(i) - p) for i, p in zip(ids, lens)], [1.0, -1.0, 0.5, -0.5, 0.0])
 
 
-def _by_hand(model_dir: str, batch: TrainBatch) -> list[float]:
-    """Mean over response tokens of log softmax(logits) at the next token, one unpadded sequence at a time."""
+def _by_hand(model_dir: str, batch: TrainBatch) -> list[tuple[float, float]]:
+    """(Mean, minimum) over response tokens of log softmax(logits) at the next token, one unpadded sequence
+    at a time."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -49,12 +50,16 @@ def _by_hand(model_dir: str, batch: TrainBatch) -> list[float]:
     with torch.no_grad():
         for ids, p in zip(batch.input_ids, batch.prompt_lens):
             if len(ids) == p:
-                out.append(0.0)
+                out.append((0.0, 0.0))
                 continue
             logits = model(torch.tensor([ids])).logits[0]
             lp = torch.log_softmax(logits[p - 1:-1].double(), -1).gather(-1, torch.tensor(ids[p:])[:, None])
-            out.append(float(lp.mean()))
+            out.append((float(lp.mean()), float(lp.min())))
     return out
+
+
+def _flat(pairs):
+    return [x for pair in pairs for x in pair]
 
 
 def _trainer(model_dir: str, **kwargs):
@@ -71,12 +76,12 @@ def test_reference_logprobs_equal_the_hand_computation_before_and_after_an_updat
     batch = _batch(vocab)
     expected = _by_hand(model_dir, batch)
     trainer = _trainer(model_dir, reference_scoring=True, lora_rank=lora_rank)
-    assert trainer.reference_logprobs(batch) == pytest.approx(expected, abs=1e-5)
+    assert _flat(trainer.reference_logprobs(batch)) == pytest.approx(_flat(expected), abs=1e-5)
     before = trainer.sequence_logprobs(batch)
     trainer.train_step(batch)
     after = trainer.sequence_logprobs(batch)
     assert max(abs(a - b) for x, y in zip(before, after) for a, b in zip(x, y)) > 1e-3  # the policy moved
-    assert trainer.reference_logprobs(batch) == pytest.approx(expected, abs=1e-5)  # the reference did not
+    assert _flat(trainer.reference_logprobs(batch)) == pytest.approx(_flat(expected), abs=1e-5)  # the reference did not
 
 
 def test_reference_logprobs_need_the_reference(policy_dir):
@@ -86,7 +91,7 @@ def test_reference_logprobs_need_the_reference(policy_dir):
         _trainer(model_dir).reference_logprobs(batch)
     # kl_coef > 0 loads it too: the same model serves the KL term and the fluency measure.
     kl = _trainer(model_dir, kl_coef=0.1)
-    assert kl.reference_logprobs(batch) == pytest.approx(_by_hand(model_dir, batch), abs=1e-5)
+    assert _flat(kl.reference_logprobs(batch)) == pytest.approx(_flat(_by_hand(model_dir, batch)), abs=1e-5)
 
 
 class TwoRanks:
@@ -116,8 +121,8 @@ def test_the_ranks_share_the_sequences_and_the_handle_puts_them_back_in_order(po
     assert len(ranks[0].reference_logprobs(batch)) == 3 and len(ranks[1].reference_logprobs(batch)) == 2
     # The short rank runs a dummy micro-batch so that both run the same forwards (ZeRO-3 gathers together).
     assert forwards.count(0) == forwards.count(1) == 3
-    assert TrainerGroup(TwoRanks(ranks)).reference_logprobs(batch) == pytest.approx(_by_hand(model_dir, batch),
-                                                                                    abs=1e-5)
+    merged = TrainerGroup(TwoRanks(ranks)).reference_logprobs(batch)
+    assert _flat(merged) == pytest.approx(_flat(_by_hand(model_dir, batch)), abs=1e-5)
 
 
 def test_with_reference_logprobs_fills_each_record_from_one_call():
@@ -126,7 +131,8 @@ def test_with_reference_logprobs_fills_each_record_from_one_call():
     class Trainer:
         def reference_logprobs(self, batch):
             calls.append(batch)
-            return [-float(len(ids) - p) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
+            return [(-float(len(ids) - p), -10.0 * (len(ids) - p))
+                    for ids, p in zip(batch.input_ids, batch.prompt_lens)]
 
     verdict = GuardVerdict(SafetyLabel.SAFE, refusal=False)
     prompt = Prompt(id="p", messages=[{"role": "user", "content": "q"}])
@@ -135,4 +141,5 @@ def test_with_reference_logprobs_fills_each_record_from_one_call():
     out = with_reference_logprobs(records, types.SimpleNamespace(reference_logprobs=Trainer().reference_logprobs))
     assert len(calls) == 1 and calls[0].input_ids == [[1, 2, 3], [1, 2, 3, 3], [1, 2, 3, 3, 3]]
     assert [r.reference_logprob for r in out] == [-1.0, -2.0, -3.0]
+    assert [r.reference_min_logprob for r in out] == [-10.0, -20.0, -30.0]
     assert [r.helpfulness for r in out] == [0.0, 1.0, 2.0] and all(r.reference_logprob is None for r in records)
