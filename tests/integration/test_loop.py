@@ -25,7 +25,9 @@ def _cfg(toy_world, tmp_path, *overrides):
     return load_config(os.path.join(ROOT, "configs", "toy.yaml"), [
         f"toyworld.cache_dir={toy_world.root.parent}", f"run.dir={tmp_path / 'run'}", "trainer.steps=2",
         "data.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.max_prompts=16",
-        "logging.progress=false", f"ray.temp_dir={ROOT}/.cache/ray", *overrides])
+        "logging.progress=false", f"ray.temp_dir={ROOT}/.cache/ray",
+        "eval.judge=null", "helpfulness.ensemble=[]",  # the toy judge and RM ensemble are built on first use (minutes): tests that do not need them go without
+        *overrides])
 
 
 def _check_run(run_dir):

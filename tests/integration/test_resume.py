@@ -23,7 +23,8 @@ def _command(toy_world, run_dir: Path, data: Path) -> list[str]:
             f"toyworld.cache_dir={toy_world.root.parent}", f"run.dir={run_dir}", "run.executor=local",
             "rollout.num_engines=1", f"data.train={data}", "data.prompts_per_step=3", "rollout.samples_per_prompt=4",
             "trainer.steps=5", "trainer.lr_schedule=cosine", "trainer.warmup_steps=1", "checkpoint.every=1",
-            "checkpoint.keep_last=2", "eval.max_prompts=2", "eval.samples_per_prompt=1", "logging.progress=false"]
+            "checkpoint.keep_last=2", "eval.max_prompts=2", "eval.samples_per_prompt=1", "logging.progress=false",
+            "eval.judge=null", "helpfulness.ensemble=[]"]  # the toy judge and RM ensemble are built on first use (minutes): tests that do not need them go without
 
 
 def _run_until(command: list[str], run_dir: Path, checkpoint: str | None, log: Path) -> None:

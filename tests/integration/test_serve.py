@@ -227,7 +227,8 @@ def test_training_with_the_guard_and_rm_behind_http(toy_world, servers, tmp_path
         "rollout.num_engines=1", "trainer.steps=2", "data.prompts_per_step=4", "rollout.samples_per_prompt=4",
         "eval.max_prompts=8", "eval.samples_per_prompt=1", "logging.progress=false", "guard.backend=http",
         f"guard.urls=[http://127.0.0.1:{hung.getsockname()[1]},{servers['guard']}]", "guard.timeout_s=2",
-        "helpfulness.backend=http", f"helpfulness.urls=[{servers['rm']}]"])
+        "helpfulness.backend=http", f"helpfulness.urls=[{servers['rm']}]", "eval.judge=null",
+        "helpfulness.ensemble=[]"])  # the toy judge and RM ensemble are built on first use (minutes): tests that do not need them go without
     train(cfg)
     hung.close()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
