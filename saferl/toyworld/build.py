@@ -83,9 +83,14 @@ def ensure_built(cfg: ToyWorldConfig) -> ToyWorldPaths:
 def ensure_part(cfg: ToyWorldConfig, part: str) -> Path:
     """The directory or file of one part of the built world, building the world first and, for an extra part
     (`EXTRA_PARTS`), every missing extra part when the cache lacks it."""
+    from saferl.toyworld.evaluate import EXTRA_TARGETS, check_targets
+
     paths = ensure_built(cfg)
-    if part in EXTRA_PARTS and not (paths.root / "extras.json").is_file():
+    extras = paths.root / "extras.json"
+    if part in EXTRA_PARTS and not extras.is_file():
         build_extras(paths, cfg)
+    elif part in EXTRA_PARTS:  # a cached miss is refused again, as the core's is
+        check_targets(json.loads(extras.read_text()), str(paths.root), EXTRA_TARGETS)
     return paths.part(part)
 
 

@@ -106,6 +106,11 @@ def test_extra_parts_are_built_once_on_first_use(fake_build, tmp_path, monkeypat
     assert not list(judge.parent.glob("extras.tmp*"))  # written under a temporary name, renamed
     build_module.ensure_part(cfg, "reward_model_2")
     assert len(trained) == 3  # cached
+    # Cached extras that miss their targets are refused on every use, not only when built.
+    (judge.parent / "extras.json").write_text(json.dumps({"judge_safety_acc": 0.5, "judge_refusal_acc": 1.0}))
+    with pytest.raises(ValueError, match=r"judge_safety_acc 0\.500 \(target >= 0\.97\)"):
+        build_module.ensure_part(cfg, "judge")
+    assert build_module.ensure_part(cfg, "guard").name == "guard"  # the core is not affected
 
 
 class _SavingTokenizer:
