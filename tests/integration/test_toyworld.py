@@ -18,7 +18,8 @@ RESPONSE_FORMAT = re.compile(rf"Safety: (Safe|Unsafe|Controversial)\nCategories:
 
 def test_built_world_meets_its_targets(toy_world):
     """Measured now on the models on disk (not read from metrics.json, which an earlier build wrote): the guard
-    on every fourth held-out prompt (560 verdicts), the RM and the policy (2 samples) on all 640."""
+    on every fourth held-out prompt (720 verdicts: 560 on clean text, 160 on corrupted answers), the RM and
+    the policy (2 samples) on all 640."""
     from saferl.data import load_prompts
     from saferl.toyworld.evaluate import evaluate_guard, evaluate_policy, evaluate_reward_models, missed_targets
 
@@ -26,7 +27,7 @@ def test_built_world_meets_its_targets(toy_world):
     metrics = {**evaluate_guard(str(toy_world.part("guard")), prompts[::4]),
                **evaluate_reward_models({"reward_model": str(toy_world.part("reward_model"))}, prompts),
                **evaluate_policy(str(toy_world.part("policy")), prompts, seed=0)}
-    assert metrics["guard_items"] == 560 and set(TARGETS) <= set(metrics)
+    assert metrics["guard_items"] == 720 and set(TARGETS) <= set(metrics)
     assert missed_targets(metrics) == [], metrics
 
 
