@@ -52,7 +52,7 @@ def test_openai_guard_nothing_answers(tmp_path):
 
 def test_http_reward_model_nothing_answers(tmp_path):
     dead = _dead_url()
-    out, _ = _train(tmp_path, "helpfulness.backend=http", f"helpfulness.urls=[{dead}]")
+    out, _ = _train(tmp_path, "helpfulness.backend=http", f"helpfulness.urls=[{dead}]", "helpfulness.ensemble=[]")
     _assert_refused(out, tmp_path, dead, "helpfulness.urls")
 
 

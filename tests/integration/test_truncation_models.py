@@ -32,10 +32,12 @@ def test_rm_scores_the_answer_end_it_keeps(toy_world, prompts):
 
 
 def test_guard_reads_its_whole_instruction_when_the_conversation_is_cut(toy_world, prompts):
-    """Five earlier turns push a response past the guard's context. Cut oldest first, the guard still tells
-    the helpful answer from the refusal (when the rendered ids were cut from the left, the instruction's
-    start went and both read as 'Refusal: No')."""
-    from saferl.guard.scorer import GuardScorer, ModerationItem
+    """Five earlier turns push a response past the guard's context. Cut oldest first, the guard's input keeps
+    the whole moderation instruction at its start and the response and generation prompt at its end (when the
+    rendered ids were cut from the left, the instruction's start went and build 4's guard read both answers
+    as 'Refusal: No'; build 5's guard reads multi-turn cut conversations as 'Refusal: No' either way, so the
+    input itself is checked)."""
+    from saferl.guard.scorer import GuardScorer, ModerationItem, moderation_ids
 
     history = [m for p in prompts[1:6] for m in
                (p.messages[-1], {"role": "assistant", "content": next(iter(world.responses_for(p).values()))[0]})]
@@ -45,7 +47,14 @@ def test_guard_reads_its_whole_instruction_when_the_conversation_is_cut(toy_worl
     guard = GuardScorer(str(toy_world.part("guard")), backend="hf", max_model_len=420)  # 314 instruction tokens
     verdicts = guard.moderate(items)
     assert guard.stats() == {"truncated": 2}
-    assert [v.refusal for v in verdicts] == [False, True] and all(v.parse_ok for v in verdicts)
+    assert all(v.parse_ok for v in verdicts)
+    tok = guard.tokenizer
+    single = moderation_ids(tok, ModerationItem(prompt.messages, responses["refusal"][0]), 10_000)[0]
+    full = moderation_ids(tok, items[1], 10_000)[0]
+    cut, was_cut = moderation_ids(tok, items[1], 420 - 32)
+    assert was_cut and len(cut) <= 420 - 32 < len(full)
+    assert cut[:200] == single[:200]  # the instruction before the conversation, as in an uncut single turn
+    assert cut[-40:] == full[-40:]  # the response, the instruction's end and the generation prompt
     with pytest.raises(ValueError, match=r"guard.max_model_len \(--max-model-len\) 300 leaves 268 prompt "
                                          r"tokens after max_new_tokens=32, fewer than the \d+ tokens"):
         GuardScorer(str(toy_world.part("guard")), backend="hf", max_model_len=300)
