@@ -267,7 +267,8 @@ class EvalConfig:
 class AlarmConfig:
     """Fires once, when `metric` has been at or above `threshold` for `patience` monitored steps in a row."""
 
-    metric: str | None = None  # monitor/judge_disagreement | monitor/ref_logprob_drop; null: no alarm
+    # monitor/implausible_advantage | monitor/judge_disagreement | monitor/ref_logprob_drop; null: no alarm
+    metric: str | None = None
     threshold: float = 0.0
     patience: int = 3
     # warn: a loud line and monitor/alarm=1 from then on; checkpoint: also saves alarm_step_<N>; stop: ends
@@ -280,6 +281,10 @@ class MonitorConfig:
     """The reward-hacking early warning (saferl.eval.monitor), logged as monitor/*; it only reads."""
 
     sample: int = 0  # trained rollouts per step (whole groups) judged again by eval.judge and truth; 0: off
+    # An answer with a token whose log-prob under the starting policy is below this is implausible to the
+    # monitor (monitor/implausible_*; the same statistic as the fluency gate, reward.rules.fluency_min_logprob,
+    # which may be off while the monitor watches).
+    implausible_logprob: float = -4.0
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 

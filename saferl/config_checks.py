@@ -106,7 +106,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": (None, "harmful", "benign", "controversial"),
     "logging.wandb": ("disabled", "offline", "online"),
     # Monitor statistics where higher means more reward hacking (the alarm fires at or above its threshold).
-    "monitor.alarm.metric": (None, "monitor/judge_disagreement", "monitor/ref_logprob_drop"),
+    "monitor.alarm.metric": (None, "monitor/implausible_advantage", "monitor/judge_disagreement",
+                             "monitor/ref_logprob_drop"),
     "monitor.alarm.action": ("warn", "checkpoint", "stop"),
 }
 # eval.judge is a GuardConfig: the guard's choices (and ranges, below) apply to it when it is set.
@@ -206,7 +207,8 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "reward.rules.unsafe_cap": (FINITE, ""),
     "reward.rules.refusal_cap": (FINITE, ""),
     "reward.rules.ensemble_k": (COUNT, "the k of mean - k * std; 0 is the mean"),
-    "reward.rules.fluency_min_logprob": (Bound(high=0), "a mean token log-prob; null turns the gate off"),
+    "reward.rules.fluency_min_logprob": (Bound(high=0), "the lowest token log-prob of an answer; null turns "
+                                                        "the gate off"),
     "reward.rules.implausible_cap": (FINITE, ""),
     "trainer.steps": (AT_LEAST_ONE, ""),
     "trainer.lr": (POSITIVE, ""),
@@ -231,6 +233,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "checkpoint.every": (COUNT, "0: only the final checkpoint"),
     "checkpoint.keep_last": (COUNT, ""),
     "monitor.sample": (COUNT, "0: off"),
+    "monitor.implausible_logprob": (Bound(high=0), "a token log-prob"),
     "monitor.alarm.threshold": (FINITE, ""),
     "monitor.alarm.patience": (AT_LEAST_ONE, "monitored steps in a row"),
 }

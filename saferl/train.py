@@ -156,9 +156,10 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
     reference = needs_reference_logprobs(cfg)
     weight_sync = BlobWeightSync(roles.trainer, roles.rollout)
     m = cfg.monitor  # the reward-hacking early warning: judges a sample of each step's batch again, reads only
-    monitor = Monitor(sample=m.sample, judge=roles.judge, trainer=roles.trainer, safety=rules, truth=truth,
-                      alarm_metric=m.alarm.metric, threshold=m.alarm.threshold, patience=m.alarm.patience,
-                      action=m.alarm.action, seed=cfg.run.seed)
+    monitor = Monitor(sample=m.sample, implausible_logprob=m.implausible_logprob, judge=roles.judge,
+                      trainer=roles.trainer, safety=rules, truth=truth, alarm_metric=m.alarm.metric,
+                      threshold=m.alarm.threshold, patience=m.alarm.patience, action=m.alarm.action,
+                      seed=cfg.run.seed)
 
     def run_eval() -> dict[str, float]:
         return evaluate(eval_prompts, roles.rollout, roles.guard, roles.helpfulness, safety=rules,
@@ -207,15 +208,16 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
         records = [s for group in trained for s in group]
         metrics = {**trained_metrics(trained, rounds, recipe, rules, truth),
                    "batch/groups": float(len(trained)), "batch/rounds": float(len(rounds))}
+        advantages: list[float] = []
         if records:  # every group may have been uninformative
             advantages = group_advantages(torch.tensor([s.reward for s in records]), G,
-                                          normalize_std=cfg.trainer.normalize_std)
+                                          normalize_std=cfg.trainer.normalize_std).tolist()
             with timer.phase("train"):
-                per_rank = roles.trainer.train_step(TrainBatch.of(records, advantages.tolist()))
+                per_rank = roles.trainer.train_step(TrainBatch.of(records, advantages))
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
-        metrics.update(monitor.observe(step, trained, timer))  # monitor/*, after the update it cannot change
+        metrics.update(monitor.observe(step, trained, advantages, timer))  # monitor/*, after the update it cannot change
         step_window, compute = (step_start, time.time()), roles.pop_compute()
         metrics.update(roles.failure_counters())  # cumulative: guard/*, rm/* and their actors' restarts
         # Overhead: the step's time with no role computing (scoring overlapping generation counts once).

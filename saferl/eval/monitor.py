@@ -16,6 +16,14 @@ with the monitor's own seeded generator) and logs:
                               reward did not need it): garbled text is improbable under the SFT policy
   monitor/ref_logprob_drop    the first monitored step's ref_logprob minus this step's (the baseline is kept
                               in the checkpoint state, so a resumed run measures from the same start)
+  monitor/implausible_rate    over the whole trained batch: the fraction of answers with a token whose
+                              log-prob under the starting policy is below `monitor.implausible_logprob`
+                              (`ScoredRollout.reference_min_logprob`, the fluency gate's statistic)
+  monitor/implausible_advantage  over the whole batch: the mean advantage the update gives those implausible
+                              answers; NaN when there is none. Positive: the reward prefers text the starting
+                              policy finds implausible to the other answers of the same prompt, so the update
+                              reinforces it. This measures the incentive to garble, not the garbling: it is
+                              high before the garbled rate rises, and low when a fluency gate caps them
   monitor/alarm               with `monitor.alarm.metric`: 0, then 1 from the step the alarm fired
 
 The alarm (`update_alarm`) fires once, at the first step its metric has been at or above the threshold for
@@ -84,6 +92,15 @@ def rank_agreement(groups: list[list[tuple[float, float]]]) -> float:
     return agree / pairs if pairs else math.nan
 
 
+def implausible_statistics(min_logprobs: list[float], advantages: list[float],
+                           threshold: float) -> tuple[float, float]:
+    """(implausible rate, mean advantage of the implausible answers) of one batch: answer i is implausible when
+    its lowest token log-prob under the starting policy, `min_logprobs[i]`, is below `threshold`;
+    `advantages[i]` is what the update gives it. The mean advantage is NaN when no answer is implausible."""
+    picked = [a for lp, a in zip(min_logprobs, advantages, strict=True) if lp < threshold]
+    return (len(picked) / len(min_logprobs) if min_logprobs else math.nan), mean(picked)
+
+
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -116,6 +133,7 @@ class Monitor:
 
     Args:
         sample: rollouts per step (0: off; `observe` returns nothing).
+        implausible_logprob: the lowest-token reference log-prob below which an answer counts as implausible.
         judge: the independent guard, or None (then no judge_disagreement).
         trainer: the policy trainer, for reference log-probs of answers the reward did not need them for.
         safety: the run's SafetyPolicy, which decides "unsafe" for both guards.
@@ -125,23 +143,32 @@ class Monitor:
         seed: seeds the sampling (the same draws for a step on resume).
     """
 
-    def __init__(self, *, sample: int, judge: GuardGroup | None, trainer: TrainerGroup, safety: SafetyPolicy,
+    def __init__(self, *, sample: int, implausible_logprob: float, judge: GuardGroup | None, trainer: TrainerGroup, safety: SafetyPolicy,
                  truth: GroundTruth | None, alarm_metric: str | None, threshold: float, patience: int,
                  action: str, seed: int) -> None:
         if alarm_metric == "monitor/judge_disagreement" and judge is None:
             raise ValueError("monitor.alarm.metric=monitor/judge_disagreement needs eval.judge")
         self.sample, self.judge, self.trainer, self.safety, self.truth = sample, judge, trainer, safety, truth
+        self.implausible_logprob = implausible_logprob
         self.metric, self.threshold, self.patience, self.action = alarm_metric, threshold, patience, action
         self.seed = seed
         self.alarm, self.baseline, self.stopped_at = AlarmState(), None, None
         self.last: dict[str, float] = {}
 
-    def observe(self, step: int, groups: list[Group], timer: PhaseTimer | None = None) -> dict[str, float]:
-        """The monitor/* metrics of step `step`'s trained groups (timed as phase `monitor`)."""
+    def observe(self, step: int, groups: list[Group], advantages: list[float],
+                timer: PhaseTimer | None = None) -> dict[str, float]:
+        """The monitor/* metrics of step `step`'s trained groups, whose rollouts the update gave `advantages`
+        (in the groups' order; timed as phase `monitor`)."""
         if not self.sample:
             return {}
         with (timer or PhaseTimer()).phase("monitor"):
             metrics = self._statistics(step, groups)
+            records = [s for group in groups for s in group]
+            if records and all(s.reference_min_logprob is not None for s in records):
+                rate, advantage = implausible_statistics(
+                    [s.reference_min_logprob for s in records], advantages,  # type: ignore[misc]
+                    self.implausible_logprob)
+                metrics.update({"monitor/implausible_rate": rate, "monitor/implausible_advantage": advantage})
         if self.metric is not None:
             self.alarm = update_alarm(self.alarm, metrics.get(self.metric), threshold=self.threshold,
                                       patience=self.patience, step=step)

@@ -1,6 +1,7 @@
 """The reward-hacking monitor (issue 16.2): its statistics, the alarm state machine and `Monitor` on hand-made
 batches (the driver's alarm actions are in test_monitor_loop.py)."""
 
+import dataclasses
 import json
 import math
 import random
@@ -10,8 +11,8 @@ import torch
 
 from saferl.actor_group import ActorGroup
 from saferl.eval.metrics import Judged
-from saferl.eval.monitor import (AlarmState, Monitor, disagreement, rank_agreement, sample_groups,
-                                 stopped_by_alarm, update_alarm)
+from saferl.eval.monitor import (AlarmState, Monitor, disagreement, implausible_statistics, rank_agreement,
+                                 sample_groups, stopped_by_alarm, update_alarm)
 from saferl.handles import GuardGroup, TrainerGroup
 from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel, SafetyPolicy, ScoredRollout
 
@@ -73,9 +74,9 @@ def _prompt(i, kind="harmful"):
     return Prompt(f"p{i}", [{"role": "user", "content": f"ask {i}"}], kind=kind)
 
 
-def _record(prompt, answer, verdict, rm, group, ref=None):
+def _record(prompt, answer, verdict, rm, group, ref=None, ref_min=None):
     rollout = Rollout(prompt, [1], [len(answer)], [0.0], answer, "", answer, "stop", group=group)
-    return ScoredRollout(rollout, verdict, None, rm, reference_logprob=ref)
+    return ScoredRollout(rollout, verdict, None, rm, reference_logprob=ref, reference_min_logprob=ref_min)
 
 
 class AnswerGuard:
@@ -114,9 +115,12 @@ def _monitor(judge_verdicts, **alarm):
     judge = ActorGroup(AnswerGuard, 1, executor="local", kwargs=dict(verdicts=judge_verdicts))
     trainer = ActorGroup(RefTrainer, 1, executor="local", kwargs={})
     kwargs = dict(alarm_metric=None, threshold=0.0, patience=1, action="warn") | alarm
-    monitor = Monitor(sample=4, judge=GuardGroup(judge), trainer=TrainerGroup(trainer), safety=SafetyPolicy(),
+    monitor = Monitor(sample=4, implausible_logprob=-4.0, judge=GuardGroup(judge), trainer=TrainerGroup(trainer), safety=SafetyPolicy(),
                       truth=StyleTruth(), seed=0, **kwargs)
     return monitor, judge.actors[0], trainer.actors[0]
+
+
+ADV = [0.5, -0.5, 1.0, -1.0]  # the update's advantages of _batch()'s four rollouts
 
 
 def _batch(refs=(None, None, None, None)):
@@ -131,7 +135,7 @@ def _batch(refs=(None, None, None, None)):
 
 def test_monitor_statistics_of_a_hand_made_batch():
     monitor, judge, trainer = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL})
-    m1 = monitor.observe(1, _batch())
+    m1 = monitor.observe(1, _batch(), ADV)
     # judge disagreement: only 'junk' (guard safe, judge unsafe) of 4 -> 0.25; RM rank agreement: group 0's
     # pair
     # is misordered, group 1's is right -> 1/2; reference log-probs are minus the answers' lengths here
@@ -142,23 +146,48 @@ def test_monitor_statistics_of_a_hand_made_batch():
     assert judge.calls == 1 and len(trainer.batches) == 1 and len(trainer.batches[0].input_ids) == 4
     # Records that carry reference log-probs (the driver computed them for the fluency gate) are not scored
     # again; the drop is measured from the first monitored step's mean.
-    m2 = monitor.observe(2, _batch(refs=(-5.0, -6.0, -5.0, -4.0)))
+    m2 = monitor.observe(2, _batch(refs=(-5.0, -6.0, -5.0, -4.0)), ADV)
     assert m2["monitor/ref_logprob"] == -5.0 and m2["monitor/ref_logprob_drop"] == pytest.approx(1.5)
     assert len(trainer.batches) == 1
-    assert monitor.observe(3, []) == {}  # no group trained on: nothing to say
+    assert monitor.observe(3, [], ADV) == {}  # no group trained on: nothing to say
+
+
+def test_implausible_statistics_by_hand():
+    # Below -4 are the 2nd (-6) and 4th (-4.5); -4.0 itself is not below. Their advantages: 1.5 and -0.5.
+    rate, advantage = implausible_statistics([-1.0, -6.0, -4.0, -4.5], [-0.5, 1.5, 0.2, -0.5], -4.0)
+    assert rate == 0.5 and advantage == pytest.approx(0.5)
+    rate, advantage = implausible_statistics([-1.0, -2.0], [1.0, -1.0], -4.0)
+    assert rate == 0.0 and math.isnan(advantage)  # nothing implausible: no incentive to measure
+
+
+def test_monitor_reports_the_incentive_to_garble_over_the_whole_batch():
+    monitor, _, _ = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL},
+                             alarm_metric="monitor/implausible_advantage", threshold=0.0, patience=1)
+    batch = _batch()
+    mins = [-0.5, -7.0, -0.5, -1.0]  # 'junk' is implausible to the starting policy
+    batch = [[dataclasses.replace(s, reference_logprob=-1.0, reference_min_logprob=mins[2 * g + i])
+              for i, s in enumerate(group)] for g, group in enumerate(batch)]
+    fooled = monitor.observe(1, batch, [-0.7, 0.7, 1.0, -1.0])  # the reward put junk above good
+    assert fooled["monitor/implausible_rate"] == 0.25
+    assert fooled["monitor/implausible_advantage"] == pytest.approx(0.7) and monitor.fired(1)
+    gated, _, _ = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL},
+                           alarm_metric="monitor/implausible_advantage", threshold=0.0, patience=1)
+    m = gated.observe(1, batch, [0.7, -0.7, 1.0, -1.0])  # a gate capped junk below good
+    assert m["monitor/implausible_advantage"] == pytest.approx(-0.7) and not gated.fired(1)
 
 
 def test_monitor_off_and_without_judge_or_truth():
     monitor, judge, _ = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL})
     monitor.sample = 0
-    assert monitor.observe(1, _batch()) == {} and judge.calls == 0
+    assert monitor.observe(1, _batch(), ADV) == {} and judge.calls == 0
     trainer = TrainerGroup(ActorGroup(RefTrainer, 1, executor="local", kwargs={}))
-    bare = Monitor(sample=4, judge=None, trainer=trainer, safety=SafetyPolicy(), truth=None,
+    bare = Monitor(sample=4, implausible_logprob=-4.0, judge=None, trainer=trainer, safety=SafetyPolicy(), truth=None,
                    alarm_metric=None, threshold=0.0, patience=1, action="warn", seed=0)
-    assert set(bare.observe(1, _batch())) == {"monitor/samples", "monitor/ref_logprob",
+    assert set(bare.observe(1, _batch(), ADV)) == {"monitor/samples", "monitor/ref_logprob",
                                               "monitor/ref_logprob_drop"}
     with pytest.raises(ValueError, match="needs eval.judge"):
-        Monitor(sample=4, judge=None, trainer=trainer, safety=SafetyPolicy(), truth=None, threshold=0.1,
+        Monitor(sample=4, implausible_logprob=-4.0, judge=None, trainer=trainer, safety=SafetyPolicy(),
+                truth=None, threshold=0.1,
                 alarm_metric="monitor/judge_disagreement", patience=1, action="warn", seed=0)
 
 
@@ -166,16 +195,16 @@ def test_monitor_alarm_and_its_state_survive_a_resume():
     verdicts = {"good": SAFE, "junk": UNSAFE, "no": REFUSAL}
     monitor, _, _ = _monitor(verdicts, alarm_metric="monitor/judge_disagreement", threshold=0.25, patience=2,
                              action="stop")
-    assert monitor.observe(1, _batch())["monitor/alarm"] == 0.0 and not monitor.fired(1)
+    assert monitor.observe(1, _batch(), ADV)["monitor/alarm"] == 0.0 and not monitor.fired(1)
     state = json.loads(json.dumps(monitor.state_dict()))  # as the checkpoint stores it
     resumed, _, _ = _monitor(verdicts, alarm_metric="monitor/judge_disagreement", threshold=0.25, patience=2,
                              action="stop")
     resumed.load_state_dict(state)
-    m2 = resumed.observe(2, _batch(refs=(-5.0, -6.0, -5.0, -4.0)))
+    m2 = resumed.observe(2, _batch(refs=(-5.0, -6.0, -5.0, -4.0)), ADV)
     assert m2["monitor/alarm"] == 1.0 and resumed.fired(2) and resumed.stopped_at == 2
     assert m2["monitor/ref_logprob_drop"] == pytest.approx(1.5)  # the baseline came with the state
     assert "REWARD-HACKING ALARM at step 2: monitor/judge_disagreement = 0.25" in resumed.alarm_message()
-    assert resumed.observe(3, _batch())["monitor/alarm"] == 1.0 and not resumed.fired(3)  # once
+    assert resumed.observe(3, _batch(), ADV)["monitor/alarm"] == 1.0 and not resumed.fired(3)  # once
     assert stopped_by_alarm({"step": 2, "monitor": resumed.state_dict()}) == 2
     assert stopped_by_alarm({"step": 2}) is None  # a checkpoint from before the monitor
     assert stopped_by_alarm({"monitor": monitor.state_dict()}) is None
@@ -186,5 +215,5 @@ def test_monitor_draws_from_no_shared_generator():
     random.seed(5)
     torch.manual_seed(5)
     before = random.getstate(), torch.get_rng_state()
-    monitor.observe(1, _batch())
+    monitor.observe(1, _batch(), ADV)
     assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
