@@ -96,6 +96,10 @@ def check_ray_address(address: str, timeout_s: float = RAY_PROBE_TIMEOUT_S) -> N
                               "(`ray start --head`) or fix ray.address") from None
 
 
+class PlacementError(RuntimeError):
+    """The cluster cannot hold what the config asks for; the message names the roles and the resources."""
+
+
 def check_resources(requests: dict[str, tuple[int, float, float]], available: dict[str, float]) -> None:
     """Fail fast, instead of waiting forever for placement, when roles ask for more than the cluster has.
 
@@ -108,7 +112,7 @@ def check_resources(requests: dict[str, tuple[int, float, float]], available: di
         have = available.get(resource, 0.0)
         if need > have + 1e-9:
             detail = ", ".join(f"{role}: {r[0]} x {r[pos]:g}" for role, r in requests.items() if r[pos])
-            raise RuntimeError(f"The config asks for {need:g} {resource}s but the Ray cluster has {have:g} "
+            raise PlacementError(f"The config asks for {need:g} {resource}s but the Ray cluster has {have:g} "
                                f"({detail}). Lower the per-actor resources or the number of actors.")
 
 
@@ -116,8 +120,11 @@ class ActorGroup:
     """`n` instances of `cls(**kwargs)`, hosted by Ray (`executor="ray"`) or in-process (`"local"`)."""
 
     def __init__(self, cls: type, n: int, *, executor: str, kwargs: dict[str, Any], num_cpus: float = 1.0,
-                 num_gpus: float = 0.0, name: str = "", rank_kwarg: str | None = None, max_restarts: int = 0) -> None:
+                 num_gpus: float = 0.0, name: str = "", rank_kwarg: str | None = None, max_restarts: int = 0,
+                 scheduling: list[Any] | None = None) -> None:
         """`rank_kwarg` names a constructor keyword that receives each actor's index (its data-parallel rank).
+        `scheduling`: one Ray scheduling strategy per actor (its placement-group bundle, `saferl.cluster`);
+        None: Ray places each actor wherever it fits.
 
         `max_restarts` > 0 (stateless roles only, e.g. scorers): Ray restarts a dead actor and re-runs the
         calls it had in flight, so a crash costs time, not samples.
@@ -135,7 +142,8 @@ class ActorGroup:
         remote_cls = ray.remote(cls)
         # Unnamed actors: two experiments may share one cluster.
         options = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=max_restarts)
-        self.actors = [remote_cls.options(**options).remote(**kw) for kw in per_actor]
+        where = [dict(scheduling_strategy=s) for s in scheduling] if scheduling else [{}] * n
+        self.actors = [remote_cls.options(**options, **at).remote(**kw) for kw, at in zip(per_actor, where)]
         refs = [a.ready.remote() for a in self.actors]
         ready, pending = ray.wait(refs, num_returns=len(refs), timeout=READY_TIMEOUT_S)
         ray.get(ready)  # re-raises a constructor error (missing model directory, ...) with its message
@@ -143,6 +151,14 @@ class ActorGroup:
             raise TimeoutError(f"{self.name}: {len(pending)} actors not ready after {READY_TIMEOUT_S:.0f}s")
         self._pids = self._actor_pids()
         self._restarts = 0
+
+    def node_ids(self) -> list[str]:
+        """The Ray node each actor runs on now (hex ids); empty in-process."""
+        if self.executor == "local":
+            return []
+        import ray
+
+        return ray.get([a.__ray_call__.remote(_node_id) for a in self.actors])
 
     def _actor_pids(self) -> list[int]:
         import ray
@@ -239,6 +255,12 @@ class ActorGroup:
 
 def _pid(actor: Any) -> int:
     return os.getpid()
+
+
+def _node_id(actor: Any) -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class Pending(Generic[T]):

@@ -98,6 +98,14 @@ class RayConfig:
     address: str | None = None
     num_cpus: int | None = None
     temp_dir: str = ".cache/ray"
+    # The roles' resources are reserved up front as one Ray placement group, one bundle per actor holding its
+    # CPUs and GPUs (an actor that asks for neither has none). How the bundles go onto nodes: PACK (as few
+    # nodes as possible; the default: fractional CPU shares pack onto small nodes), SPREAD (as many nodes as
+    # possible), STRICT_PACK (all on one node), STRICT_SPREAD (each bundle on a node of its own).
+    placement_strategy: str = "PACK"
+    # Seconds to wait for the whole group before failing with the bundles that could not be placed and each
+    # node's free CPUs and GPUs; raise it where an autoscaler adds nodes on demand (minutes).
+    placement_timeout_s: float = 30.0
 
 
 @dataclass
@@ -238,6 +246,8 @@ class TrainerConfig:
     # k3 KL to the frozen starting policy (0 = off, the GSPO paper's setting; >0 loads a reference copy,
     # or switches the LoRA adapter off for it).
     kl_coef: float = 0.0
+    # Weight of the policy's token entropy in the loss: > 0 a bonus (more exploration), < 0 a penalty (a
+    # sharper policy: fewer sampling slips at temperature 1), 0 off.
     entropy_coef: float = 0.0
     # Compute dtype; master weights and optimizer state stay float32 (bfloat16 on GPU: autocast / DeepSpeed).
     dtype: str = "float32"

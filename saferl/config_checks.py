@@ -85,6 +85,7 @@ def check_keys(raw: dict[str, Any], source: str, keys: Mapping[str, Any]) -> Non
 # Values a string or int field may take, checked after merging (OmegaConf checks only the Python type).
 CHOICES: dict[str, tuple[str, ...]] = {
     "run.executor": ("ray", "local"),
+    "ray.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),  # Ray's own names
     "rollout.backend": ("vllm", "hf"),
     "guard.backend": ("vllm", "hf", "http", "openai"),
     "guard.fallback": ("unsafe", "safe", "error"),
@@ -168,6 +169,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "toyworld.vocab_size": (AT_LEAST_ONE, ""),
     "toyworld.perturbations": (COUNT, "0 = judges trained on clean responses only"),
     "ray.num_cpus": (AT_LEAST_ONE, "or null for all of this machine's"),
+    "ray.placement_timeout_s": (POSITIVE, "seconds"),
     "run.torch_threads": (COUNT, "0 = automatic"),
     "data.prompts_per_step": (AT_LEAST_ONE, ""),
     "rollout.num_engines": (AT_LEAST_ONE, ""),

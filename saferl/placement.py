@@ -5,6 +5,8 @@ memory estimate.
 (`format_plan`) without loading weights, and the driver prints the same list, checks its `requests` against
 the Ray cluster and hands it to `build_roles`, which starts exactly those actors. So the plan printed is what
 runs, and a config asking for more GPUs or CPUs than exist fails at once instead of waiting for placement.
+On Ray the actors are placed into one placement group of `bundles` (one per actor, reserved before any actor
+starts: `saferl.cluster`); `first_fit` explains a group that could not be placed.
 """
 
 from __future__ import annotations
@@ -44,6 +46,62 @@ class RoleSpec:
 def requests(specs: list[RoleSpec]) -> dict[str, tuple[int, float, float]]:
     """role -> (actors, CPUs per actor, GPUs per actor); remote clients hold nothing."""
     return {s.role: (s.actors, s.cpus, s.gpus) for s in specs}
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One actor's reservation in the run's placement group: `role`'s actor `rank` holds `resources`."""
+
+    role: str
+    rank: int
+    resources: dict[str, float]  # "CPU" and/or "GPU"; never empty (Ray refuses an empty bundle)
+
+    def label(self) -> str:
+        return f"{self.role}[{self.rank}]"
+
+    def describe(self) -> str:
+        return " ".join(f"{k} {v:g}" for k, v in self.resources.items())
+
+
+def bundles(specs: list[RoleSpec]) -> list[Bundle]:
+    """The placement group's bundles, in spec then rank order: one per Ray actor, holding exactly what the
+    actor asks for, so an actor that Ray restarts fits back into its own bundle. Actors in the driver process
+    (`executor: local`, remote clients) and actors that ask for no CPU and no GPU have none."""
+    out = []
+    for s in specs:
+        resources = {k: v for k, v in (("CPU", s.cpus), ("GPU", s.gpus)) if v > 0}
+        if s.executor == "ray" and resources:
+            out.extend(Bundle(s.role, rank, resources) for rank in range(s.actors))
+    return out
+
+
+EPS = 1e-9  # Ray counts resources in units of 1e-4; shares such as 0.125 add up exactly in binary anyway
+
+
+def first_fit(wanted: list[Bundle], free: dict[str, dict[str, float]]) -> tuple[dict[str, str], list[Bundle]]:
+    """Place bundles on nodes first-fit decreasing (GPUs first, then CPUs, the largest first, onto the first
+    node in `free`'s order with room), as a best guess of what a cluster can hold. Returns (bundle label ->
+    node, the bundles that fit nowhere). `free`: node -> its free resources; not modified. Greedy, so it may
+    miss a packing that exists; the driver uses it only to explain a placement group Ray could not place."""
+    room = {node: dict(resources) for node, resources in free.items()}
+    placed, left = {}, []
+    for b in sorted(wanted, key=lambda b: (-b.resources.get("GPU", 0.0), -b.resources.get("CPU", 0.0))):
+        node = next((n for n, r in room.items() if all(r.get(k, 0.0) + EPS >= v for k, v in b.resources.items())),
+                    None)
+        if node is None:
+            left.append(b)
+            continue
+        for k, v in b.resources.items():
+            room[node][k] = room[node].get(k, 0.0) - v
+        placed[b.label()] = node
+    return placed, left
+
+
+def format_bundles(wanted: list[Bundle], strategy: str) -> str:
+    """The placement group as `--dry-run` and the driver print it: one line per bundle."""
+    lines = [f"placement group: {len(wanted)} bundles, strategy {strategy} (ray.placement_strategy)"]
+    lines += [f"  bundle {i:2d}  {b.label():16s} {b.describe()}" for i, b in enumerate(wanted)]
+    return "\n".join(lines)
 
 
 def needs_reference_logprobs(cfg: SafeRLConfig) -> bool:
@@ -119,4 +177,6 @@ def format_plan(specs: list[RoleSpec], cfg: SafeRLConfig) -> str:
                      f"{memory_gib(s, cfg):28s} {s.model}")
     placed = requests(specs).values()
     lines.append(f"total: {sum(n * c for n, c, _ in placed):g} CPUs, {sum(n * g for n, _, g in placed):g} GPUs")
+    if cfg.run.executor == "ray":
+        lines.append(format_bundles(bundles(specs), cfg.ray.placement_strategy))
     return "\n".join(lines)

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 
 from saferl.actor_group import ActorGroup
+from saferl.cluster import Reservation
 from saferl.config import GuardConfig, SafeRLConfig
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import GuardScorer
@@ -147,11 +148,13 @@ def guard_spec(role: str, section: str, g: GuardConfig, executor: str,
         g.model, model, g.backend, g.dtype, max_restarts=g.max_restarts)
 
 
-def start_group(spec: RoleSpec) -> ActorGroup:
-    """The actors of one spec, started (on Ray: placed, and constructed before this returns)."""
+def start_group(spec: RoleSpec, reservation: Reservation | None = None) -> ActorGroup:
+    """The actors of one spec, started (on Ray: placed, into their bundles of `reservation` when given, and
+    constructed before this returns)."""
     return ActorGroup(spec.cls, spec.actors, executor=spec.executor, name=spec.role, kwargs=spec.kwargs,
                       num_cpus=spec.cpus, num_gpus=spec.gpus, rank_kwarg=spec.rank_kwarg,
-                      max_restarts=spec.max_restarts)
+                      max_restarts=spec.max_restarts,
+                      scheduling=reservation.scheduling(spec) if reservation is not None else None)
 
 
 def build_roles(specs: list[RoleSpec], start: Callable[[RoleSpec], ActorGroup] = start_group) -> Roles:

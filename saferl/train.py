@@ -12,6 +12,7 @@ before the first step and after the last with the same seed, and the run ends wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -24,6 +25,7 @@ from omegaconf import OmegaConf
 from rewards import RewardRecipe, apply_recipe, load_recipe
 from saferl import checkpoint
 from saferl.actor_group import check_ray_address, check_resources, start_ray
+from saferl.cluster import Reservation, reserve
 from saferl.config import SafeRLConfig, to_yaml
 from saferl.data import Columns, PromptSampler, load_prompts, subsample
 from saferl.eval.metrics import before_after_table
@@ -31,7 +33,7 @@ from saferl.eval.monitor import Monitor, stopped_by_alarm
 from saferl.eval.policy_eval import evaluate, ground_truth_metrics
 from saferl.placement import format_plan, needs_reference_logprobs, requests
 from saferl.references import resolve_reference
-from saferl.roles import Roles, build_roles, check_endpoints, role_specs
+from saferl.roles import Roles, build_roles, check_endpoints, role_specs, start_group
 from saferl.runtime import configure_process
 from saferl.scoring import generate_and_score, with_reference_logprobs
 from saferl.tracking import PhaseTimer, Tracker, step_timing
@@ -136,15 +138,20 @@ def train(cfg: SafeRLConfig, truth: GroundTruth | None = None) -> TrainResult:
     resume_from = prepare_run_dir(cfg)
     specs = role_specs(cfg)  # what --dry-run prints is what starts
     print(format_plan(specs, cfg), flush=True)
+    reservation = Reservation(None, [])  # Ray: one placement group, every actor's bundle, before any starts
     if cfg.run.executor == "ray":
         resources = start_ray(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.temp_dir, cfg.run.torch_threads)
         check_resources(requests(specs), resources)
-    roles = build_roles(specs)
+        reservation = reserve(specs, cfg.ray.placement_strategy, cfg.ray.placement_timeout_s)
     try:
-        return _loop(cfg, roles, recipe, cfg.reward.rules, train_prompts, eval_prompts, Path(cfg.run.dir),
-                     resume_from, truth)
+        roles = build_roles(specs, start=functools.partial(start_group, reservation=reservation))
+        try:
+            return _loop(cfg, roles, recipe, cfg.reward.rules, train_prompts, eval_prompts, Path(cfg.run.dir),
+                         resume_from, truth)
+        finally:
+            roles.shutdown()
     finally:
-        roles.shutdown()
+        reservation.release()
 
 
 def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPolicy, train_prompts: list[Prompt],

@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from saferl.actor_group import PlacementError
     from saferl.config import ConfigError
 
     try:
@@ -200,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"saferl: config error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
+        print(f"saferl: error: {e}", file=sys.stderr)
+        return 2
+    except PlacementError as e:  # the Ray cluster cannot hold the roles: the message names them and the nodes
         print(f"saferl: error: {e}", file=sys.stderr)
         return 2
     except ConnectionError as e:  # an endpoint or Ray cluster that nothing answers, checked before any work

@@ -76,14 +76,19 @@ def test_dry_run_prints_exactly_the_specs_build_roles_starts(tmp_path, capsys):
     started = []
     roles = build_roles(specs, start=lambda spec: started.append(spec) or _RecordingGroup(spec))
     assert started == specs
-    rows = {line.split()[0]: line.split() for line in printed.splitlines()[3:-1]}
+    lines = printed.splitlines()
+    total = next(i for i, line in enumerate(lines) if line.startswith("total: "))
+    rows = {line.split()[0]: line.split() for line in lines[3:total]}
     assert {s.role: [s.role, str(s.actors), f"{s.cpus:g}", f"{s.gpus:g}", s.engine] for s in started} == {
         role: row[:5] for role, row in rows.items()}
     assert rows["helpfulness"][4] == "vllm" and started[2].kwargs["backend"] == "vllm"
     assert rows["rollout"][1:4] == ["2", f"{cfg.rollout.cpus_per_engine:g}", "2"]
     assert started[0].kwargs["tensor_parallel_size"] == 2 and started[0].gpus == 2
     gpus = 2 * 2 + 3 * 0.5 + cfg.helpfulness.num_actors * cfg.helpfulness.gpus_per_actor + 2 * 1
-    assert printed.splitlines()[-1].endswith(f", {gpus:g} GPUs")
+    assert lines[total].endswith(f", {gpus:g} GPUs")
+    # Then the placement group: one bundle per Ray actor holding what it asks for (TP 2: 2 GPUs per engine).
+    assert lines[total + 1] == f"placement group: {2 + 3 + cfg.helpfulness.num_actors + 2} bundles, strategy PACK (ray.placement_strategy)"
+    assert lines[total + 2].split() == ["bundle", "0", "rollout[0]", "CPU", f"{cfg.rollout.cpus_per_engine:g}", "GPU", "2"]
     # Two trainer ranks: build_roles rendezvoused them at rank 0's address.
     assert roles.trainer.group.calls == [("address", ()), ("connect", (("10.0.0.1", 29500),))]
 
