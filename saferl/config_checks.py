@@ -222,7 +222,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "trainer.clip_low": (Bound(0, 1, low_open=True, high_open=True), "the ratio is clipped below at 1 - clip_low"),
     "trainer.clip_high": (POSITIVE, "the ratio is clipped above at 1 + clip_high"),
     "trainer.kl_coef": (COUNT, "0 turns the KL term off"),
-    "trainer.entropy_coef": (COUNT, "0 turns the entropy bonus off"),
+    "trainer.entropy_coef": (FINITE, "0 turns it off; negative penalises entropy (sharpens the policy)"),
     "trainer.workers": (AT_LEAST_ONE, ""),
     "trainer.lora.rank": (COUNT, "0 is full fine-tuning"),
     "trainer.lora.alpha": (POSITIVE, ""),

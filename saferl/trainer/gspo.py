@@ -142,8 +142,8 @@ def policy_loss(
         log_ratio_clamp: the (sequence or token) log-ratio is clamped to [-c, c] before exponentiating.
         ref_logprobs: [B, T] reference-policy log-probs; with `kl_coef` adds kl_coef * k3 KL.
         kl_coef: weight of the k3 KL term (0 = off, the GSPO setting).
-        entropy: [B, T] per-token policy entropy; with `entropy_coef` subtracts that bonus.
-        entropy_coef: weight of the entropy bonus (0 = off).
+        entropy: [B, T] per-token policy entropy; with `entropy_coef` subtracts entropy_coef * entropy.
+        entropy_coef: weight of the entropy bonus (0 = off; negative: a penalty, which sharpens the policy).
 
     Returns:
         ([] scalar loss to minimise, metrics). Metrics: pg_loss, clip_frac, clip_frac_low, clip_frac_high

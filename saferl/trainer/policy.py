@@ -223,8 +223,9 @@ class PolicyTrainer:
                 last = k == len(micros) - 1
                 lp, mask, logits = self._forward(batch, micro, last=last)
                 old_lp = lp.detach() if index == 0 else old.pop(id(micro))
-                # The entropy bonus needs the per-token entropy with its gradient; otherwise it is only a metric.
-                bonus = token_entropy(logits, self.temperature, self.top_p) if self.entropy_coef > 0 else None
+                # The entropy term (a bonus, or a penalty when negative) needs the per-token entropy with its
+                # gradient; otherwise it is only a metric.
+                bonus = token_entropy(logits, self.temperature, self.top_p) if self.entropy_coef != 0 else None
                 loss, m = policy_loss(lp, old_lp, advantages[micro.rows].to(lp.device), mask, **self.loss_kwargs,
                                       kl_coef=self.kl_coef, ref_logprobs=self._reference_logprobs(batch, micro),
                                       entropy=bonus, entropy_coef=self.entropy_coef)

@@ -14,20 +14,8 @@ from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel, ScoredRollo
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny random Qwen3 with a real tokenizer, saved as a model directory."""
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-
-    tok_dir = tiny_tokenizer(["how", "to", "bake", "bread", "sure", "here", "sorry", "no"])
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("policy")
-    Qwen3ForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path), len(tok)
+def policy_dir(tiny_policy):
+    return tiny_policy
 
 
 def _batch(vocab: int) -> TrainBatch:
