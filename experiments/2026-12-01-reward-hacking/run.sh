@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The toy SafeRL table judged three ways (reward guard, independent judge, ground truth), issue #16: the SFT
 # policy, guard-only, the unmitigated hybrid reward, the hybrid reward with each reward-hacking mitigation alone
-# (KL to the SFT policy, a conservative RM ensemble, the fluency gate) and with the chosen combination, which is
-# configs/toy.yaml's default. Every run has the independent judge (eval.judge) and the monitor with its alarm
-# (action warn), as configs/toy.yaml sets them, so the unmitigated rows give the alarm's lead time.
+# (KL to the SFT policy, a conservative RM ensemble, the fluency gate, the entropy penalty) and with the chosen
+# combination, which is configs/toy.yaml's default. Every run has the independent judge (eval.judge) and the
+# monitor with its alarm (action warn), as configs/toy.yaml sets them, so the unmitigated rows give the alarm's
+# lead time.
 #
 #   experiments/2026-12-01-reward-hacking/run.sh                 # every row x seeds 1 2 3 (~6 min a run)
 #   SEEDS="1" NAMES="hybrid combo" experiments/2026-12-01-reward-hacking/run.sh
@@ -18,22 +19,22 @@ HERE=experiments/2026-12-01-reward-hacking
 OUT=${OUT:-runs/reward_hacking}
 SEEDS=${SEEDS:-"1 2 3"}
 mkdir -p "$OUT"
-# Every mitigation off: the rows below switch on what they measure.
-OFF="trainer.kl_coef=0 helpfulness.ensemble=[] reward.rules.fluency_min_logprob=null"
+# Every mitigation off: the rows below switch on what they measure. A mitigation alone keeps configs/toy.yaml's
+# value of it (hybrid_entropy: its entropy penalty; hybrid_gate: its gate and cap).
+KL=trainer.kl_coef=0 ENT=trainer.entropy_coef=0 ENS=helpfulness.ensemble=[] GATE=reward.rules.fluency_min_logprob=null
+OFF="$KL $ENT $ENS $GATE"
 ENSEMBLE="helpfulness.ensemble=[toyworld:reward_model_1,toyworld:reward_model_2] reward.rules.ensemble=min"
 declare -A SETTINGS=(
   [guard_only]="reward.recipe=guard_only $OFF"
   [hybrid]="reward.recipe=hybrid $OFF"
   [hybrid_kl]="reward.recipe=hybrid $OFF trainer.kl_coef=0.1"
   [hybrid_ensemble]="reward.recipe=hybrid $OFF $ENSEMBLE"
-  [hybrid_gate]="reward.recipe=hybrid $OFF reward.rules.fluency_min_logprob=-4.0"
+  [hybrid_gate]="reward.recipe=hybrid $KL $ENT $ENS"
+  [hybrid_entropy]="reward.recipe=hybrid $KL $ENS $GATE"
   [combo]=""  # configs/toy.yaml as it is
-  # The steps to it: the gate with implausible_cap -3 (alone, and with the ensemble), the choice plus KL.
-  [hybrid_gate_cap3]="reward.recipe=hybrid $OFF reward.rules.fluency_min_logprob=-4.0 reward.rules.implausible_cap=-3"
-  [gate_cap3_ensemble]="reward.rules.implausible_cap=-3"
   [combo_kl]="trainer.kl_coef=0.1"
 )
-NAMES=${NAMES:-"hybrid combo guard_only hybrid_kl hybrid_ensemble hybrid_gate hybrid_gate_cap3 gate_cap3_ensemble combo_kl"}
+NAMES=${NAMES:-"hybrid combo guard_only hybrid_kl hybrid_ensemble hybrid_gate hybrid_entropy combo_kl"}
 for seed in $SEEDS; do
   for name in $NAMES; do
     dir="$OUT/$name-s$seed"
