@@ -36,6 +36,10 @@ def test_judge_and_monitor_in_a_toy_run_that_the_alarm_stops(toy_world, tmp_path
     assert monitored["monitor/ref_logprob_drop"] == 0.0  # the first monitored step is the baseline
     assert monitored["monitor/rm_rank_agreement"] is None or 0 <= monitored["monitor/rm_rank_agreement"] <= 1
     assert monitored["timing/monitor"] > 0 and "judge/restarts" in monitored
+    # Over the whole batch: the SFT policy's slips are a few of 128 answers, and their advantage is finite when
+    # there are any (NaN, written as null, when none).
+    assert 0 <= monitored["monitor/implausible_rate"] < 0.5
+    assert (monitored["monitor/implausible_advantage"] is None) == (monitored["monitor/implausible_rate"] == 0)
     evals = json.loads((run / "eval.json").read_text())
     assert evals["stopped_by_alarm"] == 1
     for side in ("before", "after"):  # the same answers, judged by both guards: here the same model
