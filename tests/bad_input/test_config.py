@@ -23,7 +23,7 @@ CASES = [
     ("trainer.clip_low=1.5", "trainer.clip_low"),
     ("trainer.clip_high=0", "trainer.clip_high"),
     ("trainer.kl_coef=-0.1", "trainer.kl_coef"),
-    ("trainer.entropy_coef=-0.01", "trainer.entropy_coef"),
+    ("trainer.entropy_coef=nan", "trainer.entropy_coef"),  # negative is a penalty, not an error
     ("rollout.temperature=0", "rollout.temperature"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("trainer.minibatches=129", "trainer.minibatches"),  # the toy batch is 16 x 8 = 128

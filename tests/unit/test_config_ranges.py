@@ -31,7 +31,7 @@ BAD = [
     ("trainer.clip_low=1", "trainer.clip_low", "in (0, 1)"),
     ("trainer.clip_high=0", "trainer.clip_high", "> 0"),
     ("trainer.kl_coef=-0.1", "trainer.kl_coef", ">= 0"),
-    ("trainer.entropy_coef=-0.01", "trainer.entropy_coef", ">= 0"),
+    ("trainer.entropy_coef=nan", "trainer.entropy_coef", "a finite number"),  # negative: a penalty
     ("rollout.temperature=0", "rollout.temperature", "RL needs sampling"),
     ("rollout.top_p=0", "rollout.top_p", "in (0, 1]"),
     ("rollout.top_p=1.5", "rollout.top_p", "in (0, 1]"),
