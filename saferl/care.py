@@ -253,9 +253,9 @@ def load_care_models(policy: str, stream_guard: str | None, *, device: str | Non
 
 
 def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    from saferl.guard.conversation import encode_prompt
+
+    return encode_prompt(tokenizer, messages)
 
 
 def care_generate(models: CareModels, conversations: Sequence[list[dict[str, str]]], seeds: Sequence[int],

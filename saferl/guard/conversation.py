@@ -93,3 +93,11 @@ def encode_conversation(
     `enable_thinking=False`): the frame of Qwen3GuardTest's `unsafe_start_index`/`unsafe_end_index`."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, enable_thinking=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of a conversation ending with a user turn, up to the assistant's (non-thinking) generation
+    prompt: what a policy continues and a Stream guard is opened on (CARE, `saferl serve stream-guard`)."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

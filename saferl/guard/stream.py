@@ -15,6 +15,11 @@ Shortcuts and choices:
 - Chunks of different lengths in one step are right-padded; the pad columns stay in the cache, masked out,
   with positions continuing per row, so later tokens never see them. Dropping streams compacts the cache
   (its rows, then the columns no remaining stream uses).
+- Streams join a running batch (`add`: their prefixes prefilled together, then merged in) and roll back
+  (`rollback`: their newest columns masked out, positions rewound), which a server needs. Both leave holes
+  (columns a row does not use); when the cache must grow and at least half of it is holes, every row's real
+  columns are packed to the right (`_pack`), so the cache is at most about twice the longest stream wide.
+  Keys carry their rotary position, not their column, so moving columns changes no reading.
 - `moderate_many` batches whole conversations (right padding, no mask: attention is causal) for evaluation;
   `saferl.guard.stream_eval.StreamLabeler` turns its readings into the labels `saferl guard eval` scores.
 - Debouncing and metrics are not here (`saferl.guard.decisions`); `risk_prob` is not rounded.
@@ -180,6 +185,7 @@ class StreamBatch:
         # [B, W]: True where a cache column holds a real token of that row (not left or chunk padding).
         self.mask = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.ids: list[int] = []  # stream id of each batch row
+        self.next_id = 0  # id the next stream opened gets
         self.lengths: list[int] = []  # real tokens so far per row = next rotary position
         self.user_end: list[int | None] = []  # position of the user turn's <|im_end|> per row, once seen
 
@@ -209,6 +215,7 @@ class StreamBatch:
             mask[r, width - len(prefix) :] = True
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         self.ids, self.user_end = list(range(len(prefixes))), user_end
+        self.next_id = len(prefixes)
         self.lengths = [len(p) for p in prefixes]
         self.mask = torch.zeros(len(prefixes), 0, dtype=torch.bool, device=self.device)
         self.cache = self._new_cache(len(prefixes), width)
@@ -273,10 +280,74 @@ class StreamBatch:
         self.mask = self.mask[:, cols]
         self._rebuild(rows, cols, capacity=self.cache.get_max_length())
 
+    @torch.inference_mode()
+    def add(self, prefixes: Sequence[Sequence[int]]) -> dict[int, StreamStep]:
+        """Open more streams, on a batch that may already be running: the new prefixes are prefilled together
+        (one forward, as `prefill`), then merged into the cache. Ids continue after the last one given.
+
+        Returns:
+            new stream id -> `StreamStep` covering all its prefix tokens.
+        """
+        other = StreamBatch(self.model, self.roles, self.pad_id)
+        steps = other.prefill(prefixes)
+        ids = list(range(self.next_id, self.next_id + len(prefixes)))
+        self.next_id += len(prefixes)
+        self.prefilled = True
+        if not self.ids:
+            self.cache, self.mask = other.cache, other.mask
+        else:
+            self._pack([self, other])
+        self.ids += ids
+        self.lengths += other.lengths
+        self.user_end += other.user_end
+        return dict(zip(ids, steps))
+
+    @torch.inference_mode()
+    def rollback(self, stream_id: int, n: int) -> None:
+        """Forget the newest `n` tokens of a stream: the next token fed takes the position of the first one
+        forgotten and reads as if they had never been fed. At least one token must remain."""
+        if stream_id not in self.ids:
+            raise KeyError(f"stream {stream_id} is not open (open: {self.ids})")
+        r = self.ids.index(stream_id)
+        if not 0 <= n < self.lengths[r]:
+            raise ValueError(f"stream {stream_id} holds {self.lengths[r]} tokens: cannot roll back {n}")
+        if n == 0:
+            return
+        cols = self.mask[r].nonzero().squeeze(1)[-n:]
+        self.mask[r, cols] = False
+        self.lengths[r] -= n
+        if self.user_end[r] is not None and self.user_end[r] >= self.lengths[r]:
+            self.user_end[r] = None  # the user turn's <|im_end|> was forgotten: the next one fed closes it
+
+    def _pack(self, parts: Sequence[StreamBatch], capacity: int = 0) -> None:
+        """Rebuild the cache from the rows of `parts` in order, each row's real columns packed to the right
+        (in their order): the new width is the longest row's token count. `capacity` reserves more columns."""
+        width = max(int(part.mask.sum(1).max()) for part in parts)
+        new = self._new_cache(sum(len(part.ids) for part in parts), max(width, capacity))
+        masks, row = [], 0
+        for part in parts:
+            real = part.mask
+            count = real.sum(1, keepdim=True)
+            order = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # real columns first
+            offset = torch.arange(width, device=self.device) - (width - count)  # [b, width]; < 0: padding
+            keep = offset >= 0
+            src = order.gather(1, offset.clamp(0, real.shape[1] - 1))
+            for src_layer, dst in zip(part.cache.layers, new.layers):
+                index = src[:, None, :, None].expand(-1, src_layer.keys.shape[1], -1, src_layer.keys.shape[3])
+                dst.keys[row : row + len(src), :, :width] = src_layer.keys.gather(2, index)
+                dst.values[row : row + len(src), :, :width] = src_layer.values.gather(2, index)
+            masks.append(keep)
+            row += len(src)
+        for layer in new.layers:
+            layer.cumulative_length.fill_(width)
+        self.cache, self.mask = new, torch.cat(masks)
+
     def _forward(self, ids: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> GuardLogits:
         """One batched forward of new columns [B, n] (`new` marks the real ones) on top of the cache."""
         used, n = self.mask.shape[1], ids.shape[1]
-        if used + n > self.cache.get_max_length():
+        if used + n > self.cache.get_max_length() and 2 * (int(self.mask.sum(1).max()) + n) <= used:
+            self._pack([self], capacity=int(self.mask.sum(1).max()) + n)  # mostly holes: pack, do not grow
+        elif used + n > self.cache.get_max_length():
             self._rebuild(
                 torch.arange(len(self.ids), device=self.device),
                 torch.arange(used, device=self.device),

@@ -104,17 +104,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body_bytes: int = 8 << 20,
-              max_batch: int = 64, max_wait_s: float = 0.005) -> Any:
-    """A FastAPI app serving `scorer` (GuardScorer for kind='guard', HelpfulnessScorer for kind='rm')."""
+def secure_app(title: str, description: str, *, token: str | None, max_body_bytes: int) -> tuple[Any, Any]:
+    """A FastAPI app with this module's defaults (body limit: 411/413; JSON errors) and the bearer-token
+    dependency to put on its endpoints (401 on a missing or wrong token). Shared by every `saferl serve`."""
     from fastapi import Depends, FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-    if kind not in ("guard", "rm"):
-        raise ValueError(f"kind must be 'guard' or 'rm', got {kind!r}")
-    app = FastAPI(title=f"SafeRL {kind} reward server", version="1",
-                  description=f"Scores with {model}. JSON only; bearer token when configured.")
+    app = FastAPI(title=title, version="1", description=description)
     bearer = HTTPBearer(auto_error=False)
 
     def authorised(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -133,6 +130,17 @@ def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body
             return JSONResponse(status_code=413, content={"detail": f"body larger than {max_body_bytes} bytes"})
         return await call_next(request)
 
+    return app, Depends(authorised)
+
+
+def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body_bytes: int = 8 << 20,
+              max_batch: int = 64, max_wait_s: float = 0.005) -> Any:
+    """A FastAPI app serving `scorer` (GuardScorer for kind='guard', HelpfulnessScorer for kind='rm')."""
+    if kind not in ("guard", "rm"):
+        raise ValueError(f"kind must be 'guard' or 'rm', got {kind!r}")
+    app, authorised = secure_app(f"SafeRL {kind} reward server", f"Scores with {model}. JSON only; bearer "
+                                 "token when configured.", token=token, max_body_bytes=max_body_bytes)
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "kind": kind, "model": model, **batcher.stats()}
@@ -143,7 +151,7 @@ def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body
         batcher = DynamicBatcher(scorer.moderate, max_batch=max_batch, max_wait_s=max_wait_s)
 
         # Async handlers: waiting requests hold no worker thread, so all of them can join one batch.
-        @app.post("/v1/moderate", response_model=ModerateResponse, dependencies=[Depends(authorised)])
+        @app.post("/v1/moderate", response_model=ModerateResponse, dependencies=[authorised])
         async def moderate(request: ModerateRequest) -> ModerateResponse:
             items = [ModerationItem([m.model_dump() for m in it.messages], it.response) for it in request.items]
             verdicts = await asyncio.wrap_future(batcher.submit(items))
@@ -151,7 +159,7 @@ def build_app(kind: str, scorer: Any, *, model: str, token: str | None, max_body
     else:
         batcher = DynamicBatcher(scorer.score, max_batch=max_batch, max_wait_s=max_wait_s)
 
-        @app.post("/v1/score", response_model=ScoreResponse, dependencies=[Depends(authorised)])
+        @app.post("/v1/score", response_model=ScoreResponse, dependencies=[authorised])
         async def score(request: ScoreRequest) -> ScoreResponse:
             pairs = [([m.model_dump() for m in it.messages], it.response) for it in request.items]
             return ScoreResponse(scores=await asyncio.wrap_future(batcher.submit(pairs)))
