@@ -39,7 +39,7 @@ Choices and shortcuts:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -259,7 +259,8 @@ def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def care_generate(models: CareModels, conversations: Sequence[list[dict[str, str]]], seeds: Sequence[int],
-                  settings: CareSettings = CareSettings(), care: bool = True) -> list[ResponseState]:
+                  settings: CareSettings = CareSettings(), care: bool = True,
+                  on_commit: Callable[[int, list[int]], None] | None = None) -> list[ResponseState]:
     """Answer each conversation (ending with a user turn) under CARE; `care=False` decodes the same way
     without the guard (CARE off: same policy, same seeds, same first attempt).
 
@@ -267,6 +268,8 @@ def care_generate(models: CareModels, conversations: Sequence[list[dict[str, str
         models: from `load_care_models` (`models.guard` needed when `care`).
         conversations: chat messages per row; all rows are decoded as one batch.
         seeds: one per row; row r samples from `torch.Generator().manual_seed(seeds[r])`.
+        on_commit: called with (row, token ids) whenever tokens reach the user, in order (a server
+            streams them); never with tokens a rollback could still take back.
 
     Returns:
         One finished `ResponseState` per row: `committed` holds the delivered token ids (the fallback text,
@@ -293,6 +296,7 @@ def care_generate(models: CareModels, conversations: Sequence[list[dict[str, str
         watch = GuardWatch(models.guard, models.roles, pad_id=models.guard_tokenizer.pad_token_id or 0)
         watch.open(dict(enumerate(guard_prefix)))
     active = list(range(len(prompts)))
+    sent = [0] * len(prompts)  # committed tokens handed to on_commit
     while active:
         tokens = sample_tokens(policy.step(active), [temps[r] for r in active], s.top_p,
                                [gens[r] for r in active])
@@ -332,6 +336,11 @@ def care_generate(models: CareModels, conversations: Sequence[list[dict[str, str
             policy.drop(finished)
             if watch:
                 watch.close(r for r in finished if r in watch.where)
+        if on_commit is not None:
+            for r in active:
+                if len(states[r].committed) > sent[r]:
+                    on_commit(r, states[r].committed[sent[r]:])
+                    sent[r] = len(states[r].committed)
         active = [r for r in active if r not in set(finished)]
     return states
 

@@ -9,6 +9,7 @@ import sys
 from saferl.cli.args import EPILOG_OVERRIDES, config_args
 from saferl.cli.eval import add_eval_report_parsers
 from saferl.cli.guard import add_chat_parser, add_guard_parser
+from saferl.cli.serve_stream import STREAM_KINDS, add_stream_serve_args, serve_stream
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from saferl.config import load_config
@@ -97,6 +98,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from saferl.runtime import configure_process
 
     configure_process()
+    if args.kind in STREAM_KINDS:
+        return serve_stream(args, token, sock)
     model = resolve_reference(args.model)
     if args.kind == "guard":
         from saferl.guard.scorer import GuardScorer
@@ -164,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "/health, OpenAPI at /openapi.json. Binds 127.0.0.1 by default; any other address "
                        "needs a bearer token (--token-file or SAFERL_SERVE_TOKEN). Concurrent requests are "
                        "batched together.")
-    p.add_argument("kind", choices=("guard", "rm"), help="guard: Qwen3Guard-Gen-format model; rm: reward model")
+    p.add_argument("kind", choices=("guard", "rm", *STREAM_KINDS),
+                   help="guard: Qwen3Guard-Gen-format model; rm: reward model; stream-guard: Qwen3Guard-Stream "
+                   "moderation streams; chat: an OpenAI-compatible chat of policy -m under CARE (--stream-guard)")
     p.add_argument("-m", "--model", required=True,
                    help="model directory, hub id on a machine with access, or toyworld:guard / toyworld:reward_model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="items per model call when requests coalesce")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to join")
     p.add_argument("--max-body-mib", type=int, default=8, help="larger request bodies get 413")
+    add_stream_serve_args(p)
     p.set_defaults(func=_cmd_serve)
 
     add_eval_report_parsers(sub)

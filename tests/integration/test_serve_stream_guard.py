@@ -1,0 +1,184 @@
+"""`saferl serve stream-guard` over HTTP against the in-process `StreamBatch`: per-token verdicts, rollback,
+text, the stream cap, expiry and bad requests.
+
+One server (a synthetic 2-layer Stream guard on a tiny tokenizer, so no toy world is needed) for the module,
+with a bearer token, 3 streams at most and a small body limit; each test closes the streams it opens.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "stream-token-42"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WORDS = ["user", "assistant", "how", "do", "I", "bake", "bread", "at", "home", "hello", "you", "dragon"]
+USER = [{"role": "user", "content": "how do I bake bread at home"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def guard_dir(tmp_path_factory, tiny_tokenizer):
+    from saferl.guard.stream_model import write_synthetic_stream_guard
+
+    return write_synthetic_stream_guard(tmp_path_factory.mktemp("stream_guard"), tiny_tokenizer(WORDS), seed=0,
+                                        hidden_size=64, num_hidden_layers=2, guard_inner_size=32)
+
+
+@pytest.fixture(scope="module")
+def server(guard_dir, tmp_path_factory):
+    import httpx
+
+    tmp = tmp_path_factory.mktemp("serve_stream")
+    (tmp / "token").write_text(TOKEN + "\n")
+    port = _free_port()
+    log = tmp / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "saferl.cli", "serve", "stream-guard", "-m", str(guard_dir),
+                             "--port", str(port), "--token-file", str(tmp / "token"), "--max-streams", "3",
+                             "--max-stream-tokens", "200", "--max-body-mib", "1"], cwd=ROOT,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    client = httpx.Client(base_url=url, headers=AUTH, timeout=60)
+    yield client
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def local(guard_dir):
+    from transformers import AutoTokenizer
+
+    from saferl.guard.conversation import role_tokens
+    from saferl.guard.stream_model import load_stream_guard
+
+    tokenizer = AutoTokenizer.from_pretrained(guard_dir)
+    return load_stream_guard(guard_dir), tokenizer, role_tokens(tokenizer)
+
+
+def answer(tokenizer, n, seed=0):
+    words = [WORDS[(seed * 5 + 3 * i) % len(WORDS)] for i in range(n)]
+    return tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:n]
+
+
+def ok(response):
+    assert response.status_code == 200, (response.status_code, response.text)
+    return response.json()
+
+
+def test_verdicts_over_http_equal_the_in_process_stream_batch(server, local):
+    from saferl.guard.conversation import encode_prompt
+    from saferl.guard.decisions import debounce
+    from saferl.guard.stream import StreamBatch
+
+    model, tokenizer, roles = local
+    ids = [answer(tokenizer, 30, seed) for seed in (0, 1)]
+    opened = [ok(server.post("/v1/streams", json={"messages": USER})) for _ in ids]
+    got: list[list[dict]] = [[], []]
+    for i in range(0, 30, 4):  # two streams interleaved, chunks of 4
+        for k, o in enumerate(opened):
+            got[k] += ok(server.post(f"/v1/streams/{o['id']}/append", json={"tokens": ids[k][i:i + 4]}))["verdicts"]
+    last = ok(server.post(f"/v1/streams/{opened[1]['id']}/append", json={"tokens": []}))
+
+    batch = StreamBatch(model, roles, pad_id=tokenizer.pad_token_id)
+    prefix = encode_prompt(tokenizer, USER)
+    [pre] = batch.prefill([prefix])
+    want = [batch.feed({0: [t]})[0].verdicts[0] for t in ids[1]]  # one token at a time
+    q = pre.verdicts[0]
+    assert opened[1]["query"] == {"position": q.position, "token": None, "risk": q.risk, "risk_prob": pytest.approx(
+        q.risk_prob, abs=1e-5), "category": q.category, "category_prob": pytest.approx(q.category_prob, abs=1e-5)}
+    assert opened[1]["prefix_tokens"] == len(prefix)
+    assert [(v["position"], v["token"], v["risk"], v["category"]) for v in got[1]] == [
+        (w.position, t, w.risk, w.category) for w, t in zip(want, ids[1])]
+    assert [v["risk_prob"] for v in got[1]] == pytest.approx([w.risk_prob for w in want], abs=1e-4)
+    detection = debounce([w.risk for w in want], "official", [w.category for w in want])
+    assert last["decision"]["position"] == detection.index and last["decision"]["label"] == detection.label.value
+    assert len({v["risk"] for v in got[1]}) > 1  # the random heads vary: the comparison means something
+    for o in opened:
+        ok(server.delete(f"/v1/streams/{o['id']}"))
+
+
+def test_rollback_then_reappend_equals_never_sending(server, local):
+    _, tokenizer, _ = local
+    ids = answer(tokenizer, 24, seed=2)
+    wrong = [(t + 7) % len(tokenizer) for t in ids[10:18]]
+    a = ok(server.post("/v1/streams", json={"messages": USER}))["id"]
+    b = ok(server.post("/v1/streams", json={"messages": USER}))["id"]
+    clean = ok(server.post(f"/v1/streams/{a}/append", json={"tokens": ids}))["verdicts"]
+    ok(server.post(f"/v1/streams/{b}/append", json={"tokens": ids[:10] + wrong}))
+    back = ok(server.post(f"/v1/streams/{b}/rollback", json={"n": len(wrong)}))
+    assert back["length"] == 10
+    again = ok(server.post(f"/v1/streams/{b}/append", json={"tokens": ids[10:]}))["verdicts"]
+    assert [(v["position"], v["risk"], v["category"]) for v in again] == [
+        (v["position"], v["risk"], v["category"]) for v in clean[10:]]
+    assert [v["risk_prob"] for v in again] == pytest.approx([v["risk_prob"] for v in clean[10:]], abs=1e-4)
+
+    text = "how do I bake bread at home hello dragon"  # text in chunks cut inside words: the whole text's ids
+    t = ok(server.post("/v1/streams", json={"messages": USER}))["id"]
+    final = {}
+    for piece in (text[:5], text[5:13], text[13:21], text[21:]):
+        for v in ok(server.post(f"/v1/streams/{t}/append", json={"text": piece}))["verdicts"]:
+            final[v["position"]] = (v["token"], v["risk"])
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ok(server.post(f"/v1/streams/{a}/rollback", json={"n": len(ids)}))  # stream a, emptied, takes the ids
+    ref = ok(server.post(f"/v1/streams/{a}/append", json={"tokens": whole}))["verdicts"]
+    assert list(final.values()) == [(v["token"], v["risk"]) for v in ref]
+    for sid in (a, b, t):
+        ok(server.delete(f"/v1/streams/{sid}"))
+
+
+def test_cap_expiry_and_bad_requests_get_4xx_and_the_server_stays_up(server, local):
+    _, tokenizer, _ = local
+    ids = [ok(server.post("/v1/streams", json={"messages": USER}))["id"] for _ in range(3)]
+    full = server.post("/v1/streams", json={"messages": USER})
+    assert full.status_code == 429 and "--max-streams" in full.json()["detail"]
+    ok(server.delete(f"/v1/streams/{ids.pop()}"))
+    short = ok(server.post("/v1/streams", json={"messages": USER, "idle_timeout_s": 0.3}))["id"]
+    time.sleep(1.5)
+    expired = server.post(f"/v1/streams/{short}/append", json={"tokens": [1]})
+    assert expired.status_code == 404 and "expired" in expired.json()["detail"]
+    s = ids[0]
+    checks = [
+        (server.post(f"/v1/streams/{s}/append", content=b"{nope", headers={"content-type": "application/json"}),
+         422, "JSON decode error"),
+        (server.post("/v1/streams", json={}), 422, "messages"),
+        (server.post("/v1/streams", json={"messages": [*USER, {"role": "assistant", "content": "hi"}]}), 400,
+         "user turn"),
+        (server.post(f"/v1/streams/{s}/append", json={"tokens": [len(tokenizer) + 99]}), 400, "vocabulary"),
+        (server.post(f"/v1/streams/{s}/append", json={"tokens": [1], "text": "hi"}), 400, "exactly one"),
+        (server.post(f"/v1/streams/{s}/append", json={"tokens": [1] * 500}), 400, "max-stream-tokens"),
+        (server.post(f"/v1/streams/{s}/rollback", json={"n": 3}), 400, "cannot roll back 3"),
+        (server.post(f"/v1/streams/{s}/rollback", json={"n": -1}), 422, "greater than or equal"),
+        (server.post("/v1/streams/nope/append", json={"tokens": [1]}), 404, "no open stream"),
+        (server.post("/v1/streams", json={"messages": USER}, headers={"Authorization": "Bearer bad"}), 401,
+         "bearer token"),
+        (server.post(f"/v1/streams/{s}/append", content=b"x" * (2 << 20)), 413, "larger than"),
+    ]
+    for response, status, message in checks:
+        assert response.status_code == status, (response.status_code, response.text)
+        assert message in response.text
+    assert ok(server.post(f"/v1/streams/{s}/append", json={"tokens": [1, 2]}))["length"] == 2
+    health = ok(server.get("/health"))
+    assert health["status"] == "ok" and health["open_streams"] == 2
+    assert "/v1/streams/{stream_id}/append" in ok(server.get("/openapi.json"))["paths"]
+    for sid in ids:
+        ok(server.delete(f"/v1/streams/{sid}"))
