@@ -8,7 +8,8 @@ Owns the wire format only: the OpenAI request fields SafeRL honours, the `chat.c
 
 Honoured: `messages` (string content, or a list of text parts), `stream`, `stream_options.include_usage`,
 `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`. `n` must be 1; other fields are
-ignored, as vLLM's server ignores what it does not support. `model` is echoed as the served name whatever
+ignored, as vLLM's server ignores what it does not support. Errors come in OpenAI's shape (a malformed
+body is a 400 naming the field), except the body-size ones of `secure_app` (411/413, `detail`). `model` is echoed as the served name whatever
 the request says. The usage block carries the backend's extra statistics (`usage.care` for CARE), in the
 final chunk of a stream too (besides the standard usage-only chunk when `include_usage` is set).
 """
@@ -93,11 +94,29 @@ def sse(payload: dict[str, Any] | str) -> str:
 def build_chat_app(backend: ChatBackend, *, model: str, token: str | None, max_tokens: int,
                    max_body_bytes: int = 8 << 20, max_batch: int = 16, max_wait_s: float = 0.01) -> Any:
     """A FastAPI app serving `backend` as an OpenAI chat model named `model`; `max_tokens` caps a request's."""
-    from fastapi import HTTPException
-    from fastapi.responses import StreamingResponse
+    from fastapi import HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app, authorised = secure_app("SafeRL guarded chat", f"OpenAI-compatible chat completions from {model}, "
                                  "watched by a Stream guard (CARE).", token=token, max_body_bytes=max_body_bytes)
+
+    def openai_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse(status_code=status, headers=headers,
+                            content={"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+    # Errors in OpenAI's shape, {"error": {"message", ...}}, which the openai client reads; a malformed body
+    # is a 400 as on OpenAI's and vLLM's servers.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return openai_error(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        return openai_error(400, f"invalid request: {where}")
     batcher = DynamicBatcher(backend.complete, max_batch=max_batch, max_wait_s=max_wait_s)
     app.router.on_shutdown.append(batcher.close)
     started = int(time.time())
