@@ -281,6 +281,9 @@ class AlarmConfig:
     metric: str | None = None
     threshold: float = 0.0
     patience: int = 3
+    # The metric compared is the mean of its last `window` monitored values (1: each step's own value); a
+    # statistic of one step's few answers is noisy.
+    window: int = 1
     # warn: a loud line and monitor/alarm=1 from then on; checkpoint: also saves alarm_step_<N>; stop: ends
     # the run there (the final evaluation and checkpoint still run; eval.json records stopped_by_alarm).
     action: str = "warn"

@@ -238,6 +238,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "monitor.implausible_logprob": (Bound(high=0), "a token log-prob"),
     "monitor.alarm.threshold": (FINITE, ""),
     "monitor.alarm.patience": (AT_LEAST_ONE, "monitored steps in a row"),
+    "monitor.alarm.window": (AT_LEAST_ONE, "monitored steps averaged"),
 }
 RANGES.update({"eval.judge." + k.removeprefix("guard."): v for k, v in list(RANGES.items())
                if k.startswith("guard.")})

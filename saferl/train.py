@@ -165,7 +165,8 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
     m = cfg.monitor  # the reward-hacking early warning: judges a sample of each step's batch again, reads only
     monitor = Monitor(sample=m.sample, implausible_logprob=m.implausible_logprob, judge=roles.judge,
                       trainer=roles.trainer, safety=rules, truth=truth, alarm_metric=m.alarm.metric,
-                      threshold=m.alarm.threshold, patience=m.alarm.patience, action=m.alarm.action,
+                      threshold=m.alarm.threshold, patience=m.alarm.patience, window=m.alarm.window,
+                      action=m.alarm.action,
                       seed=cfg.run.seed)
 
     def run_eval() -> dict[str, float]:

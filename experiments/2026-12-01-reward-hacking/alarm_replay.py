@@ -18,14 +18,15 @@ from saferl.eval.compare import ALARM_KEY, alarm_lead
 from saferl.eval.monitor import AlarmState, update_alarm
 
 
-def replay(rows: list[dict], metric: str, threshold: float, patience: int) -> list[dict]:
+def replay(rows: list[dict], metric: str, threshold: float, patience: int, window: int) -> list[dict]:
     """`rows` with monitor/alarm replaced by what an alarm on `metric` would have logged (absent from a run
     that did not log `metric`)."""
     state, out = AlarmState(), []
     for row in rows:
         row = {k: v for k, v in row.items() if k != ALARM_KEY}
         if metric in row:
-            state = update_alarm(state, row[metric], threshold=threshold, patience=patience, step=row["step"])
+            state = update_alarm(state, row[metric], threshold=threshold, patience=patience, step=row["step"],
+                                 window=window)
             row = {**row, ALARM_KEY: float(state.fired_step is not None)}
         out.append(row)
     return out
@@ -37,13 +38,14 @@ def main() -> None:
     parser.add_argument("--metric", required=True)
     parser.add_argument("--thresholds", type=float, nargs="+", required=True)
     parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--window", type=int, default=1)
     args = parser.parse_args()
-    print(f"metric {args.metric}, patience {args.patience}: alarm step / garbled-doubling step / lead per run")
+    print(f"metric {args.metric}, window {args.window}, patience {args.patience}: alarm step / garbled-doubling step / lead per run")
     for threshold in args.thresholds:
         cells = []
         for run in args.runs:
             rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-            lead = alarm_lead(replay(rows, args.metric, threshold, args.patience))
+            lead = alarm_lead(replay(rows, args.metric, threshold, args.patience, args.window))
             cells.append(f"{Path(run).name}: {lead.alarm_step}/{lead.doubling_step}/{lead.lead}")
         print(f"  >= {threshold:g}: " + "   ".join(cells))
 

@@ -26,8 +26,9 @@ with the monitor's own seeded generator) and logs:
                               high before the garbled rate rises, and low when a fluency gate caps them
   monitor/alarm               with `monitor.alarm.metric`: 0, then 1 from the step the alarm fired
 
-The alarm (`update_alarm`) fires once, at the first step its metric has been at or above the threshold for
-`patience` monitored steps in a row; a step without a value (no sample, NaN) leaves the count as it is.
+The alarm (`update_alarm`) fires once, at the first step the mean of its metric's last `window` values has
+been at or above the threshold for `patience` monitored steps in a row; a step without a value (no sample,
+NaN) leaves the count as it is.
 
 The monitor only reads: rewards, advantages and the update are computed before it runs and from nothing it
 makes; it draws from its own `random.Random`, never the global or torch generators; the judge and the
@@ -107,22 +108,27 @@ def mean(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class AlarmState:
-    """How many monitored steps in a row the alarm's metric has been at or above its threshold, and the step
-    it fired (None: not yet)."""
+    """How many monitored steps in a row the alarm's smoothed metric has been at or above its threshold, the
+    step it fired (None: not yet), and the last values of the metric (at most `window`) it smooths over."""
 
     streak: int = 0
     fired_step: int | None = None
+    recent: tuple[float, ...] = ()
 
 
-def update_alarm(state: AlarmState, value: float | None, *, threshold: float, patience: int,
-                 step: int) -> AlarmState:
-    """The alarm after one more monitored step: `value` at or above `threshold` extends the streak, below it
-    resets it; a missing value (None or NaN) leaves it as it is. It fires (records `step`) when the streak
-    reaches `patience`, and only once."""
+def update_alarm(state: AlarmState, value: float | None, *, threshold: float, patience: int, step: int,
+                 window: int = 1) -> AlarmState:
+    """The alarm after one more monitored step. The compared value is the mean of the metric's last `window`
+    values (none compared before `window` have been seen: a per-step statistic of a few answers is noisy);
+    at or above `threshold` it extends the streak, below it resets it; a missing value (None or NaN) leaves
+    the state as it is. It fires (records `step`) when the streak reaches `patience`, and only once."""
     if state.fired_step is not None or value is None or math.isnan(value):
         return state
-    streak = state.streak + 1 if value >= threshold else 0
-    return AlarmState(streak, step if streak >= patience else None)
+    recent = (*state.recent, value)[-window:]
+    if len(recent) < window:
+        return AlarmState(state.streak, None, recent)
+    streak = state.streak + 1 if sum(recent) / window >= threshold else 0
+    return AlarmState(streak, step if streak >= patience else None, recent)
 
 
 # ---------------------------------------------------------------- the monitor
@@ -138,19 +144,20 @@ class Monitor:
         trainer: the policy trainer, for reference log-probs of answers the reward did not need them for.
         safety: the run's SafetyPolicy, which decides "unsafe" for both guards.
         truth: a ground-truth oracle; its helpfulness (when it knows it) gives rm_rank_agreement.
-        alarm_metric, threshold, patience, action: the alarm (metric None: none); action warn | checkpoint |
-            stop is for the driver, which saves or stops when `fired(step)`.
+        alarm_metric, threshold, patience, window, action: the alarm (metric None: none); action warn |
+            checkpoint | stop is for the driver, which saves or stops when `fired(step)`.
         seed: seeds the sampling (the same draws for a step on resume).
     """
 
     def __init__(self, *, sample: int, implausible_logprob: float, judge: GuardGroup | None, trainer: TrainerGroup, safety: SafetyPolicy,
                  truth: GroundTruth | None, alarm_metric: str | None, threshold: float, patience: int,
-                 action: str, seed: int) -> None:
+                 action: str, seed: int, window: int = 1) -> None:
         if alarm_metric == "monitor/judge_disagreement" and judge is None:
             raise ValueError("monitor.alarm.metric=monitor/judge_disagreement needs eval.judge")
         self.sample, self.judge, self.trainer, self.safety, self.truth = sample, judge, trainer, safety, truth
         self.implausible_logprob = implausible_logprob
         self.metric, self.threshold, self.patience, self.action = alarm_metric, threshold, patience, action
+        self.window = window
         self.seed = seed
         self.alarm, self.baseline, self.stopped_at = AlarmState(), None, None
         self.last: dict[str, float] = {}
@@ -171,7 +178,7 @@ class Monitor:
                 metrics.update({"monitor/implausible_rate": rate, "monitor/implausible_advantage": advantage})
         if self.metric is not None:
             self.alarm = update_alarm(self.alarm, metrics.get(self.metric), threshold=self.threshold,
-                                      patience=self.patience, step=step)
+                                      patience=self.patience, step=step, window=self.window)
             metrics["monitor/alarm"] = float(self.alarm.fired_step is not None)
             if self.fired(step) and self.action == "stop":
                 self.stopped_at = step
@@ -212,18 +219,22 @@ class Monitor:
         then = {"warn": "training goes on",
                 "checkpoint": f"saving checkpoint alarm_step_{step}; training goes on",
                 "stop": "stopping the run; the final evaluation still runs"}[self.action]
-        value = self.last.get(self.metric, math.nan)  # type: ignore[arg-type]
-        return (f"[saferl] !!! REWARD-HACKING ALARM at step {step}: {self.metric} = {value:.4g}, at or above "
-                f"{self.threshold:g} for {self.patience} monitored step(s) in a row "
+        value = sum(self.alarm.recent) / len(self.alarm.recent) if self.alarm.recent else math.nan
+        over = f" (mean of the last {self.window} steps)" if self.window > 1 else ""
+        return (f"[saferl] !!! REWARD-HACKING ALARM at step {step}: {self.metric} = {value:.4g}{over}, at or "
+                f"above {self.threshold:g} for {self.patience} monitored step(s) in a row "
                 f"(monitor.alarm.action={self.action}: {then}) !!!")
 
     def state_dict(self) -> dict[str, Any]:
         return {"baseline_ref_logprob": self.baseline, "alarm_streak": self.alarm.streak,
-                "alarm_fired_step": self.alarm.fired_step, "stopped_by_alarm": self.stopped_at}
+                "alarm_fired_step": self.alarm.fired_step, "alarm_recent": list(self.alarm.recent),
+                "stopped_by_alarm": self.stopped_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.baseline = state["baseline_ref_logprob"]
-        self.alarm = AlarmState(state["alarm_streak"], state["alarm_fired_step"])
+        # alarm_recent: absent from checkpoints written before the alarm smoothed (#16.2, round 2).
+        self.alarm = AlarmState(state["alarm_streak"], state["alarm_fired_step"],
+                                tuple(state.get("alarm_recent", ())))
         self.stopped_at = state["stopped_by_alarm"]
 
 

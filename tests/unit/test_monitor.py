@@ -64,7 +64,7 @@ def test_the_alarm_fires_once_after_patience_steps_at_or_above_threshold():
     # 0.5 starts a streak, 0.1 resets it, 0.4 (at the threshold) starts one, NaN and None leave it, 0.6 and
     # 0.7 make it 3: fired at step 7; nothing changes afterwards.
     assert seen == [(1, None), (0, None), (1, None), (1, None), (1, None), (2, None), (3, 7), (3, 7), (3, 7)]
-    assert update_alarm(AlarmState(), 2.0, threshold=1.0, patience=1, step=4) == AlarmState(1, 4)
+    assert update_alarm(AlarmState(), 2.0, threshold=1.0, patience=1, step=4) == AlarmState(1, 4, (2.0,))
 
 
 # ---------------------------------------------------------------- the monitor on a hand-made batch
@@ -150,6 +150,23 @@ def test_monitor_statistics_of_a_hand_made_batch():
     assert m2["monitor/ref_logprob"] == -5.0 and m2["monitor/ref_logprob_drop"] == pytest.approx(1.5)
     assert len(trainer.batches) == 1
     assert monitor.observe(3, [], ADV) == {}  # no group trained on: nothing to say
+
+
+def test_the_alarm_compares_the_mean_of_the_last_window_values():
+    values = [-1.0, 0.0, -0.2, -2.0, None, 0.5, 0.4]
+    state, seen = AlarmState(), []
+    for step, value in enumerate(values, start=1):
+        state = update_alarm(state, value, threshold=-0.5, patience=1, step=step, window=3)
+        seen.append(state.fired_step)
+    # Means of the last 3: none before step 3; step 3 (-1, 0, -0.2) -0.4 >= -0.5 fires at once (patience 1).
+    assert seen == [None, None, 3, 3, 3, 3, 3]
+    state = AlarmState()
+    for step, value in enumerate([0.0, -1.6, 0.0, -0.1, None, 0.0], start=1):
+        state = update_alarm(state, value, threshold=-0.5, patience=1, step=step, window=3)
+        if step == 3:
+            assert state.fired_step is None and state.recent == (0.0, -1.6, 0.0)  # mean -0.53: below
+    # Step 4: (-1.6, 0, -0.1) still below; the None at step 5 changes nothing; step 6: (0, -0.1, 0) fires.
+    assert state.fired_step == 6 and state.recent == (0.0, -0.1, 0.0)
 
 
 def test_implausible_statistics_by_hand():
