@@ -55,23 +55,20 @@ def _check_run(run_dir):
     return ckpt
 
 
-def _kill_guard_when(ready: Path, killed: list[int]) -> None:
-    """Once `ready` exists (the first step has begun), SIGKILL the guard actor's process."""
-    import psutil
-
+def _kill_guard_when(ready: Path, built: list, killed: list[int]) -> None:
+    """Once `ready` exists (the first step has begun), SIGKILL this run's guard actor process (`built[0]` is
+    the run's roles; its pid comes from Ray: other runs on the machine have GuardScorer processes too)."""
     deadline = time.monotonic() + 600
     while not ready.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    while not killed and time.monotonic() < deadline:
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            if (proc.info["cmdline"] or [""])[0].startswith("ray::GuardScorer"):
-                os.kill(proc.info["pid"], signal.SIGKILL)
-                killed.append(proc.info["pid"])
-                break
-        time.sleep(0.01)
+    if built:
+        pid = built[0].guard.group._actor_pids()[0]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
 
 
-def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
+def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path, monkeypatch):
+    import saferl.train
     from saferl.train import train
 
     # Two data-parallel DeepSpeed ZeRO-2 trainer workers over gloo, two rollout engines; groups are scored as
@@ -80,8 +77,12 @@ def test_two_gspo_steps_on_ray_with_two_rollout_workers(toy_world, tmp_path):
     cfg = _cfg(toy_world, tmp_path, "run.executor=ray", "rollout.num_engines=2", "ray.num_cpus=4",
                "trainer.workers=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2", "trainer.micro_batch_size=4")
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_guard_when, args=(tmp_path / "run" / "eval_before.json", killed),
-                              daemon=True)
+    built: list = []
+    build = saferl.train.build_roles
+    monkeypatch.setattr(saferl.train, "build_roles", lambda specs, start: built.append(build(specs, start))
+                        or built[-1])
+    killer = threading.Thread(target=_kill_guard_when, args=(tmp_path / "run" / "eval_before.json", built,
+                                                             killed), daemon=True)
     killer.start()
     result = train(cfg)
     killer.join(timeout=1)
