@@ -63,3 +63,26 @@ def tiny_policy(tmp_path_factory, tiny_tokenizer):
     Qwen3ForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path), len(tok)
+
+
+@pytest.fixture(scope="session")
+def wait_http():
+    """`wait(proc, url, log, timeout, pause)`: poll GET `url` until it answers 200, failing with the last of
+    `log` (the server's output file) if the server process `proc` exits first; for tests that start a
+    server in a subprocess."""
+    import time
+
+    import httpx
+
+    def wait(proc, url: str, log, timeout: float, pause: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(pause)
+        raise AssertionError(f"{url} did not answer within {timeout:g}s: {log.read_text()[-3000:]}")
+
+    return wait

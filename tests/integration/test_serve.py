@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,10 +21,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _serve(kind: str, model: Path | str, tmp_path: Path, *extra: str):
-    """Start `saferl serve` as a subprocess; yield (base URL, process); stop it at the end."""
-    import httpx
-
+def _serve(kind: str, model: Path | str, tmp_path: Path, wait, *extra: str):
+    """Start `saferl serve` as a subprocess and wait (the `wait_http` fixture) until it is healthy; return
+    (base URL, process)."""
     port = _free_port()
     token_file = tmp_path / f"{kind}.token"
     token_file.write_text(TOKEN + "\n")
@@ -34,23 +32,16 @@ def _serve(kind: str, model: Path | str, tmp_path: Path, *extra: str):
                              str(port), "--token-file", str(token_file), *extra], cwd=ROOT, stdout=log,
                             stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (tmp_path / f"{kind}.log").read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait(proc, url + "/health", tmp_path / f"{kind}.log", 300)
     return url, proc
 
 
 @pytest.fixture(scope="module")
-def servers(toy_world, tmp_path_factory):
+def servers(toy_world, tmp_path_factory, wait_http):
     tmp = tmp_path_factory.mktemp("serve")
     # A toyworld: reference, as every other command takes (the RM server gets a directory).
-    guard = _serve("guard", "toyworld:guard", tmp, "--max-body-mib", "1")
-    rm = _serve("rm", toy_world.part("reward_model"), tmp)
+    guard = _serve("guard", "toyworld:guard", tmp, wait_http, "--max-body-mib", "1")
+    rm = _serve("rm", toy_world.part("reward_model"), tmp, wait_http)
     yield {"guard": guard[0], "rm": rm[0]}
     for _, proc in (guard, rm):
         proc.terminate()
@@ -151,7 +142,7 @@ def test_refuses_public_bind_without_token(toy_world):
 
 
 @pytest.fixture(scope="module")
-def vllm_openai_server(toy_world, tmp_path_factory):
+def vllm_openai_server(toy_world, tmp_path_factory, wait_http):
     """The real OpenAI-compatible vLLM server (`vllm serve`'s app) of the toy guard on loopback."""
     import httpx
 
@@ -168,14 +159,7 @@ def vllm_openai_server(toy_world, tmp_path_factory):
                             stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, **actor_env(0, False, os.environ)})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log_path.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(1)
+    wait_http(proc, url + "/v1/models", log_path, 300, pause=1)
     yield url
     proc.terminate()
     proc.wait(timeout=60)

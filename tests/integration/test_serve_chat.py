@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,8 +32,7 @@ def toy_models(toy_world):
 
 
 @pytest.fixture(scope="module")
-def client(toy_models, tmp_path_factory):
-    import httpx
+def client(toy_models, tmp_path_factory, wait_http):
     import openai
 
     policy, guard = toy_models
@@ -50,14 +48,7 @@ def client(toy_models, tmp_path_factory):
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
+    wait_http(proc, url + "/health", log, 600)
     yield openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, timeout=300, max_retries=0)
     proc.terminate()
     proc.wait(timeout=30)

@@ -36,7 +36,7 @@ def guard_dir(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def server(guard_dir, tmp_path_factory):
+def server(guard_dir, tmp_path_factory, wait_http):
     import httpx
 
     tmp = tmp_path_factory.mktemp("serve_stream")
@@ -49,14 +49,7 @@ def server(guard_dir, tmp_path_factory):
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
+    wait_http(proc, url + "/health", log, 300, pause=0.3)
     client = httpx.Client(base_url=url, headers=AUTH, timeout=60)
     yield client
     client.close()
