@@ -24,7 +24,7 @@ def test_judge_and_monitor_in_a_toy_run_that_the_alarm_stops(toy_world, tmp_path
         "trainer.steps=3", "data.prompts_per_step=4", "rollout.samples_per_prompt=4", "eval.max_prompts=16",
         "logging.progress=false", "eval.judge.model=toyworld:guard", "eval.judge.backend=hf",
         "monitor.sample=8", "monitor.alarm.metric=monitor/ref_logprob_drop", "monitor.alarm.threshold=-1000",
-        "monitor.alarm.patience=1", "monitor.alarm.action=stop", "helpfulness.ensemble=[]"])  # the toy judge and RM ensemble are built on first use (minutes): tests that do not need them go without
+        "monitor.alarm.patience=1", "monitor.alarm.window=1", "monitor.alarm.action=stop", "helpfulness.ensemble=[]"])  # the toy judge and RM ensemble are built on first use (minutes): tests that do not need them go without
     result = train(cfg, truth=ToyGroundTruth())
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
