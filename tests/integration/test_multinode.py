@@ -59,6 +59,9 @@ def cluster():
         import ray
         from ray.cluster_utils import Cluster
 
+        # An earlier test of the session may have left this process connected to its own local Ray, and
+        # start_ray keeps an existing connection: the toy loop would run there, not on these two nodes.
+        ray.shutdown()
         start = time.monotonic()
         for attempt in range(3):  # a raylet gives its dashboard agent ~20 s to start, too few under load
             c = Cluster()
