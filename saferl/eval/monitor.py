@@ -103,6 +103,7 @@ def implausible_statistics(min_logprobs: list[float], advantages: list[float],
 
 
 def mean(values: list[float]) -> float:
+    """The mean; NaN for none."""
     return sum(values) / len(values) if values else math.nan
 
 
@@ -127,7 +128,7 @@ def update_alarm(state: AlarmState, value: float | None, *, threshold: float, pa
     recent = (*state.recent, value)[-window:]
     if len(recent) < window:
         return AlarmState(state.streak, None, recent)
-    streak = state.streak + 1 if sum(recent) / window >= threshold else 0
+    streak = state.streak + 1 if mean(list(recent)) >= threshold else 0
     return AlarmState(streak, step if streak >= patience else None, recent)
 
 
@@ -149,9 +150,10 @@ class Monitor:
         seed: seeds the sampling (the same draws for a step on resume).
     """
 
-    def __init__(self, *, sample: int, implausible_logprob: float, judge: GuardGroup | None, trainer: TrainerGroup, safety: SafetyPolicy,
-                 truth: GroundTruth | None, alarm_metric: str | None, threshold: float, patience: int,
-                 action: str, seed: int, window: int = 1) -> None:
+    def __init__(self, *, sample: int, implausible_logprob: float, judge: GuardGroup | None,
+                 trainer: TrainerGroup, safety: SafetyPolicy, truth: GroundTruth | None,
+                 alarm_metric: str | None, threshold: float, patience: int, action: str, seed: int,
+                 window: int = 1) -> None:
         if alarm_metric == "monitor/judge_disagreement" and judge is None:
             raise ValueError("monitor.alarm.metric=monitor/judge_disagreement needs eval.judge")
         self.sample, self.judge, self.trainer, self.safety, self.truth = sample, judge, trainer, safety, truth
@@ -219,7 +221,7 @@ class Monitor:
         then = {"warn": "training goes on",
                 "checkpoint": f"saving checkpoint alarm_step_{step}; training goes on",
                 "stop": "stopping the run; the final evaluation still runs"}[self.action]
-        value = sum(self.alarm.recent) / len(self.alarm.recent) if self.alarm.recent else math.nan
+        value = mean(list(self.alarm.recent))  # NaN before any value
         over = f" (mean of the last {self.window} steps)" if self.window > 1 else ""
         return (f"[saferl] !!! REWARD-HACKING ALARM at step {step}: {self.metric} = {value:.4g}{over}, at or "
                 f"above {self.threshold:g} for {self.patience} monitored step(s) in a row "
