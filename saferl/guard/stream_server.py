@@ -7,6 +7,8 @@ the security defaults (loopback unless a bearer token is set, JSON only, body li
 Endpoints (all POST bodies JSON):
   POST   /v1/streams                   {messages, idle_timeout_s?} -> {id, prefix_tokens, query, ...}
   POST   /v1/streams/{id}/append       {tokens: [ids]} or {text: "..."} -> per-token verdicts + decision
+  POST   /v1/streams/append            {streams: [{id, tokens | text}, ...]} -> one reply or error per stream,
+                                       all applied in one tick (a chat server decoding many streams at once)
   POST   /v1/streams/{id}/rollback     {n} -> the stream's length and decision after forgetting n tokens
   DELETE /v1/streams/{id}              close the stream
   GET    /health                       open streams, ticks, tokens fed
@@ -39,6 +41,16 @@ class AppendRequest(BaseModel):
     text: str | None = Field(None, description="the answer's next text, tokenized with the guard's tokenizer")
 
 
+class StreamAppend(BaseModel):
+    id: str = Field(description="the stream")
+    tokens: list[int] | None = Field(None, description="guard token ids of the answer's next tokens")
+    text: str | None = Field(None, description="the answer's next text, tokenized with the guard's tokenizer")
+
+
+class BatchAppendRequest(BaseModel):
+    streams: list[StreamAppend] = Field(min_length=1, description="appends to apply in one tick")
+
+
 class RollbackRequest(BaseModel):
     n: int = Field(ge=0, description="answer tokens to forget, newest first")
 
@@ -65,6 +77,16 @@ class StreamReply(BaseModel):
     rolled_back: int = Field(0, description="tokens re-tokenized away before this append (text appends)")
     verdicts: list[TokenVerdict]
     decision: Decision
+
+
+class AppendFailure(BaseModel):
+    id: str
+    status: int = Field(description="the HTTP status this append alone would have got (400, 404)")
+    detail: str
+
+
+class BatchAppendReply(BaseModel):
+    streams: list[StreamReply | AppendFailure] = Field(description="in the request's order")
 
 
 class OpenReply(BaseModel):
@@ -119,6 +141,17 @@ def build_stream_app(service: StreamService, *, model: str, token: str | None,
     @app.post("/v1/streams/{stream_id}/append", response_model=StreamReply, dependencies=[authorised])
     async def append(stream_id: str, request: AppendRequest) -> StreamReply:
         return stream_reply(await done(service.append(stream_id, request.tokens, request.text)))
+
+    @app.post("/v1/streams/append", response_model=BatchAppendReply, dependencies=[authorised])
+    async def append_many(request: BatchAppendRequest) -> BatchAppendReply:
+        futures = service.append_many([(a.id, a.tokens, a.text) for a in request.streams])
+        replies: list[StreamReply | AppendFailure] = []
+        for a, future in zip(request.streams, futures):
+            try:
+                replies.append(stream_reply(await asyncio.wrap_future(future)))
+            except StreamError as e:
+                replies.append(AppendFailure(id=a.id, status=e.status, detail=e.message))
+        return BatchAppendReply(streams=replies)
 
     @app.post("/v1/streams/{stream_id}/rollback", response_model=StreamReply, dependencies=[authorised])
     async def rollback(stream_id: str, request: RollbackRequest) -> StreamReply:

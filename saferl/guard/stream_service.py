@@ -3,8 +3,10 @@
 Owns `StreamService`: streams opened on a conversation (the query verdict), extended by tokens or text (a
 verdict per token plus the debounced decision so far), rolled back and closed, all on one `StreamBatch`. A
 single worker thread owns the model and the batch; callers submit operations and get futures. Each tick
-the worker takes every request waiting (plus those arriving within `max_wait_s`), applies closes and
-rollbacks, prefills all new streams in one forward, then feeds every stream's new tokens in one forward.
+the worker takes every request waiting, plus those that keep arriving (each within `max_wait_s` of the
+last, for at most `TICK_WAIT_CAP` times that; not at all once every open stream has asked), applies closes
+and rollbacks, prefills all new streams in one forward, then feeds every stream's new tokens in one
+forward. `append_many` submits appends to many streams as one tick's work.
 
 Choices and shortcuts:
 - The prefix is the conversation (ending with a user turn) rendered by the guard's own chat template with
@@ -41,6 +43,7 @@ from saferl.guard.stream_model import Qwen3StreamGuard
 from saferl.types import SafetyLabel, StreamVerdict
 
 EXPIRED_REMEMBERED = 10_000
+TICK_WAIT_CAP = 10  # a tick gathers requests for at most this many times max_wait_s
 
 
 class StreamError(Exception):
@@ -92,7 +95,8 @@ class StreamService:
         max_stream_tokens: tokens one stream may hold, prefix included.
         idle_timeout_s: a stream without requests this long is closed (a stream may ask for less).
         rule, mode: debouncing rule ("official" | "paper") and strict/loose for `flagged`.
-        max_wait_s: how long a tick waits, after its first request, for others to join.
+        max_wait_s: how long a tick waits, after its latest request, for another to join (unless every open
+            stream has asked; at most `TICK_WAIT_CAP` times this in all).
     """
 
     def __init__(self, model: Qwen3StreamGuard, tokenizer: Any, *, max_streams: int = 256,
@@ -108,7 +112,7 @@ class StreamService:
         self.streams: dict[str, Stream] = {}
         self.expired: OrderedDict[str, float] = OrderedDict()
         self.ticks = self.fed = self.opened = 0
-        self._queue: queue.Queue[tuple[str, tuple, Future] | None] = queue.Queue()
+        self._queue: queue.Queue[list[tuple[str, tuple, Future]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="saferl-stream-guard", daemon=True)
         self._thread.start()
 
@@ -134,9 +138,17 @@ class StreamService:
         self._queue.put(None)
         self._thread.join(timeout=10)
 
+    def append_many(self, appends: list[tuple[str, list[int] | None, str | None]]) -> list[Future[Reply]]:
+        """`append` to several streams at once, (stream id, tokens, text) each, applied in one tick (one forward):
+        what a chat server decoding many streams in lockstep sends after each step. A stream named twice
+        takes its second append in the next tick."""
+        requests: list[tuple[str, tuple, Future]] = [("append", tuple(a), Future()) for a in appends]
+        self._queue.put(requests)
+        return [future for _, _, future in requests]
+
     def _submit(self, op: str, *args: Any) -> Future[Reply]:
         future: Future[Reply] = Future()
-        self._queue.put((op, args, future))
+        self._queue.put([(op, args, future)])
         return future
 
     # ------------------------------------------------------------ the worker
@@ -145,29 +157,35 @@ class StreamService:
         carry: list[tuple[str, tuple, Future]] = []
         while True:
             try:
-                first = carry.pop(0) if carry else self._queue.get(timeout=1.0)
+                first = carry or self._queue.get(timeout=1.0)
             except queue.Empty:
                 self._expire(time.monotonic())
                 continue
             if first is None:
                 return
-            requests, deadline = [first, *carry], time.monotonic() + self.max_wait_s
-            carry = []
-            while True:
+            requests, carry = list(first), []
+            start = time.monotonic()
+            while not self._everyone_asked(requests):
+                wait = min(self.max_wait_s, start + TICK_WAIT_CAP * self.max_wait_s - time.monotonic())
                 try:
-                    request = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._queue.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     break
-                if request is None:
+                if item is None:
                     self._queue.put(None)  # stop after this tick
                     break
-                requests.append(request)
+                requests += item
             try:
                 carry = self._tick(requests)
             except Exception as e:  # noqa: BLE001 - a bug must fail this tick's requests, not hang them
                 for _, _, future in requests:
                     if not future.done():
                         future.set_exception(e)
+
+    def _everyone_asked(self, requests: list[tuple[str, tuple, Future]]) -> bool:
+        """Whether every open stream has a request in this tick: then no other can join it, and it starts at
+        once instead of waiting `max_wait_s` (a lone stream never waits)."""
+        return self.streams.keys() <= {args[0] for op, args, _ in requests if op != "open"}
 
     def _tick(self, requests: list[tuple[str, tuple, Future]]) -> list[tuple[str, tuple, Future]]:
         """Apply one tick's requests; returns those postponed to the next tick (a second one per stream)."""

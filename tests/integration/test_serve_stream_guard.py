@@ -175,3 +175,25 @@ def test_cap_expiry_and_bad_requests_get_4xx_and_the_server_stays_up(server, loc
     assert "/v1/streams/{stream_id}/append" in ok(server.get("/openapi.json"))["paths"]
     for sid in ids:
         ok(server.delete(f"/v1/streams/{sid}"))
+
+
+def test_batch_append_equals_appending_each_and_reports_failures_per_stream(server, local):
+    _, tokenizer, _ = local
+    ids = [answer(tokenizer, 12, seed) for seed in (3, 4)]
+    batch = [ok(server.post("/v1/streams", json={"messages": USER}))["id"] for _ in ids]
+    got: list[list] = [[], []]
+    for i in range(0, 12, 3):
+        body = {"streams": [{"id": s, "tokens": t[i:i + 3]} for s, t in zip(batch, ids)] + [{"id": "nope",
+                                                                                             "tokens": [1]}]}
+        replies = ok(server.post("/v1/streams/append", json=body))["streams"]
+        assert replies[2]["status"] == 404 and "no open stream" in replies[2]["detail"]
+        for k in (0, 1):
+            got[k] += replies[k]["verdicts"]
+    for k, t in enumerate(ids):
+        ok(server.delete(f"/v1/streams/{batch[k]}"))
+        alone = ok(server.post("/v1/streams", json={"messages": USER}))["id"]
+        want = ok(server.post(f"/v1/streams/{alone}/append", json={"tokens": t}))["verdicts"]
+        assert [(v["position"], v["token"], v["risk"]) for v in got[k]] == [
+            (v["position"], v["token"], v["risk"]) for v in want]
+        ok(server.delete(f"/v1/streams/{alone}"))
+    assert server.post("/v1/streams/append", json={"streams": []}).status_code == 422

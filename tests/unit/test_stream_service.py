@@ -145,3 +145,25 @@ def test_service_bounds_and_errors(guard, service):
     with pytest.raises(StreamError, match="must end with a user turn"):
         call(service.open([*USER, {"role": "assistant", "content": "hi"}]))
     assert call(service.append(ids[1], tokens=[2])).length == 2  # still serving
+
+
+def test_append_many_is_one_tick_and_a_lone_stream_does_not_wait(guard):
+    model, tokenizer, roles = guard
+    prefix, answers = encode_prompt(tokenizer, USER), [answer_ids(tokenizer, 12, seed=s) for s in range(2)]
+    svc = StreamService(model, tokenizer, max_streams=3, max_stream_tokens=200, max_wait_s=5.0)
+    try:
+        a, b = (call(svc.open(USER)).id for _ in range(2))
+        ticks = svc.ticks
+        replies = [call(f) for f in svc.append_many([(a, answers[0], None), (b, answers[1], None),
+                                                     ("nope", [1], None)])[:2]]
+        assert svc.ticks == ticks + 1  # both streams fed by one forward (and the unknown id refused there)
+        for reply, answer in zip(replies, answers):
+            assert [v.risk for v in reply.verdicts] == reference(model, roles, prefix, answer)[1]
+        with pytest.raises(StreamError, match="no open stream"):
+            call(svc.append_many([("nope", [1], None)])[0])
+        call(svc.close(b))
+        start = time.monotonic()  # one stream open and asking: its tick starts at once, not after 5 s
+        assert call(svc.append(a, tokens=[1])).length == 13
+        assert time.monotonic() - start < 2.5
+    finally:
+        svc.shutdown()
