@@ -220,38 +220,61 @@ def policy_loss(
     return loss, metrics
 
 
+def sampler_scores(logits: torch.Tensor, targets: torch.Tensor | None, temperature: float = 1.0, top_p: float = 1.0,
+                   entropy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs of `targets` and entropy under the sampler's distribution, one position per row: the definition
+    that `token_logprobs`, `token_entropy` and the chunked LM head (`trainer.logprobs`) compute.
+
+    Args:
+        logits: [N, V] logits of N positions (any float dtype; computed in float32).
+        targets: [N] the token each position is scored on, or None for entropy alone.
+        temperature: the sampler's temperature; logits are divided by it first.
+        top_p: the sampler's nucleus mass; tokens outside the nucleus (`nucleus_mask`) get probability 0. The
+            log-prob's support also keeps the target: where this forward's rounding puts a sampled token just
+            outside the nucleus the engine saw, its log-prob must stay finite (-inf would make the ratio NaN).
+            The entropy is that of the nucleus alone.
+        entropy: whether to compute the entropy.
+
+    Returns:
+        ([N] float32 log-probs or None, [N] float32 entropy or None), differentiable.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    keep = nucleus_mask(scaled.detach(), top_p) if top_p < 1.0 else None
+    lp = ent = None
+    if targets is not None:
+        column = targets.unsqueeze(-1)  # [N, 1]
+        row = scaled if keep is None else scaled.masked_fill(~keep.scatter(-1, column, True), float("-inf"))
+        lp = row.gather(-1, column).squeeze(-1) - torch.logsumexp(row, dim=-1)
+    if entropy:
+        if keep is None:
+            logp = torch.log_softmax(scaled, dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+        else:
+            logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
+            # Outside the nucleus p log p = 0 * -inf: count it as 0, which also keeps the gradient finite.
+            ent = -(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1)
+    return lp, ent
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
                    top_p: float = 1.0) -> torch.Tensor:
     """Log-probs of the actual next tokens under the sampler's distribution: tempered logits, renormalised over
-    the top-p nucleus.
+    the top-p nucleus (`sampler_scores`). Together these give the processed behaviour log-probs vLLM reports
+    (`logprobs_mode="processed_logprobs"`), so pi_old and pi are the policy that sampled.
 
     Args:
         logits: [B, T, V] model outputs for input_ids; position t predicts input_ids[:, t + 1].
         input_ids: [B, T] token ids.
-        temperature: the sampler's temperature; logits are divided by it first.
-        top_p: the sampler's nucleus mass; tokens outside the nucleus (`nucleus_mask`) get probability 0.
-            Together these give the processed behaviour log-probs vLLM reports
-            (`logprobs_mode="processed_logprobs"`), so pi_old and pi are the policy that sampled.
+        temperature, top_p: the sampler's (see `sampler_scores`).
 
     Returns:
         [B, T - 1] float32 log p(input_ids[:, t + 1] | input_ids[:, :t + 1]).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    targets = input_ids[:, 1:].unsqueeze(-1)  # [B, T-1, 1]
-    rows = []
-    # One row at a time, upcast to float32: peak extra memory is one [T, V] slab instead of [B, T, V], and
-    # bf16 logits do not lose precision in the logsumexp.
-    for row_logits, row_targets in zip(logits[:, :-1], targets, strict=True):
-        row = row_logits.float() if temperature == 1.0 else row_logits.float() / temperature  # [T-1, V]
-        if top_p < 1.0:
-            # The target stays in the support: where this forward's rounding puts a sampled token just outside
-            # the nucleus the engine saw, its log-prob must stay finite (-inf would make the ratio NaN).
-            keep = nucleus_mask(row.detach(), top_p).scatter_(-1, row_targets, True)
-            row = row.masked_fill(~keep, float("-inf"))
-        picked = row.gather(-1, row_targets).squeeze(-1)  # [T-1]
-        rows.append(picked - torch.logsumexp(row, dim=-1))
-    return torch.stack(rows)
+    # One row at a time: peak extra memory is one [T, V] float32 slab instead of [B, T, V].
+    return torch.stack([sampler_scores(row[:-1], ids[1:], temperature, top_p, entropy=False)[0]
+                        for row, ids in zip(logits, input_ids, strict=True)])
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
@@ -264,15 +287,5 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, top_p: float =
     Returns:
         [B, T] float32 entropy, differentiable.
     """
-    rows = []
-    for row in logits:  # one [T, V] slab at a time, as in token_logprobs (the nucleus sort doubles it)
-        scaled = row.float() if temperature == 1.0 else row.float() / temperature
-        if top_p >= 1.0:
-            logp = torch.log_softmax(scaled, dim=-1)
-            rows.append(-(logp.exp() * logp).sum(-1))
-            continue
-        keep = nucleus_mask(scaled.detach(), top_p)
-        logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
-        # Outside the nucleus p log p = 0 * -inf: count it as 0, which also keeps the gradient finite.
-        rows.append(-(logp.exp() * logp.masked_fill(~keep, 0.0)).sum(-1))
-    return torch.stack(rows)
+    # One [T, V] slab at a time, as in token_logprobs (the nucleus sort doubles it).
+    return torch.stack([sampler_scores(row, None, temperature, top_p)[1] for row in logits])

@@ -27,7 +27,8 @@ import torch
 from saferl.engines import state_dict_blob
 from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer import batching, distributed, lora
-from saferl.trainer.gspo import policy_loss, token_entropy, token_logprobs, warn_if_misconfigured
+from saferl.trainer.gspo import policy_loss, warn_if_misconfigured
+from saferl.trainer.logprobs import head_scores
 from saferl.types import TrainBatch
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -72,7 +73,8 @@ class PolicyTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         # Master weights stay fp32; `dtype` is the compute dtype (autocast, or DeepSpeed's bf16 mode).
-        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        # SDPA: the attention that takes pack_batch's boolean block mask as it is.
+        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
         if device is not None:
             policy.to(device)
         self.compute_dtype = getattr(torch, dtype)
@@ -85,7 +87,8 @@ class PolicyTrainer:
         self.has_reference = kl_coef > 0 or reference_scoring
         self.reference = None
         if self.has_reference and not lora_rank:
-            self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=self.compute_dtype)
+            self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=self.compute_dtype,
+                                                                  attn_implementation="sdpa")
             self.reference.to(policy.device).eval().requires_grad_(False)
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
         self.lr_args = dict(base_lr=lr, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps)
@@ -131,39 +134,48 @@ class PolicyTrainer:
 
     # ---- the update ---------------------------------------------------------------------------------------
 
-    def _forward(self, batch: TrainBatch, micro: batching.MicroBatch, model: Any = None, last: bool = True,
+    def _pack(self, batch: TrainBatch, micro: batching.MicroBatch) -> batching.PackedBatch:
+        return batching.pack_batch(batch, micro.rows, self.tokenizer.pad_token_id, micro.empty)
+
+    def _forward(self, packed: batching.PackedBatch, model: Any = None, last: bool = True,
                  own_distribution: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Response-token log-probs [b, C], response mask [b, C] and logits [b, C, V] of one micro-batch.
+        """Response-token log-probs [b, C], response mask [b, C] and entropy [b, C] of one packed micro-batch.
 
         `model=None` is the trained policy through its engine (gradient-synchronising on the `last`
-        micro-batch); otherwise that module is called directly (no-grad passes). The log-probs are the
-        sampler's (temperature, top-p), or with `own_distribution` the model's own (temperature 1, top-p 1).
+        micro-batch); otherwise that module is called directly (no-grad passes). Log-probs and entropy are the
+        sampler's (temperature, top-p), or with `own_distribution` the model's own (temperature 1, top-p 1);
+        both keep their gradient, the entropy's costs nothing unless it reaches the loss. The model returns
+        its last hidden states (no logits: `logits_to_keep` selects none) and `head_scores` runs the LM head
+        on the scored positions only, in chunks.
         """
-        padded = batching.pad_batch(batch, micro.rows, self.tokenizer.pad_token_id, micro.empty)
         device = self.policy.device
-        width = padded.response_width
-        inputs = dict(input_ids=padded.input_ids.to(device), attention_mask=padded.attention_mask.to(device),
-                      position_ids=padded.position_ids.to(device), logits_to_keep=width + 1)
+        inputs = dict(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+                      position_ids=packed.position_ids.to(device), output_hidden_states=True,
+                      logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
         with self.engine.autocast():
-            logits = (self.engine.forward(last=last, **inputs) if model is None else model(**inputs)).logits
-        # Logit column j (of width + 1) predicts response token j; `token_logprobs` pairs column j with
-        # target j + 1, so the targets get one leading placeholder.
-        response_ids = padded.input_ids[:, -width:].to(device)
-        temperature, top_p = (1.0, 1.0) if own_distribution else (self.temperature, self.top_p)
-        lp = token_logprobs(logits, torch.cat([response_ids[:, :1], response_ids], 1), temperature, top_p)
-        return lp, padded.response_mask.to(device), logits[:, :-1]
+            out = self.engine.forward(last=last, **inputs) if model is None else model(**inputs)
+            hidden = out.hidden_states[-1].flatten(0, 1)[packed.scored.to(device)]  # [N, H], after the final norm
+            temperature, top_p = (1.0, 1.0) if own_distribution else (self.temperature, self.top_p)
+            head = (self._unwrapped() if model is None else model).get_output_embeddings()
+            lp, entropy = head_scores(hidden, head, packed.targets.to(device), temperature, top_p,
+                                      fused=not (self.strategy == "deepspeed" and self.zero_stage == 3))
+        mask = packed.response_mask.to(device)
+        # Back to [b, C] in the mask's row-major order (masked_scatter keeps an all-empty micro-batch connected).
+        select = mask.bool()
+        return (mask.new_zeros(mask.shape).masked_scatter(select, lp), mask,
+                mask.new_zeros(mask.shape).masked_scatter(select, entropy))
 
     @torch.no_grad()
-    def _reference_forward(self, batch: TrainBatch, micro: batching.MicroBatch, own_distribution: bool = False
+    def _reference_forward(self, packed: batching.PackedBatch, own_distribution: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
         """Response-token log-probs [b, C] and mask [b, C] of one micro-batch under the reference."""
         if self.reference is not None:
-            return self._forward(batch, micro, model=self.reference, own_distribution=own_distribution)[:2]
+            return self._forward(packed, model=self.reference, own_distribution=own_distribution)[:2]
         with self.policy.disable_adapter():  # LoRA: the base model is the reference
-            return self._forward(batch, micro, model=self.policy, own_distribution=own_distribution)[:2]
+            return self._forward(packed, model=self.policy, own_distribution=own_distribution)[:2]
 
-    def _reference_logprobs(self, batch: TrainBatch, micro: batching.MicroBatch) -> torch.Tensor | None:
-        return self._reference_forward(batch, micro)[0] if self.kl_coef > 0 else None
+    def _reference_logprobs(self, packed: batching.PackedBatch) -> torch.Tensor | None:
+        return self._reference_forward(packed)[0] if self.kl_coef > 0 else None
 
     @torch.no_grad()
     def reference_logprobs(self, batch: TrainBatch) -> list[tuple[float, float]]:
@@ -183,7 +195,7 @@ class PolicyTrainer:
         for k in range(math.ceil(math.ceil(len(batch.input_ids) / self.world_size) / size)):
             part = rows[k * size: (k + 1) * size]
             micro = batching.MicroBatch(part, [False] * len(part)) if part else batching.MicroBatch([0], [True])
-            lp, mask = self._reference_forward(batch, micro, own_distribution=True)
+            lp, mask = self._reference_forward(self._pack(batch, micro), own_distribution=True)
             if part:
                 means = (lp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
                 lowest = lp.masked_fill(mask == 0, math.inf).min(-1).values
@@ -206,34 +218,37 @@ class PolicyTrainer:
         self.steps_done += 1
         lr = lr_at(self.steps_done, **self.lr_args)
         mode, aggregation = self.loss_kwargs["mode"], self.loss_kwargs["aggregation"]
+        prompts = [tuple(ids[:n]) for ids, n in zip(batch.input_ids, batch.prompt_lens)]
         steps = batching.assign(len(batch.input_ids), self.minibatches, self.world_size, self.rank,
-                                self.micro_batch_size, self.generator)
+                                self.micro_batch_size, self.generator, prompts)
         advantages = torch.tensor(batch.advantages, dtype=torch.float32)
+        packs = {id(m): self._pack(batch, m) for _, micros in steps for m in micros}  # once per train call
         # pi_old of the off-policy minibatches, before any weight changes (the first one uses its own forward).
         with torch.no_grad():
-            old = {id(m): self._forward(batch, m, model=self._unwrapped())[0] for _, micros in steps[1:]
+            old = {id(m): self._forward(packs[id(m)], model=self._unwrapped())[0] for _, micros in steps[1:]
                    for m in micros}
         sums: dict[str, float] = {}
         terms, grad_norms, ratio_max = 0, [], -math.inf
         tokens = entropy = mismatch = first_tokens = 0.0
         for index, (rows, micros) in enumerate(steps):
+            lengths = torch.tensor([len(batch.input_ids[i]) - batch.prompt_lens[i] for i in rows])
             global_count = max(1.0, batching.loss_count(
-                batching.pad_batch(batch, rows, self.tokenizer.pad_token_id).response_mask, mode, aggregation))
+                (torch.arange(max(1, int(lengths.max()))) < lengths[:, None]).float(), mode, aggregation))
             for k, micro in enumerate(micros):
                 last = k == len(micros) - 1
-                lp, mask, logits = self._forward(batch, micro, last=last)
+                packed = packs.pop(id(micro))
+                lp, mask, per_token = self._forward(packed, last=last)
                 old_lp = lp.detach() if index == 0 else old.pop(id(micro))
-                # The entropy term (a bonus, or a penalty when negative) needs the per-token entropy with its
-                # gradient; otherwise it is only a metric.
-                bonus = token_entropy(logits, self.temperature, self.top_p) if self.entropy_coef != 0 else None
+                # The entropy term (a bonus, or a penalty when negative) takes the entropy with its gradient;
+                # otherwise it is only a metric (from the same LM-head chunks, its gradient never computed).
+                bonus = per_token if self.entropy_coef != 0 else None
                 loss, m = policy_loss(lp, old_lp, advantages[micro.rows].to(lp.device), mask, **self.loss_kwargs,
-                                      kl_coef=self.kl_coef, ref_logprobs=self._reference_logprobs(batch, micro),
+                                      kl_coef=self.kl_coef, ref_logprobs=self._reference_logprobs(packed),
                                       entropy=bonus, entropy_coef=self.entropy_coef)
                 local_count = batching.loss_count(mask, mode, aggregation)
                 # Weighted by its share of the minibatch, summed over micro-batches and ranks (see batching.py).
                 self.engine.backward(loss * (local_count / global_count) * self.world_size, last)
                 with torch.no_grad():
-                    per_token = bonus if bonus is not None else token_entropy(logits, self.temperature, self.top_p)
                     entropy += float((per_token * mask).sum())
                     tokens += float(mask.sum())
                     if index == 0:
@@ -244,7 +259,7 @@ class PolicyTrainer:
                     for key, value in m.items():
                         sums[key] = sums.get(key, 0.0) + value
                     terms += 1
-                del logits, lp, loss
+                del per_token, lp, loss
             grad_norms.append(self.engine.step(lr))
         metrics = {k: v / terms for k, v in sums.items()} | ({"ratio_max": ratio_max} if terms else {})
         metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, loss_terms=float(terms), tokens=tokens,
@@ -261,7 +276,7 @@ class PolicyTrainer:
     def sequence_logprobs(self, batch: TrainBatch) -> list[list[float]]:
         """Log-probs of each response token under the current weights (at the sampling temperature and top-p)."""
         micro = batching.MicroBatch(list(range(len(batch.input_ids))), [False] * len(batch.input_ids))
-        lp, mask, _ = self._forward(batch, micro, model=self._unwrapped())
+        lp, mask, _ = self._forward(self._pack(batch, micro), model=self._unwrapped())
         return [lp[i][mask[i].bool()].tolist() for i in range(len(batch.input_ids))]
 
     # ---- weights and state --------------------------------------------------------------------------------

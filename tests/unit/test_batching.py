@@ -179,3 +179,21 @@ def test_assign_rejects_bad_sizes():
         assign(4, 0, 1, 0, 2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="micro_batch_size"):
         assign(4, 1, 1, 0, 0, torch.Generator().manual_seed(0))
+
+
+def test_assign_with_prompts_groups_a_ranks_share_by_prompt_and_keeps_steps_and_ranks():
+    """With prompts, a rank's share of a step is ordered by prompt (first appearance, then the permutation's
+    order), so one prompt's samples share micro-batches; each sample keeps its step and rank."""
+    prompts = [(k % 3,) for k in range(12)]  # 3 prompts, 4 samples each
+    for rank in (0, 1):
+        plain = assign(12, 2, 2, rank, 2, torch.Generator().manual_seed(4))
+        grouped = assign(12, 2, 2, rank, 2, torch.Generator().manual_seed(4), prompts)
+        for (rows_a, micros_a), (rows_b, micros_b) in zip(plain, grouped):
+            assert rows_a == rows_b
+            mine = [r for m in micros_a for r in m.rows]
+            ordered = [r for m in micros_b for r in m.rows]
+            assert sorted(mine) == sorted(ordered)
+            first = {}
+            for k, r in enumerate(mine):
+                first.setdefault(prompts[r], k)
+            assert ordered == sorted(mine, key=lambda r: first[prompts[r]])

@@ -1,0 +1,186 @@
+"""The chunked LM head (saferl.trainer.logprobs) and the packed layout (batching.pack_batch) against hand values
+and against the unchunked, unpacked computation they replace: values and gradients within float32 rounding."""
+
+import math
+
+import pytest
+import torch
+
+from saferl.trainer import logprobs
+from saferl.trainer.batching import MicroBatch, pack_batch, pad_batch
+from saferl.trainer.gspo import policy_loss, sampler_scores, token_entropy, token_logprobs
+from saferl.trainer.logprobs import ChunkedHeadScores, head_scores
+from saferl.types import TrainBatch
+
+# Probabilities 0.15, 0.5, 0.05, 0.3 (as in test_gspo): with hidden [[1.0]] and weight log p, the logits are log p.
+_PROBS = [0.15, 0.5, 0.05, 0.3]
+_H = 1.1421247  # -(0.15 ln 0.15 + 0.5 ln 0.5 + 0.05 ln 0.05 + 0.3 ln 0.3)
+
+
+def _hand_case(requires_grad: bool = True) -> tuple[torch.Tensor, torch.nn.Linear]:
+    head = torch.nn.Linear(1, 4, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(_PROBS).log().view(4, 1))
+    return torch.ones(1, 1, requires_grad=requires_grad), head
+
+
+def test_hand_values_and_gradients_of_the_log_prob():
+    """lp(target 1) = ln 0.5; d lp / d z = onehot - p; d lp / d h = sum_v (onehot - p)_v ln p_v = ln 0.5 + H."""
+    hidden, head = _hand_case()
+    lp, ent = head_scores(hidden, head, torch.tensor([1]))
+    torch.testing.assert_close(lp, torch.tensor([math.log(0.5)]))
+    torch.testing.assert_close(ent, torch.tensor([_H]))
+    lp.sum().backward()
+    torch.testing.assert_close(head.weight.grad.view(4), torch.tensor([-0.15, 0.5, -0.05, -0.3]))
+    torch.testing.assert_close(hidden.grad, torch.tensor([[math.log(0.5) + _H]]))  # 0.4489775
+
+
+def test_hand_values_and_gradients_of_the_entropy():
+    """d H / d z_v = -p_v (ln p_v + H): for v = 1, -0.5 (ln 0.5 + 1.1421247) = -0.2244888."""
+    hidden, head = _hand_case()
+    _, ent = head_scores(hidden, head, torch.tensor([1]))
+    ent.sum().backward()
+    expected = [-p * (math.log(p) + _H) for p in _PROBS]  # -0.0131, -0.2245, +0.0930, +0.1455
+    torch.testing.assert_close(head.weight.grad.view(4), torch.tensor(expected))
+    assert expected[1] == pytest.approx(-0.2244888, abs=1e-6)
+    # d H / d h = sum_v dH/dz_v ln p_v (the weight is ln p)
+    torch.testing.assert_close(hidden.grad, torch.tensor([[sum(g * math.log(p) for g, p in zip(expected, _PROBS))]]))
+
+
+def test_hand_values_under_temperature_and_top_p():
+    hidden, head = _hand_case(requires_grad=False)
+    # T = 0.5 squares the probabilities: 0.0225, 0.25, 0.0025, 0.09 (sum 0.365): lp(1) = ln(0.25 / 0.365).
+    lp, _ = head_scores(hidden, head, torch.tensor([1]), temperature=0.5)
+    torch.testing.assert_close(lp, torch.tensor([math.log(0.25 / 0.365)]))
+    # top_p 0.75: nucleus {1: 0.5, 3: 0.3} -> ln(0.5 / 0.8) = -0.4700036, entropy 0.6615632; target 2 lies
+    # outside it and stays in its own support {1, 3, 2}: ln(0.05 / 0.85) = -2.8332133 (entropy still 0.6615632).
+    lp, ent = head_scores(hidden.expand(2, 1), head, torch.tensor([1, 2]), top_p=0.75)
+    torch.testing.assert_close(lp, torch.tensor([-0.4700036, -2.8332133]))
+    torch.testing.assert_close(ent, torch.tensor([0.6615632, 0.6615632]))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8), (1.3, 0.6)])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_chunked_equals_unchunked_values_and_gradients(monkeypatch, temperature, top_p, with_entropy):
+    """Random head and hidden states, several chunks (one shorter): log-probs, entropy and the gradients of a
+    random combination of them (hidden, weight, bias) equal `sampler_scores` on the full logits."""
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 4 * 37)  # 4 positions per chunk: chunks of 4, 4, 3
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, 6, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(6, 37)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(37, 6, generator=gen) * 2)
+    targets = torch.randint(0, 37, (11,), generator=gen)
+    w_lp, w_ent = torch.randn(11, generator=gen), torch.randn(11, generator=gen)
+
+    def grads(lp, ent):
+        loss = (lp * w_lp).sum() + ((ent * w_ent).sum() if with_entropy else 0.0)
+        return lp.detach(), ent.detach(), torch.autograd.grad(loss, [hidden, head.weight, head.bias])
+
+    got = grads(*head_scores(hidden, head, targets, temperature, top_p))
+    want = grads(*sampler_scores(head(hidden), targets, temperature, top_p))
+    for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # The module path (any head: LoRA-wrapped, ZeRO-3-partitioned) gives the same.
+    via_module = grads(*head_scores(hidden, head, targets, temperature, top_p, fused=False))
+    for a, b in zip([*via_module[:2], *via_module[2]], [*want[:2], *want[2]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_positions_and_no_gradient_paths():
+    """An empty micro-batch (only a dummy row) scores nothing but stays connected; a frozen head gets no
+    gradient computed."""
+    head = torch.nn.Linear(3, 5, bias=False)
+    hidden = torch.zeros(0, 3, requires_grad=True)
+    lp, ent = head_scores(hidden, head, torch.zeros(0, dtype=torch.long))
+    assert lp.shape == ent.shape == (0,)
+    (lp.sum() + ent.sum()).backward()
+    assert hidden.grad.shape == (0, 3) and (head.weight.grad == 0).all()
+    head.weight.grad = None
+    head.weight.requires_grad_(False)
+    hidden = torch.randn(2, 3, requires_grad=True)
+    lp, _ = ChunkedHeadScores.apply(hidden, head.weight, None, torch.tensor([0, 4]), 1.0, 1.0, torch.float32)
+    lp.sum().backward()
+    assert hidden.grad is not None and head.weight.grad is None
+
+
+def _groups() -> TrainBatch:
+    # rows 0, 2, 3 share prompt [11, 12]; row 1 has prompt [13]
+    return TrainBatch(input_ids=[[11, 12, 21, 22], [13, 31, 32, 33], [11, 12, 41], [11, 12, 51, 52, 53]],
+                      prompt_lens=[2, 1, 2, 2], old_logprobs=[[0.0] * 2, [0.0] * 3, [0.0], [0.0] * 3],
+                      advantages=[1.0, -1.0, 0.5, 0.0])
+
+
+def test_pack_batch_layout_by_hand():
+    packed = pack_batch(_groups(), [0, 1, 2, 3], pad_id=0, empty=[False, False, False, True])
+    # pack 0: prompt [11, 12] then the responses of rows 0, 2, 3; pack 1: [13] then row 1's; padded to 8
+    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 41, 51, 52, 53], [13, 31, 32, 33, 0, 0, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 2, 3, 4], [0, 1, 2, 3, 0, 0, 0, 0]]
+    m = packed.attention_mask[:, 0].int().tolist()
+    assert m[0][4] == [1, 1, 0, 0, 1, 0, 0, 0]  # row 2's response token sees the prompt and itself
+    assert m[0][6] == [1, 1, 0, 0, 0, 1, 1, 0]  # row 3's second token: prompt and its own response so far
+    assert m[0][1] == [1, 1, 0, 0, 0, 0, 0, 0]  # the prompt sees the prompt (causally)
+    assert m[1][5] == [0, 0, 0, 0, 0, 1, 0, 0]  # padding: itself only
+    # Scored: row 0 from prompt end (1) and 21 (2); row 1 from 13 (8 + 0), 31, 32; row 2 from the prompt end;
+    # row 3 is a dummy (empty): not scored.
+    assert packed.scored.tolist() == [1, 2, 8, 9, 10, 1]
+    assert packed.targets.tolist() == [21, 22, 31, 32, 33, 41]
+    assert packed.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]]
+
+
+def test_pack_batch_starts_a_new_row_past_pack_tokens(monkeypatch):
+    from saferl.trainer import batching
+
+    monkeypatch.setattr(batching, "PACK_TOKENS", 6)
+    packed = pack_batch(_groups(), [0, 2, 3], pad_id=0)
+    # prompt + row 0 + row 2 = 5 tokens; row 3's 3 more would make 8 > 6: a new row repeats the prompt
+    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 41], [11, 12, 51, 52, 53]]
+    assert packed.scored.tolist() == [1, 2, 1, 6, 7, 8]  # row 1 of width 5 starts at flat index 5
+
+
+def test_packed_forward_and_chunked_head_equal_the_padded_unchunked_step(tiny_policy, monkeypatch):
+    """The trainer's forward (packed prompts, chunked LM head) against what it replaced (pad_batch, full logits,
+    token_logprobs / token_entropy): log-probs, entropy, and the gradients of the GSPO loss with an entropy
+    term, on groups that share prompts, with responses of several lengths."""
+    from transformers import AutoModelForCausalLM
+
+    from saferl.trainer.policy import PolicyTrainer
+
+    model_dir, vocab = tiny_policy
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 7 * vocab)  # several chunks
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 3, 7)]
+    ids, lens = [], []
+    for k in range(9):
+        response = torch.randint(3, vocab, (1 + (5 * k) % 8,), generator=gen).tolist()
+        ids.append(prompts[k % 3] + response)
+        lens.append(len(prompts[k % 3]))
+    batch = TrainBatch(ids, lens, [[0.0] * (len(i) - n) for i, n in zip(ids, lens)],
+                       torch.randn(9, generator=gen).tolist())
+    trainer = PolicyTrainer(model_dir, temperature=0.9, top_p=1.0, micro_batch_size=9, minibatches=1)
+    model = trainer.policy
+    rows = list(range(9))
+    adv = torch.tensor(batch.advantages)
+
+    def loss_of(lp, ent, mask):
+        return policy_loss(lp, lp.detach() - 0.01, adv, mask, entropy=ent, entropy_coef=-0.5)[0]
+
+    lp, mask, ent = trainer._forward(trainer._pack(batch, MicroBatch(rows, [False] * 9)))
+    got = torch.autograd.grad(loss_of(lp, ent, mask), list(model.parameters()))
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    padded = pad_batch(batch, rows, trainer.tokenizer.pad_token_id)
+    width = padded.response_width
+    logits = reference(input_ids=padded.input_ids, attention_mask=padded.attention_mask,
+                       position_ids=padded.position_ids, logits_to_keep=width + 1).logits
+    response = padded.input_ids[:, -width:]
+    ref_lp = token_logprobs(logits, torch.cat([response[:, :1], response], 1), 0.9) * padded.response_mask
+    ref_ent = token_entropy(logits[:, :-1], 0.9) * padded.response_mask
+    want = torch.autograd.grad(loss_of(ref_lp, ref_ent, padded.response_mask), list(reference.parameters()))
+
+    torch.testing.assert_close(mask, padded.response_mask)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    scale = max(float(g.abs().max()) for g in want)
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert float((a - b).abs().max()) <= 1e-4 * scale, name
