@@ -318,6 +318,9 @@ class LoggingConfig:
     wandb: str = "disabled"  # disabled | offline | online
     project: str = "saferl"
     progress: bool = True
+    # false: the driver drops the known-harmless lines of vLLM, Ray, DeepSpeed and torch and per-actor
+    # weight-loading bars (saferl.quiet.HARMLESS lists each, with why); true (or -v): everything is shown.
+    verbose: bool = False
 
 
 @dataclass
@@ -355,7 +358,7 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
         raise ConfigError(f"Cannot parse overrides {overrides}: {e}") from e
 
 
-def _dotted(cfg: SafeRLConfig, key: str) -> Any:
+def dotted_value(cfg: SafeRLConfig, key: str) -> Any:
     """The value at a dotted key; None under an optional section that is off (null)."""
     node: Any = cfg
     for part in key.split("."):
@@ -365,9 +368,9 @@ def _dotted(cfg: SafeRLConfig, key: str) -> Any:
     return node
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SafeRLConfig:
-    """Schema defaults <- YAML file <- `key=value` overrides, validated. Returns a typed SafeRLConfig."""
-    merged: DictConfig = OmegaConf.structured(SafeRLConfig)
+def read_sources(path: str | Path | None, overrides: list[str] | None) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML file's and the overrides' raw mappings, as (where from, nested dict), in merge order; not yet
+    checked against the schema. `saferl config show` reads them to tell each value's source."""
     sources: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
         path = Path(path)
@@ -382,7 +385,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         sources.append((str(path), raw))
     if overrides:
         sources.append(("the command line", _parse_overrides(overrides)))
-    for source, raw in sources:
+    return sources
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SafeRLConfig:
+    """Schema defaults <- YAML file <- `key=value` overrides, validated. Returns a typed SafeRLConfig."""
+    merged: DictConfig = OmegaConf.structured(SafeRLConfig)
+    for source, raw in read_sources(path, overrides):
         check_keys(raw, source, SCHEMA_KEYS)
         try:
             merged = OmegaConf.merge(merged, raw)  # type: ignore[assignment]
@@ -401,7 +410,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg: SafeRLConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except ValueError as e:  # a dataclass's own check (SafetyPolicy: unknown category_caps), naming its key
         raise ConfigError(str(e)) from e
-    check_ranges({key: _dotted(cfg, key) for key in LEAF_KEYS}, NULLABLE_KEYS)
+    check_ranges({key: dotted_value(cfg, key) for key in LEAF_KEYS}, NULLABLE_KEYS)
     return cfg
 
 

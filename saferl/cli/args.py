@@ -12,6 +12,13 @@ every key and its default lives in saferl/config.py; an unknown key is rejected 
 def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", default=None, help="YAML config file (default: schema defaults = toy run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, applied after the file")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every log line (logging.verbose=true): the known-harmless vLLM/Ray/torch ones too")
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The command's KEY=VALUE overrides, with -v as logging.verbose=true (after them: -v wins)."""
+    return [*args.overrides, *(["logging.verbose=true"] if args.verbose else [])]
 
 
 def positive_int(text: str) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from saferl.cli.args import EPILOG_OVERRIDES, config_args
+from saferl.cli.args import EPILOG_OVERRIDES, config_args, overrides
+from saferl.cli.config_show import add_config_parser
 from saferl.cli.eval import add_eval_report_parsers
 from saferl.cli.guard import add_chat_parser, add_guard_parser
 from saferl.cli.serve_stream import STREAM_KINDS, add_stream_serve_args, serve_stream
@@ -14,7 +15,11 @@ from saferl.cli.serve_stream import STREAM_KINDS, add_stream_serve_args, serve_s
 def _cmd_train(args: argparse.Namespace) -> int:
     from saferl.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, overrides(args))
+    if not cfg.logging.verbose:
+        from saferl.quiet import quiet_output
+
+        quiet_output()  # before Ray and the model libraries are imported
     if args.dry_run:
         from saferl.placement import format_plan
         from saferl.roles import role_specs
@@ -33,7 +38,12 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
     from saferl.config import load_config
     from saferl.toyworld.build import build, ensure_built, toyworld_paths
 
-    cfg = load_config(args.config, args.overrides).toyworld
+    full = load_config(args.config, overrides(args))
+    cfg = full.toyworld
+    if not full.logging.verbose:
+        from saferl.quiet import quiet_output
+
+        quiet_output()
     if args.action == "path":
         print(toyworld_paths(cfg).root)
         return 0
@@ -123,6 +133,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saferl", description="Safety RL for chat models against a "
                                      "Qwen3Guard-style guard (Ray + vLLM rollouts, hybrid reward, GSPO).")
+    from saferl import __version__
+
+    parser.add_argument("--version", action="version", version=f"saferl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="run an RL experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -190,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_serve_args(p)
     p.set_defaults(func=_cmd_serve)
 
+    add_config_parser(sub)
     add_eval_report_parsers(sub)
     add_guard_parser(sub)
     add_chat_parser(sub)
