@@ -191,12 +191,23 @@ class ActorGroup:
         return ray.get(results)
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """Call `method` on every actor with the same arguments; one result per actor."""
+        """Call `method` on every actor with the same arguments; one result per actor. An argument may be a
+        result of `call_later` (on Ray an object reference: each actor reads it from the object store)."""
+        return self._gather(self.call_later(method, *args, **kwargs))
+
+    def call_later(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """`call` without waiting: on Ray one object reference per actor, which can be passed on to another
+        group's `call` without the result passing through this process; locally the results themselves."""
         if self.executor == "ray" and args and len(self.actors) > 1:
             import ray
 
-            args = tuple(ray.put(a) for a in args)  # one copy in the object store, not one per actor
-        return self._gather([self._invoke(a, method, *args, **kwargs) for a in self.actors])
+            # One copy in the object store, not one per actor; a reference already is one.
+            args = tuple(a if isinstance(a, ray.ObjectRef) else ray.put(a) for a in args)
+        return [self._invoke(a, method, *args, **kwargs) for a in self.actors]
+
+    def wait(self, results: list[Any]) -> list[Any]:
+        """The values of `call_later`'s results (re-raising an actor's error)."""
+        return self._gather(results)
 
     def map(self, method: str, items: list[Any], *args: Any, offset_kwarg: str | None = None,
             **kwargs: Any) -> list[Any]:

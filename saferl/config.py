@@ -261,6 +261,10 @@ class TrainerConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     gpus: float = 0.0  # per worker
     cpus: float = 0.5  # per worker
+    # The weight sync streams the weights to the engines in buckets of at most this many MiB (an engine
+    # module larger than that, e.g. a 151k-token embedding, travels alone); about one bucket is the extra
+    # memory a sync takes (benchmarks/results/weight_sync.md).
+    sync_bucket_mb: int = 256
 
 
 @dataclass

@@ -229,6 +229,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "trainer.lora.dropout": (Bound(0, 1, high_open=True), ""),
     "trainer.gpus": (COUNT, ""),
     "trainer.cpus": (COUNT, ""),
+    "trainer.sync_bucket_mb": (AT_LEAST_ONE, "the weight sync's bucket size; the extra memory during a sync"),
     "eval.every": (COUNT, "0: only before and after training"),
     "eval.samples_per_prompt": (AT_LEAST_ONE, ""),
     "eval.max_prompts": (COUNT, "0: all"),

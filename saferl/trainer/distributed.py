@@ -10,7 +10,7 @@ sampling engines of `saferl.engines` are a different thing: `saferl.engines.Engi
   micro-batch. Runs everywhere, including machines without DeepSpeed.
 - `DeepSpeedEngine`: ZeRO stage 0-3 from config (stage <= 2 also runs on CPU over gloo); the gradient
   accumulation boundary is set by hand because the number of micro-batches varies from step to step. Under
-  ZeRO-3 the full weights are gathered for weight sync and export.
+  ZeRO-3 the full weights are gathered for export, and for weight sync one bucket of parameters at a time.
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ class TrainingEngine(Protocol):
     def autocast(self) -> contextlib.AbstractContextManager[None]: ...
     def backward(self, loss: torch.Tensor, last: bool) -> None: ...
     def step(self, lr: float) -> float: ...
-    def full_weights(self) -> contextlib.AbstractContextManager[None]: ...
+    sharded: bool  # weights live in shards: `full_weights` gathers them, and they are released after it
+
+    def full_weights(self, params: list[torch.nn.Parameter] | None = None
+                     ) -> contextlib.AbstractContextManager[None]: ...
+    def numel(self, param: torch.nn.Parameter) -> int: ...
     def save(self, directory: str) -> None: ...
     def load(self, directory: str) -> None: ...
 
@@ -106,9 +110,14 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    sharded = False
+
     @contextlib.contextmanager
-    def full_weights(self) -> Iterator[None]:
+    def full_weights(self, params: list[torch.nn.Parameter] | None = None) -> Iterator[None]:
         yield  # every rank holds the whole model
+
+    def numel(self, param: torch.nn.Parameter) -> int:
+        return param.numel()
 
     def save(self, directory: str) -> None:
         """Model and optimizer state (identical on every rank, so rank 0 writes them)."""
@@ -157,15 +166,26 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    @property
+    def sharded(self) -> bool:
+        return self.zero_stage == 3
+
     @contextlib.contextmanager
-    def full_weights(self) -> Iterator[None]:
+    def full_weights(self, params: list[torch.nn.Parameter] | None = None) -> Iterator[None]:
+        """`params` (all of the model's by default) whole on every rank inside the block; under ZeRO-3 every
+        rank must enter it with the same list (the gather is collective)."""
         if self.zero_stage < 3:
             yield
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+        gather = list(self.module.parameters()) if params is None else params
+        with deepspeed.zero.GatheredParameters(gather, modifier_rank=None):
             yield
+
+    def numel(self, param: torch.nn.Parameter) -> int:
+        """The full parameter's size (under ZeRO-3 this rank holds a partition of it)."""
+        return param.ds_numel if self.zero_stage == 3 else param.numel()
 
     def save(self, directory: str) -> None:
         self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)

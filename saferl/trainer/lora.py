@@ -36,17 +36,37 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     if not is_lora(model):
         return dict(model.state_dict())
+    names = [k.replace(".base_layer.", ".") for k in model.get_base_model().state_dict() if "lora_" not in k]
+    return dict(merged_tensors(model, names))
+
+
+def export_parameters(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """{HF name of an exported weight: the parameters it is computed from}, in the model's order. A tied
+    weight appears under each of its names; an adapted weight needs its base weight and its adapters."""
+    base = model.get_base_model() if is_lora(model) else model
+    out: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        key = name.split(".lora_")[0] + ".weight" if "lora_" in name else name.replace(".base_layer.", ".")
+        out.setdefault(key, []).append(param)
+    return out
+
+
+def merged_tensors(model: torch.nn.Module, names: list[str]) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) for the HF `names`, adapters folded in (W + scale * B @ A, computed on the side); the
+    others are the model's own tensors, not copies."""
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model()
-    merged: dict[str, torch.Tensor] = {}
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name:
-            continue
-        merged[name.replace(".base_layer.", ".")] = tensor
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer) and module.active_adapters:
-            key = f"{name}.weight"
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            merged[key] = (merged[key].float() + delta.float()).to(merged[key].dtype)
-    return merged
+    base = model.get_base_model() if is_lora(model) else model
+    out = []
+    for name in names:
+        path, _, leaf = name.rpartition(".")
+        module = base.get_submodule(path)
+        if isinstance(module, LoraLayer):
+            tensor = getattr(module.get_base_layer(), leaf)
+            if leaf == "weight" and module.active_adapters:
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                tensor = (tensor.float() + delta.float()).to(tensor.dtype)
+        else:
+            tensor = getattr(module, leaf)
+        out.append((name, tensor))
+    return out

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from saferl.engines import state_dict_blob
+from saferl.engines import WeightBucket, pack_bucket, state_dict_blob
 from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer import batching, distributed, lora
 from saferl.trainer.gspo import policy_loss, warn_if_misconfigured
@@ -291,6 +291,30 @@ class PolicyTrainer:
             blob = state_dict_blob(lora.merged_state_dict(self._unwrapped())) if self.rank == 0 else b""
         self.compute_intervals.append((start, time.time()))
         return blob
+
+    def weight_layout(self) -> list[tuple[str, int]]:
+        """(HF name, bytes) of every weight `weight_bucket` can send, in the model's order (adapters merged)."""
+        params = lora.export_parameters(self._unwrapped())
+        return [(name, self.engine.numel(ps[0]) * ps[0].element_size()) for name, ps in params.items()]
+
+    def weight_bucket(self, names: list[str]) -> WeightBucket | None:
+        """The current weights `names` (adapters merged) as one bucket; None off rank 0.
+
+        Every rank must call it with the same names: under ZeRO-3 only these parameters are gathered (and
+        copied out before they are released); otherwise the bucket views the live weights.
+        """
+        start = time.time()
+        params = lora.export_parameters(self._unwrapped())
+        needed = list({id(p): p for name in names for p in params[name]}.values())
+        bucket = None
+        with self.engine.full_weights(needed):
+            if self.rank == 0:
+                tensors = lora.merged_tensors(self._unwrapped(), names)
+                if self.engine.sharded:
+                    tensors = [(name, t.detach().clone()) for name, t in tensors]
+                bucket = pack_bucket(tensors)
+        self.compute_intervals.append((start, time.time()))
+        return bucket
 
     def pop_compute(self) -> list[tuple[float, float]]:
         """Model compute since the last pop: (start, end) `time.time()` intervals, for `tracking.step_timing`."""

@@ -5,6 +5,7 @@ import inspect
 
 import pytest
 
+from saferl.engines import WeightBucket
 from saferl.guard.remote import RemoteGuardScorer
 from saferl.guard.scorer import GuardScorer
 from saferl.handles import GuardGroup, HelpfulnessGroup, RolloutGroup, TrainerGroup, failure_counters
@@ -33,6 +34,12 @@ class RecordingGroup:
         self._record(method, *args, **kwargs)
         return [b"blob" if method == "state_blob" else {"errors": 1} if method == "stats" else None] * self.n
 
+    def call_later(self, method, *args, **kwargs):
+        return self.call(method, *args, **kwargs)
+
+    def wait(self, results):
+        return results
+
     def map(self, method, items, *args, offset_kwarg=None, **kwargs):
         self._record(method, items, *args, **({offset_kwarg: 0} if offset_kwarg else {}), **kwargs)
         return []
@@ -57,6 +64,9 @@ CASES = [
     (RolloutGroup, lambda h: h.generate(PROMPTS, 2, **SAMPLING), [RolloutWorker]),
     (RolloutGroup, lambda h: h.generate_stream(PROMPTS, 2, **SAMPLING), [RolloutWorker]),
     (RolloutGroup, lambda h: h.load_weights(b"w"), [RolloutWorker]),
+    (RolloutGroup, lambda h: (h.packed_modules(), h.begin_weight_update(),
+                              h.load_weight_bucket(WeightBucket([], [], [], [])), h.finish_weight_update()),
+     [RolloutWorker]),
     (GuardGroup, lambda h: h.moderate([ModerationItem([{"role": "user", "content": "q"}], "a")]),
      [GuardScorer, RemoteGuardScorer]),
     (HelpfulnessGroup, lambda h: h.score([([{"role": "user", "content": "q"}], "a")]),
@@ -64,6 +74,7 @@ CASES = [
     (TrainerGroup, lambda h: h.connect(), [PolicyTrainer]),
     (TrainerGroup, lambda h: h.train_step(TrainBatch([[1, 2]], [1], [[0.0]], [1.0])), [PolicyTrainer]),
     (TrainerGroup, lambda h: h.state_blob(), [PolicyTrainer]),
+    (TrainerGroup, lambda h: (h.weight_layout(), h.weight_bucket(["lm_head.weight"])), [PolicyTrainer]),
     (TrainerGroup, lambda h: h.save("/tmp/x", "merged"), [PolicyTrainer]),
     (TrainerGroup, lambda h: h.load("/tmp/x"), [PolicyTrainer]),
 ]
