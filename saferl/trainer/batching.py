@@ -1,9 +1,10 @@
 """How a rollout batch becomes tensors and is cut into minibatches, ranks and micro-batches (pure).
 
 Owns three decisions that make data-parallel training give the same update as one process:
-- Layout: `pack_batch`, what the trainer runs: the responses that share a prompt follow it in one row and attend
-  to it through a block mask, so a GRPO group's prompt is run once instead of G times, with the RoPE positions
-  and attention each response has alone; only the positions that predict a response token are scored. The
+- Layout: `pack_batch`, what the trainer runs: one row without padding, each prompt once with the responses
+  that share it behind it, so a GRPO group's prompt is run once instead of G times, with the RoPE positions
+  and attention (`packed_attention`) each response has alone; only the positions that predict a response
+  token are scored. The
   plain layout, `pad_batch`: prompts left-padded to width P, responses right-padded to width C (every response
   starts in the same column); position ids come from the attention mask, so padding does not shift RoPE
   positions.
@@ -22,6 +23,7 @@ import math
 
 import torch
 
+from saferl.trainer.packed_attention import PackedAttention, packed_segments
 from saferl.types import TrainBatch
 
 
@@ -114,26 +116,17 @@ def assign(n: int, minibatches: int, world_size: int, rank: int, micro_batch_siz
     return steps
 
 
-# A packed row stops growing at this many tokens: its attention costs the square of its length (every query
-# against every key of the row, masked or not), so a whole group of long responses in one row would cost more
-# than the prompt copies it saves.
-PACK_TOKENS = 2048
-
-
 @dataclasses.dataclass
 class PackedBatch:
-    """A micro-batch with each prompt run once for the responses that share it (a GRPO group's G samples).
+    """A micro-batch as one row with each prompt once, followed by the responses that share it (a GRPO group's
+    G samples), no padding:
 
-    Packed row r holds one prompt and after it the responses of the batch rows with that prompt (up to
-    PACK_TOKENS tokens, then a new row repeats the prompt), right-padded to width L:
-
-        input_ids [R, L], position_ids [R, L]: a prompt at positions 0..P-1, each response at P, P + 1, ... as
-            if it followed its prompt alone (the same RoPE positions as `pad_batch`'s layout);
-        attention_mask [R, 1, L, L] bool, True where a query may attend: a prompt token sees the prompt before
-            it, a response token its prompt and its own response up to itself, a padding position itself only
-            (a row with no key would give NaN); so each response's hidden states equal `pad_batch`'s;
-        scored [N]: flat indices into R * L of the positions whose next token is a response token (a prompt's
-            last token, then each response token but the last), in the row-major order of response_mask;
+        input_ids [1, T], position_ids [1, T]: a prompt at positions 0..P-1, each response at P, P + 1, ... as
+            if it followed its prompt alone (the RoPE positions of `pad_batch`'s layout);
+        attention: the segments for `packed_attention` (a prompt attends to itself causally, a response to its
+            prompt and its own tokens up to itself), so each response's hidden states equal `pad_batch`'s;
+        scored [N]: the positions whose next token is a response token (a prompt's last token for a response's
+            first, then each response token but the last), in the row-major order of response_mask;
         targets [N]: those next tokens;
         response_mask [B, C] float (1.0 on response tokens; a dummy row's all zero, and not scored), response
             width C: the per-sequence view the loss works on.
@@ -141,7 +134,7 @@ class PackedBatch:
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention: PackedAttention
     scored: torch.Tensor
     targets: torch.Tensor
     response_mask: torch.Tensor
@@ -149,50 +142,43 @@ class PackedBatch:
 
 
 def pack_batch(batch: TrainBatch, rows: list[int], pad_id: int, empty: list[bool] | None = None) -> PackedBatch:
-    """Pack the chosen rows of a TrainBatch; rows with equal prompt ids share their prompt's positions."""
+    """Pack the chosen rows of a TrainBatch; rows with equal prompt ids share their prompt's positions.
+    (`pad_id` is unused: the packed row has no padding; kept so both layouts are called alike.)"""
     empty = empty or [False] * len(rows)
-    packs: list[tuple[list[int], list[int]]] = []  # (prompt ids, batch rows b after it)
-    open_pack: dict[tuple[int, ...], int] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}  # prompt ids -> positions b in `rows`, first appearance first
     for b, i in enumerate(rows):
         prompt = tuple(batch.input_ids[i][: batch.prompt_lens[i]])
         if not prompt:
             raise ValueError(f"row {i} has an empty prompt: its first response token has no position to be "
                              "predicted from")
-        k = open_pack.get(prompt)
-        length = 0 if k is None else len(prompt) + sum(len(batch.input_ids[rows[c]]) - len(prompt)
-                                                       for c in packs[k][1])
-        if k is None or length + len(batch.input_ids[i]) - len(prompt) > PACK_TOKENS:
-            open_pack[prompt] = k = len(packs)
-            packs.append((list(prompt), []))
-        packs[k][1].append(b)
-    width = max(len(p) + sum(len(batch.input_ids[rows[b]]) - len(p) for b in members) for p, members in packs)
-    ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(packs), width), dtype=torch.long)
-    segment = torch.full((len(packs), width), -1, dtype=torch.long)  # -1 padding, 0 prompt, b + 1 response b
+        groups.setdefault(prompt, []).append(b)
     responses = [batch.input_ids[i][batch.prompt_lens[i]:] for i in rows]
-    width_c = max(1, max(map(len, responses)))
-    mask = torch.zeros((len(rows), width_c), dtype=torch.float32)
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[tuple[int, list[tuple[int, int]]]] = []  # (prompt start, [(response start, length)])
     scored_at: list[list[int]] = [[] for _ in rows]
-    for r, (prompt, members) in enumerate(packs):
-        n_p = len(prompt)
-        ids[r, :n_p] = torch.tensor(prompt, dtype=torch.long)
-        positions[r, :n_p] = torch.arange(n_p)
-        segment[r, :n_p] = 0
-        col = n_p
+    for prompt, members in groups.items():
+        start = len(ids)
+        ids += prompt
+        positions += range(len(prompt))
+        spans = []
         for b in members:
             response = responses[b]
-            ids[r, col: col + len(response)] = torch.tensor(response, dtype=torch.long)
-            positions[r, col: col + len(response)] = torch.arange(n_p, n_p + len(response))
-            segment[r, col: col + len(response)] = b + 1
+            at = len(ids)
+            ids += response
+            positions += range(len(prompt), len(prompt) + len(response))
+            spans.append((at, len(response)))
             if response and not empty[b]:
-                mask[b, : len(response)] = 1.0
                 # Response token j is predicted at the position before it: the prompt's last for j = 0.
-                scored_at[b] = [r * width + n_p - 1] + [r * width + col + j for j in range(len(response) - 1)]
-            col += len(response)
-    query, key = segment.unsqueeze(-1), segment.unsqueeze(-2)  # [R, L, 1], [R, 1, L]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    attend = causal & (query >= 0) & (key >= 0) & ((key == 0) | (key == query)) | torch.eye(width, dtype=torch.bool)
+                scored_at[b] = [start + len(prompt) - 1] + list(range(at, at + len(response) - 1))
+        segments.append((start, len(prompt), spans))
+    width_c = max(1, max(map(len, responses)))
+    mask = torch.zeros((len(rows), width_c), dtype=torch.float32)
+    for b, response in enumerate(responses):
+        if response and not empty[b]:
+            mask[b, : len(response)] = 1.0
     scored = torch.tensor([i for at in scored_at for i in at], dtype=torch.long)
-    targets = torch.tensor([t for b, response in enumerate(responses) if not empty[b] for t in response],
-                           dtype=torch.long)
-    return PackedBatch(ids, positions, attend.unsqueeze(1), scored, targets, mask, width_c)
+    targets = torch.tensor([t for b, response in enumerate(responses) if response and not empty[b]
+                            for t in response], dtype=torch.long)
+    return PackedBatch(torch.tensor([ids], dtype=torch.long), torch.tensor([positions], dtype=torch.long),
+                       packed_segments(segments, len(ids)), scored, targets, mask, width_c)

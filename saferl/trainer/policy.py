@@ -26,7 +26,7 @@ import torch
 
 from saferl.engines import WeightBucket, pack_bucket, state_dict_blob
 from saferl.runtime import check_model_dir, configure_process
-from saferl.trainer import batching, distributed, lora
+from saferl.trainer import batching, distributed, lora, packed_attention
 from saferl.trainer.gspo import policy_loss, warn_if_misconfigured
 from saferl.trainer.logprobs import head_scores
 from saferl.types import TrainBatch
@@ -73,8 +73,9 @@ class PolicyTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         # Master weights stay fp32; `dtype` is the compute dtype (autocast, or DeepSpeed's bf16 mode).
-        # SDPA: the attention that takes pack_batch's boolean block mask as it is.
-        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa")
+        # Attention over pack_batch's segments (HF's SDPA for any other mask).
+        attention = packed_attention.register()
+        policy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation=attention)
         if device is not None:
             policy.to(device)
         self.compute_dtype = getattr(torch, dtype)
@@ -88,7 +89,7 @@ class PolicyTrainer:
         self.reference = None
         if self.has_reference and not lora_rank:
             self.reference = AutoModelForCausalLM.from_pretrained(model, dtype=self.compute_dtype,
-                                                                  attn_implementation="sdpa")
+                                                                  attn_implementation=attention)
             self.reference.to(policy.device).eval().requires_grad_(False)
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
         self.lr_args = dict(base_lr=lr, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps)
@@ -149,7 +150,9 @@ class PolicyTrainer:
         on the scored positions only, in chunks.
         """
         device = self.policy.device
-        inputs = dict(input_ids=packed.input_ids.to(device), attention_mask=packed.attention_mask.to(device),
+        # The layout as a prepared mask (HF's dict form), read by the packed attention of every layer.
+        inputs = dict(input_ids=packed.input_ids.to(device),
+                      attention_mask={"full_attention": packed.attention.to(device)},
                       position_ids=packed.position_ids.to(device), output_hidden_states=True,
                       logits_to_keep=torch.zeros(0, dtype=torch.long, device=device))
         with self.engine.autocast():

@@ -113,29 +113,55 @@ def _groups() -> TrainBatch:
 
 def test_pack_batch_layout_by_hand():
     packed = pack_batch(_groups(), [0, 1, 2, 3], pad_id=0, empty=[False, False, False, True])
-    # pack 0: prompt [11, 12] then the responses of rows 0, 2, 3; pack 1: [13] then row 1's; padded to 8
-    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 41, 51, 52, 53], [13, 31, 32, 33, 0, 0, 0, 0]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 2, 3, 4], [0, 1, 2, 3, 0, 0, 0, 0]]
-    m = packed.attention_mask[:, 0].int().tolist()
-    assert m[0][4] == [1, 1, 0, 0, 1, 0, 0, 0]  # row 2's response token sees the prompt and itself
-    assert m[0][6] == [1, 1, 0, 0, 0, 1, 1, 0]  # row 3's second token: prompt and its own response so far
-    assert m[0][1] == [1, 1, 0, 0, 0, 0, 0, 0]  # the prompt sees the prompt (causally)
-    assert m[1][5] == [0, 0, 0, 0, 0, 1, 0, 0]  # padding: itself only
-    # Scored: row 0 from prompt end (1) and 21 (2); row 1 from 13 (8 + 0), 31, 32; row 2 from the prompt end;
-    # row 3 is a dummy (empty): not scored.
+    # One row: prompt [11, 12], the responses of rows 0, 2, 3; then prompt [13] and row 1's response.
+    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 41, 51, 52, 53, 13, 31, 32, 33]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2, 2, 3, 4, 0, 1, 2, 3]]
+    # Scored: row 0 from the prompt's end (1) and 21 (2); row 1 from 13 (8), 31, 32; row 2 from the prompt's
+    # end; row 3 is a dummy (empty): not scored.
     assert packed.scored.tolist() == [1, 2, 8, 9, 10, 1]
     assert packed.targets.tolist() == [21, 22, 31, 32, 33, 41]
     assert packed.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    # Segments: prompt [11, 12]; responses of rows 0, 2, 3 with that prompt's keys first; prompt [13]; row 1's.
+    # Padding queries point at the dummy position 12 and see key 0 only.
+    att = packed.attention
+    assert att.query_index.tolist() == [[0, 1, 12], [2, 3, 12], [4, 12, 12], [5, 6, 7], [8, 12, 12], [9, 10, 11]]
+    assert att.key_index.tolist() == [[0, 1, 0, 0, 0], [0, 1, 2, 3, 0], [0, 1, 4, 0, 0], [0, 1, 5, 6, 7],
+                                      [8, 0, 0, 0, 0], [8, 9, 10, 11, 0]]
+    allowed = att.allowed[:, 0].int().tolist()
+    assert allowed[0] == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]  # causal prompt, then padding
+    assert allowed[1] == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]]  # prompt + own response so far
 
 
-def test_pack_batch_starts_a_new_row_past_pack_tokens(monkeypatch):
-    from saferl.trainer import batching
+def test_packed_attention_equals_each_sequence_alone():
+    """The segment attention of a packed row = SDPA of each (prompt + response) sequence alone, causal, in values
+    and in the gradients of q, k, v (GQA: 4 query heads over 2 key heads)."""
+    from saferl.trainer.packed_attention import packed_attention_forward
 
-    monkeypatch.setattr(batching, "PACK_TOKENS", 6)
-    packed = pack_batch(_groups(), [0, 2, 3], pad_id=0)
-    # prompt + row 0 + row 2 = 5 tokens; row 3's 3 more would make 8 > 6: a new row repeats the prompt
-    assert packed.input_ids.tolist() == [[11, 12, 21, 22, 41], [11, 12, 51, 52, 53]]
-    assert packed.scored.tolist() == [1, 2, 1, 6, 7, 8]  # row 1 of width 5 starts at flat index 5
+    batch = _groups()
+    packed = pack_batch(batch, [0, 1, 2, 3], pad_id=0)
+    gen = torch.Generator().manual_seed(2)
+    length = packed.input_ids.shape[1]
+    q = torch.randn(1, 4, length, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, length, 8, generator=gen, requires_grad=True) for _ in range(2))
+    out, _ = packed_attention_forward(None, q, k, v, packed.attention, scaling=0.3)  # [1, L, 4, 8]
+    weights = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad((out * weights).sum(), [q, k, v])
+    # Each sequence's columns in the packed row (its prompt's, then its response's) and its prompt length; a
+    # prompt's outputs are checked with the first sequence that has it, so every position counts once.
+    sequences = [([0, 1, 2, 3], 2, True), ([8, 9, 10, 11], 1, True), ([0, 1, 4], 2, False),
+                 ([0, 1, 5, 6, 7], 2, False)]
+    loss = 0.0
+    for cols, n_prompt, with_prompt in sequences:
+        idx = torch.tensor(cols)
+        alone = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, idx], k[:, :, idx].repeat_interleave(2, 1), v[:, :, idx].repeat_interleave(2, 1),
+            is_causal=True, scale=0.3).transpose(1, 2)  # [1, n, 4, 8]
+        keep = slice(0 if with_prompt else n_prompt, None)
+        torch.testing.assert_close(out[:, idx[keep]], alone[:, keep])
+        loss = loss + (alone[:, keep] * weights[:, idx[keep]]).sum()
+    want = torch.autograd.grad(loss, [q, k, v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_packed_forward_and_chunked_head_equal_the_padded_unchunked_step(tiny_policy, monkeypatch):
