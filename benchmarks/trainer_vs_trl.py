@@ -11,15 +11,24 @@ advantages. Both sides then run full optimisation steps on exactly that batch, f
           call, old log-probs = the detached current ones as TRL itself does here), then what the HF Trainer
           loop does after it: `accelerator.clip_grad_norm_`, `optimizer.step()` (TRL's default optimizer).
 
-The same work on both sides: the same sequences in the same layout (prompts left-padded, completions
-right-padded, one micro-batch of all B rows, float32), one forward with the LM head on the completion
-positions only, the same metrics (per-token entropy, clip fractions; no KL, no reference model), backward,
-gradient clipping at 1.0 and one AdamW step. TRL's fused LM head scores only the completion positions where
+The same work on both sides: the same sequences, one micro-batch of all B rows, float32, one forward with the
+LM head on the completion positions only, the same metrics (per-token entropy, clip fractions; no KL, no
+reference model), backward, gradient clipping at 1.0 and one AdamW step, giving the same gradients. The layouts
+differ: TRL pads prompts left and completions right; SafeRL packs the batch into one unpadded row, each prompt
+once with its group's completions behind it (per-segment attention: the same positions and attention per
+completion; `batching.pack_batch`, `trainer.packed_attention`), and its LM head runs in chunks from the hidden
+states (`trainer.logprobs`). TRL's fused LM head scores only the completion positions where
 Triton is available (GPUs) but every position, prompt included, elsewhere; on CPU that would be extra work
 for TRL alone, so the benchmark puts TRL in its GPU mode (`trl.trainer.utils._use_triton` -> True: the same
 torch tiles, on the completion positions only). TRL passes no position ids (its RoPE positions start at the
 first pad of a left-padded row, ours at the first real token), which RoPE's relative form makes equal up to
 rounding.
+
+Physical limit: the model FLOPs of the update (3 x the forward of every sequence's real tokens, prompt and
+completion, as if run alone: the linear layers, causal attention scores and the LM head on the completion
+positions; the convention of MFU, whatever an implementation skips or recomputes) over each side's median time,
+against a one-thread matmul rate measured in the same run (`calibrate_matmul`: the best of a large square
+matmul and the model's own MLP shape).
 
 Warm-up steps, then timed steps interleaved (ours, TRL, ours, TRL, ...) so machine drift hits both. The
 first step of each side starts from identical weights, so its losses and clipped gradients (caught by an
@@ -200,6 +209,46 @@ def differences(ours: torch.nn.Module, theirs: torch.nn.Module, g_ours: dict[int
     return dg, g, dw
 
 
+def calibrate_matmul(hidden: int, intermediate: int, repeats: int = 5) -> float:
+    """This thread's float32 matmul rate (FLOP/s): the best of `repeats` runs of a 1024^3 matmul and of the
+    model's MLP shape ([2048, hidden] x [hidden, intermediate]), the ceiling its update can reach."""
+    best = 0.0
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n in ((1024, 1024, 1024), (2048, hidden, intermediate)):
+        a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+        out = torch.empty(m, n)
+        torch.mm(a, b, out=out)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start))
+    return best
+
+
+def update_flops(config, prompts: list[list[int]], completions: list[list[int]], shared_prompts: bool = False
+                 ) -> float:
+    """Model FLOPs of one update over these sequences: 3 x the forward (forward + backward = 2 x forward) of
+    each sequence's real tokens: per layer the q/k/v/o and MLP matmuls and the causal attention scores, plus the
+    LM head on each completion token. With `shared_prompts` a prompt repeated in consecutive sequences (a group)
+    counts once, as SafeRL runs it."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = config.head_dim or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    linear = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * 3 * h * inter  # per token per layer
+
+    def tokens(first: int, n: int) -> float:  # positions first .. first + n - 1: matmuls and attention scores
+        keys = n * first + n * (n + 1) / 2  # each position attends to itself and all before it
+        return layers * (linear * n + 2 * 2 * q * keys)
+
+    forward, previous = 0.0, None
+    for p, c in zip(prompts, completions):
+        if not (shared_prompts and p == previous):
+            forward += tokens(0, len(p))
+        forward += tokens(len(p), len(c)) + 2 * config.vocab_size * h * len(c)
+        previous = p
+    return 3 * forward
+
+
 def same_maths(loss_ours: float, loss_trl: float, dg: float, g: float, ent_ours: float, ent_trl: float
                ) -> list[str]:
     """The checks of the first step (identical weights) that failed, each with its measured value."""
@@ -280,6 +329,7 @@ def run(a: argparse.Namespace) -> list[str]:
             step()
             times[name].append(time.perf_counter() - start)
 
+    matmul = calibrate_matmul(our_model.config.hidden_size, our_model.config.intermediate_size)
     tokens = sum(map(len, completions))
     params = sum(p.numel() for p in our_model.parameters())
     opt = trl.optimizer
@@ -292,12 +342,18 @@ def run(a: argparse.Namespace) -> list[str]:
           f" SafeRL {type(our_opt).__name__} (fused={our_opt.defaults.get('fused')}); "
           f"torch threads {torch.get_num_threads()}; tokens/s = response tokens / median s")
     print("LM head on completion positions only, both sides (TRL in the mode it uses on GPUs)")
-    print(f"{'':17}{'median s':>10}{'mean s':>10}{'tokens/s':>10}")
+    flops = update_flops(our_model.config, prompts, completions)
+    print(f"{'':17}{'median s':>10}{'mean s':>10}{'tokens/s':>10}{'model GFLOP/s':>15}{'of matmul':>11}")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:17}{med:10.4f}{statistics.mean(ts):10.4f}{tokens / med:10.0f}")
+        print(f"{name:17}{med:10.4f}{statistics.mean(ts):10.4f}{tokens / med:10.0f}{flops / med / 1e9:15.2f}"
+              f"{flops / med / matmul:11.0%}")
     ratio = statistics.median(times["SafeRL"]) / statistics.median(times["TRL GRPOTrainer"])
-    print(f"ratio SafeRL/TRL (median): {ratio:.2f}x (goal <= 1.0)")
+    print(f"ratio SafeRL/TRL (median): {ratio:.2f}x (goal <= 0.5)")
+    shared = update_flops(our_model.config, prompts, completions, shared_prompts=True)
+    print(f"model FLOPs per update {flops / 1e9:.2f} G (3 x forward of every sequence's real tokens); one-thread "
+          f"matmul calibration {matmul / 1e9:.2f} GFLOP/s (this run). SafeRL runs each prompt once per group: "
+          f"{shared / 1e9:.2f} G of them, {shared / flops:.0%}")
     print(f"first step, identical weights and batch (tolerances: loss {LOSS_ATOL:.0e} absolute; gradients and "
           f"the entropy metric {GRAD_RTOL:.0e} relative):")
     print(f"  loss              SafeRL {loss_ours:.3e}  TRL {loss_trl:.3e}  "

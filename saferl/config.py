@@ -69,10 +69,10 @@ class ToyWorldConfig:
     judge: ModelShape = field(default_factory=ModelShape)
     # Shape of every RM of the ensemble (reward_model, reward_model_1, reward_model_2).
     reward_model: ModelShape = field(default_factory=lambda: ModelShape(num_layers=2))
-    # 1200 steps: held-out answers garbled at temperature 1 (the world's own evaluation, seed 0) were 0.36 after
-    # 200 steps, 0.12 after 400 and 0.05 after 1200; an under-trained policy's slips on unseen frames are
-    # noise RL cannot fix, and they hid whether RL itself garbles (experiments/2026-12-01-reward-hacking).
-    policy_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=1200))
+    # 400 steps. Held-out answers garbled at temperature 1 (the world's own evaluation, seed 0): 0.36 after 200
+    # steps, 0.12 after 400, 0.05 after 1200; but RL from the 1200-step policy left benign refusal at 0.08-0.16
+    # on the held-out frames (bound 0.03) and raised its garbling (experiments/2026-12-01-reward-hacking, round 3).
+    policy_sft: SFTConfig = field(default_factory=SFTConfig)
     guard_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=350, lr=3e-3))
     judge_sft: SFTConfig = field(default_factory=lambda: SFTConfig(steps=350, lr=3e-3))
     # The RMs: 600 steps of 40 answers (about 4 prompts' groups) with the pairwise term; 300 x 32 sufficed

@@ -18,7 +18,7 @@ it when complete, so an interrupted build never leaves a half-written world behi
 quality targets (`evaluate.TARGETS`) is an error: the build raises after caching it (kept for inspection), and
 `ensure_built` raises again rather than reuse it.
 
-Shortcut: the guard and then the RM train here while a second process trains the policy (2 cores); the
+Shortcut: the guard trains here while a second process trains the policy and then the RM (2 cores); the
 extra parts likewise: the judge here, the two further RMs in a second process.
 """
 
@@ -266,9 +266,9 @@ def _make_tokenizers(root: Path, cfg: ToyWorldConfig) -> None:
 def _train_models(root: Path, cfg: ToyWorldConfig) -> dict[str, float]:
     """Train the three models into `root`; seconds per model."""
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:  # the policy (1200 steps) in the worker, the guard then the RM here: each core
-        other = pool.apply_async(_train_parts, (("policy",), str(root), cfg))  # about 4-5 minutes alone
-        return {**_train_parts(("guard", "reward_model"), str(root), cfg), **other.get()}
+    with ctx.Pool(1) as pool:  # guard here, policy then the RM in the worker: about the same time on each core
+        other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(root), cfg))
+        return {**_train_parts(("guard",), str(root), cfg), **other.get()}
 
 
 def build(cfg: ToyWorldConfig) -> ToyWorldPaths:

@@ -46,3 +46,18 @@ def test_recorded_results_file_has_command_date_and_output(tmp_path, monkeypatch
     assert "- command: `python benchmarks/x.py --steps 2`" in text
     assert re.search(r"- date: \d{4}-\d\d-\d\d \d\d:\d\d UTC", text)
     assert "```\nratio 0.83x\n```" in text
+
+
+def test_update_flops_by_hand():
+    """h 2, MLP 3, 1 layer, 1 head of 2 (1 kv head), vocab 5. Per token the matmuls cost 2*2*(2 + 2*2) (q, k, v)
+    + 2*2*2 (o) + 2*3*2*3 (MLP) = 68; a position attending to k keys adds 2*2*2*k. Prompt [a, b] (keys 1, 2),
+    completion [c] (keys 3) and the LM head 2*5*2 on c: 2*68 + 8*3 + 68 + 8*3 + 20 = 272, times 3."""
+    import types
+
+    config = types.SimpleNamespace(hidden_size=2, intermediate_size=3, num_hidden_layers=1, head_dim=2,
+                                   num_attention_heads=1, num_key_value_heads=1, vocab_size=5)
+    assert trainer_vs_trl.update_flops(config, [[1, 2]], [[3]]) == 3 * 272
+    # Two sequences of one group: the prompt (160 of the 272) counts twice, or once with shared_prompts.
+    assert trainer_vs_trl.update_flops(config, [[1, 2], [1, 2]], [[3], [4]]) == 3 * 2 * 272
+    assert trainer_vs_trl.update_flops(config, [[1, 2], [1, 2]], [[3], [4]], shared_prompts=True) == 3 * (160 + 2 * 112)
+
