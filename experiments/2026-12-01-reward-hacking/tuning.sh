@@ -3,11 +3,11 @@
 # configs/toy.yaml with round 1's alarm (it only warns: training is the same with any alarm) and the lr and
 # entropy weight of its row. Ran on 2026-12-01 from commits 7900fd4..3b4716b, two runs at a time (~11 min each).
 #
-#   experiments/2026-12-01-reward-hacking/round2/tuning.sh   (round 2 world: build 931b592f800c, policy SFT 400 steps)
+#   experiments/2026-12-01-reward-hacking/tuning.sh
 set -euo pipefail
-cd "$(dirname "$0")/../../.."
+cd "$(dirname "$0")/../.."
 make venv >/dev/null
-HERE=experiments/2026-12-01-reward-hacking/round2
+HERE=experiments/2026-12-01-reward-hacking
 OUT=${OUT:-runs/reward_hacking_tuning}
 ROUND1_ALARM="monitor.alarm.metric=monitor/ref_logprob_drop monitor.alarm.threshold=0.035"
 declare -A SETTINGS=(
