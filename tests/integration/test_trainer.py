@@ -34,7 +34,8 @@ def _batch(n: int, seed: int = 0) -> TrainBatch:
                          ids=["ddp", "zero2", "zero3"])
 def test_two_ranks_over_gloo_equal_one_rank(toy_world, strategy, zero_stage):
     """2 PolicyTrainer Ray actors (micro-batches of 2, gradient accumulation, a dummy row on the short rank)
-    end one GSPO train_step (2 minibatches, KL on) with the weights of 1 in-process trainer on the same batch.
+    end one GSPO train_step (2 minibatches, KL on) with the weights of 1 in-process trainer on the same batch,
+    and their weight buckets (under ZeRO-3 gathered one bucket at a time) put together are their blob.
 
     AdamW's first steps move each weight by about lr * sign(grad), which hides a wrong gradient scale, so the
     gradient norm (taken before clipping) is compared too. lr is 1e-5: the weights move by ~2e-5, so a rank
@@ -42,7 +43,9 @@ def test_two_ranks_over_gloo_equal_one_rank(toy_world, strategy, zero_stage):
     """
     from saferl.actor_group import ActorGroup, start_ray
     from saferl.handles import TrainerGroup
+    from saferl.engines import unpack_bucket
     from saferl.trainer.policy import PolicyTrainer, merge_rank_metrics
+    from saferl.trainer.weight_sync import plan_buckets
 
     kwargs = dict(model=str(toy_world.part("policy")), lr=1e-5, minibatches=2, kl_coef=0.1, strategy=strategy,
                   zero_stage=zero_stage, seed=0)
@@ -60,10 +63,20 @@ def test_two_ranks_over_gloo_equal_one_rank(toy_world, strategy, zero_stage):
         TrainerGroup(two).connect()
         per_rank = two.call("train_step", batch)
         blobs = two.call("state_blob")
+        # The bucketed sync's source: the same layout on every rank (full sizes, also under ZeRO-3), and
+        # buckets gathered one at a time that together are the blob, rank 0's alone.
+        layouts = two.call("weight_layout")
+        plan = plan_buckets(layouts[0], sum(size for _, size in layouts[0]) // 4, {})
+        buckets = [two.call("weight_bucket", names) for names in plan]
     finally:
         two.shutdown()
     assert blobs[1] == b""  # only rank 0 sends weights
     got = load_blob(blobs[0])
+    assert layouts[0] == layouts[1] and len(plan) > 2
+    assert all(rank1 is None for _, rank1 in buckets)
+    streamed = {name: t for rank0, _ in buckets for name, t in unpack_bucket(rank0)}
+    assert set(streamed) == set(got) and all(torch.equal(streamed[k], got[k]) for k in got)
+    assert dict(layouts[0]) == {k: t.nbytes for k, t in got.items()}
     assert set(got) == set(expected)
     moved = max((expected[k] - start[k]).abs().max().item() for k in expected)
     diff = max((expected[k] - got[k]).abs().max().item() for k in expected)

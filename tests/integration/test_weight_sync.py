@@ -78,3 +78,45 @@ def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank, bucket_by
         scored = learner.sequence_logprobs(batch_of(again, [0.0] * len(again)))
         diff = max(abs(a - b) for r, t in zip(again, scored) for a, b in zip(r.logprobs, t))
         assert diff < 1e-4, diff
+
+
+def test_buckets_through_ray_match_the_trainer(toy_world):
+    """The driver's path: trainer and engine in Ray actors, each bucket from the trainer's object-store
+    reference to the engine without passing through this process; log-probs within 1e-4 after a step."""
+    import os
+
+    from saferl.actor_group import ActorGroup, start_ray
+    from saferl.data import load_prompts
+    from saferl.handles import RolloutGroup, TrainerGroup
+    from saferl.rollout.worker import RolloutWorker
+    from saferl.trainer.policy import PolicyTrainer
+    from saferl.trainer.weight_sync import BucketWeightSync
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    start_ray(None, 4, os.path.join(root, ".cache", "ray"))
+    policy = str(toy_world.part("policy"))
+    prompts = load_prompts(toy_world.part("heldout"))[::80]
+    rollout = RolloutGroup(ActorGroup(RolloutWorker, 1, executor="ray", num_cpus=1, kwargs=dict(model=policy)))
+    trainer = TrainerGroup(ActorGroup(PolicyTrainer, 1, executor="ray", num_cpus=1,
+                                      kwargs=dict(model=policy, lr=1e-2, minibatches=2)))
+    try:
+        def scored(rollouts, adv):
+            batch = TrainBatch([r.prompt_ids + r.response_ids for r in rollouts],
+                               [len(r.prompt_ids) for r in rollouts], [r.logprobs for r in rollouts], adv)
+            return batch, trainer.group.call("sequence_logprobs", batch)[0]
+
+        sampling = dict(temperature=1.0, top_p=1.0, max_new_tokens=48, seed=7)
+        fixed = rollout.generate(prompts, 2, **sampling)
+        batch, before = scored(fixed, [1.0 if i % 2 else -1.0 for i in range(len(fixed))])
+        assert trainer.train_step(batch)[0]["grad_norm"] > 0
+        BucketWeightSync(trainer, rollout, SMALL).push()
+        after = rollout.generate(prompts, 2, **sampling)
+        _, lps = scored(after, [0.0] * len(after))
+        diff = max(abs(a - b) for r, t in zip(after, lps) for a, b in zip(r.logprobs, t))
+        assert diff < 1e-4, diff
+        # The step moved the weights far more than the tolerance: an engine left on the old ones would fail above.
+        _, now = scored(fixed, [0.0] * len(fixed))
+        assert max(abs(a - b) for x, y in zip(now, before) for a, b in zip(x, y)) > 1e-3
+    finally:
+        rollout.group.shutdown()
+        trainer.group.shutdown()
