@@ -89,3 +89,28 @@ def test_push_streams_the_plan_between_begin_and_finish():
     assert sync.push() == 292 and sync.push() == 292
     assert rollout.events == ["begin", 1, 5, 2, 2, 1, "finish"] * 2
     assert trainer.asked[:5] == plan_buckets(LAYOUT, 40, PACKED)
+
+
+def test_hf_engine_loads_buckets_into_its_parameters(tiny_policy):
+    """The HF engine's side of a streamed update: small buckets (one module each) replace every weight, the
+    tied head included, and its logits follow."""
+    from transformers import AutoModelForCausalLM
+
+    from saferl.engines import HFEngine
+
+    path, _ = tiny_policy
+    engine = HFEngine(path)
+    source = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    state = source.state_dict()
+    layout = [(name, t.nbytes) for name, t in state.items()]
+    engine.begin_weight_update()
+    for names in plan_buckets(layout, 1, engine.packed_modules()):
+        engine.load_weight_bucket(pack_bucket([(n, state[n]) for n in names]))
+    engine.finish_weight_update()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(engine.model(ids).logits, source(ids).logits, atol=1e-6)
+    assert all(torch.equal(engine.model.state_dict()[k], v) for k, v in state.items())
