@@ -61,3 +61,21 @@ def test_update_flops_by_hand():
     assert trainer_vs_trl.update_flops(config, [[1, 2], [1, 2]], [[3], [4]]) == 3 * 2 * 272
     assert trainer_vs_trl.update_flops(config, [[1, 2], [1, 2]], [[3], [4]], shared_prompts=True) == 3 * (160 + 2 * 112)
 
+
+def test_stream_service_check_fails_on_any_different_verdict():
+    import stream_service
+
+    V = stream_service.Verdict
+    want = [[V(30, "Safe", 0.9, "None", 0.8), V(31, "Unsafe", 0.7, "PII", 0.6)], [V(20, "Safe", 0.99, "None", 0.5)]]
+    assert stream_service.mismatches([list(s) for s in want], want, "x") == []
+    assert stream_service.mismatches([[want[0][0], want[0][1]._replace(risk_prob=0.70005)], want[1]], want, "x") == []
+    for got, what in (([want[0][:1], want[1]], "1 verdicts, expected 2"),
+                      ([[want[0][0], want[0][1]._replace(risk="Safe")], want[1]], "token 1"),
+                      ([[want[0][0], want[0][1]._replace(category="Violent")], want[1]], "token 1"),
+                      ([[want[0][0]._replace(position=29), want[0][1]], want[1]], "token 0"),
+                      ([want[0], [want[1][0]._replace(category_prob=0.501)]], "probabilities"),
+                      ([want[0]], "1 streams")):
+        failed = stream_service.mismatches(got, want, "x")
+        assert len(failed) == 1 and what in failed[0], (got, failed)
+    assert stream_service.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert stream_service.percentile([float(i) for i in range(101)], 99) == 99.0
