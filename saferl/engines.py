@@ -108,6 +108,8 @@ class VLLMEngine:
                          enable_prefix_caching=True, gpu_memory_utilization=gpu_memory_utilization,
                          kv_cache_mib=kv_cache_mib)
         self.stop_token_ids = stop_token_ids or []
+        self._expected: set[str] = set()  # parameters the open weight update must load, and those it has
+        self._loaded: set[str] = set()
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: list[int]) -> list[list[Sample]]:
         return in_order(self.generate_stream(prompts, sampling, seeds), len(prompts))
@@ -152,7 +154,7 @@ class VLLMEngine:
 
     def begin_weight_update(self) -> None:
         self._expected = set(self.llm.collective_rpc(begin_weight_update_rpc)[0])
-        self._loaded: set[str] = set()
+        self._loaded = set()
 
     def load_weight_bucket(self, bucket: WeightBucket) -> None:
         self._loaded.update(self.llm.collective_rpc(load_weight_bucket_rpc, args=(bucket,))[0])
