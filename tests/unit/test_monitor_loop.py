@@ -45,7 +45,16 @@ class SharedRngRollout(Quiet):
                                    group=first_group + i))
         return out
 
-    def load_weights(self, blob):
+    def packed_modules(self):
+        return {}
+
+    def begin_weight_update(self):
+        pass
+
+    def load_weight_bucket(self, bucket):
+        pass
+
+    def finish_weight_update(self):
         pass
 
 
@@ -73,7 +82,10 @@ class Trainer(Quiet):
     def reference_logprobs(self, batch):
         return [(-float(ids[-1]), -2.0 * ids[-1]) for ids in batch.input_ids]
 
-    def state_blob(self):
+    def weight_layout(self):
+        return [("w", 7)]
+
+    def weight_bucket(self, names):
         return b"weights"
 
     def save(self, directory, export):
