@@ -1,10 +1,10 @@
 """Supervised fine-tuning: chat SFT with the loss on the completion only, and reward-model regression.
 
-This is how the toy world builds its policy, its Gen-format guard and its helpfulness RM, and it is a
-feature in its own right: `saferl sft` trains a guard in the Qwen3Guard-Gen format on a user's JSONL
-(`{"messages": [...], "completion": "Safety: ...\\nCategories: ..."}`). Prompts are rendered by the
-tokenizer's own chat template, so a guard template (which always appends its generation prefix) and a
-policy template are handled alike.
+This is how the toy world builds its policy, its Gen-format guard and its helpfulness RM, and what
+`saferl sft --trainer saferl` runs on a user's JSONL (`{"messages": [...], "completion": "Safety: ...\\n..."}`);
+plain `saferl sft` runs the same data through trl.SFTTrainer (`saferl.sft_trl`), which reuses `chat_example`.
+Prompts are rendered by the tokenizer's own chat template, so a guard template (which always appends its
+generation prefix) and a policy template are handled alike.
 
 Shortcuts: one process, one torch thread on CPU, AdamW with linear warm-up then cosine decay, right padding.
 """

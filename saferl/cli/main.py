@@ -1,5 +1,6 @@
 """The `saferl` command: train, eval, report, toyworld, sft, serve, guard and chat subcommands (argparse; lazy
-heavy imports). Guard and chat live in `saferl.cli.guard`, eval and report in `saferl.cli.eval`."""
+heavy imports). Guard and chat live in `saferl.cli.guard`, eval and report in `saferl.cli.eval`, sft in
+`saferl.cli.sft`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from saferl.cli.config_show import add_config_parser
 from saferl.cli.eval import add_eval_report_parsers
 from saferl.cli.guard import add_chat_parser, add_guard_parser
 from saferl.cli.serve_stream import STREAM_KINDS, add_stream_serve_args, serve_stream
+from saferl.cli.sft import add_sft_parser
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from saferl.config import load_config
@@ -65,30 +67,6 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
     ensure_part(cfg, EXTRA_PARTS[0])  # once: the judge and the RM ensemble (toyworld:judge, :reward_model_1/_2)
     stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
     print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
-    return 0
-
-
-def _cmd_sft(args: argparse.Namespace) -> int:
-    from saferl.runtime import configure_process
-
-    configure_process()
-    from saferl.sft import chat_example, load_chat_jsonl, train_causal_lm
-
-    rows = load_chat_jsonl(args.data)  # validate the data before loading any weights
-    from saferl.references import resolve_reference
-
-    start = resolve_reference(args.model)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(start)
-    model = AutoModelForCausalLM.from_pretrained(start)
-    examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
-    print(f"[sft] {len(examples)} examples from {args.data}; {args.steps} steps of {args.batch_size}")
-    train_causal_lm(model, examples, pad_id=tokenizer.pad_token_id, steps=args.steps, batch_size=args.batch_size,
-                    lr=args.lr, seed=args.seed, share_prefix=args.share_prefix, label="sft")
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    print(f"[sft] saved to {args.out}")
     return 0
 
 
@@ -161,19 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(func=_cmd_toyworld)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (e.g. train a Gen-format guard)",
-                       description='Fine-tune a causal LM on rows {"messages": [...], "completion": "..."}; the '
-                       "prompt is rendered by the model's own chat template and only the completion is learned.")
-    p.add_argument("--model", required=True, help="model directory to start from, or toyworld:<part>")
-    p.add_argument("--data", required=True, help="JSONL file of {messages, completion}")
-    p.add_argument("--out", required=True, help="output directory (HF format)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--share-prefix", action="store_true",
-                   help="compute a batch's common prompt prefix once (guards: the moderation instruction)")
-    p.set_defaults(func=_cmd_sft)
+    add_sft_parser(sub)
 
     p = sub.add_parser("serve", help="serve a guard or helpfulness RM over HTTP (JSON) for training or eval",
                        description="An HTTP reward server: POST /v1/moderate (guard) or /v1/score (rm), GET "

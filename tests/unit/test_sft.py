@@ -65,7 +65,7 @@ def test_sft_cli_trains_a_gen_format_guard(tmp_path):
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert main(["sft", "--model", str(tmp_path / "init"), "--data", str(tmp_path / "rows.jsonl"),
                  "--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2", "--lr", "1e-2",
-                 "--share-prefix"]) == 0
+                 "--trainer", "saferl", "--share-prefix"]) == 0
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

@@ -1,0 +1,119 @@
+"""`saferl sft` on TRL: chat SFT (e.g. a Gen-format guard) through `trl.SFTTrainer`, with LoRA and DeepSpeed.
+
+Owns the path from chat rows `(messages, completion)` to a trained model directory:
+- Rows are tokenized here, exactly as `saferl.sft.chat_example` does and as the guard sees them at inference:
+  the prompt by the tokenizer's own chat template with its generation prompt, then the completion's tokens and
+  EOS. TRL receives `input_ids` and `completion_mask` (a pre-tokenized prompt-completion dataset) and its
+  `completion_only_loss` puts the loss on the completion only. Handing TRL the messages instead does not work
+  for a Gen guard: its template reads a trailing assistant turn as the response to moderate, so "prompt +
+  completion" would render a different instruction; and tokenizing the rendered text again can merge tokens
+  across the prompt/completion boundary.
+- Everything else is TRL's and transformers': optimizer and schedule, `peft` LoRA (`peft_config`), DeepSpeed
+  (`SFTConfig.deepspeed`), several GPUs under `accelerate launch`, checkpoints and resume, `report_to`. Any
+  `SFTConfig` field can be set as KEY=VALUE, parsed by `HfArgumentParser` with TRL's own types and choices.
+- Output: the model (the peft adapter with LoRA) in `out`, the tokenizer beside it, and `trainer_state.json`
+  with the loss log. With LoRA, `merge` also writes the adapter folded into the base weights (an HF model that
+  vLLM and `saferl serve guard` load) into `out/merged`.
+
+The hand-written loop (`saferl.sft.train_causal_lm`) stays for the toy world's build and `--trainer saferl`:
+its shared-prefix batching computes a guard's long instruction once per batch, which TRL has no form of.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+def tokenized_dataset(tokenizer: Any, rows: Sequence[tuple[list[dict[str, str]], str]]) -> Any:
+    """A `datasets.Dataset` of `input_ids` (prompt by the chat template, completion, EOS) and `completion_mask`
+    (1 on the completion and EOS), one row per `(messages, completion)`."""
+    from datasets import Dataset
+
+    from saferl.sft import chat_example
+
+    examples = [chat_example(tokenizer, messages, completion) for messages, completion in rows]
+    return Dataset.from_dict({
+        "input_ids": [e.prompt_ids + e.target_ids for e in examples],
+        "completion_mask": [[0] * len(e.prompt_ids) + [1] * len(e.target_ids) for e in examples],
+    })
+
+
+def sft_config(out: str, *, steps: int, batch_size: int, lr: float, seed: int, deepspeed: str | None,
+               overrides: Sequence[str]) -> Any:
+    """`trl.SFTConfig` for `saferl sft`: TRL's defaults, then ours, then `overrides` (KEY=VALUE, any SFTConfig
+    field, typed by `HfArgumentParser`; an unknown key raises ValueError naming it).
+
+    Ours: completion-only loss; without a GPU, float32 (TRL's default bf16 mixed precision needs one) and no
+    pinned memory.
+    """
+    import torch
+    from transformers import HfArgumentParser
+    from trl import SFTConfig
+
+    argv = ["--output_dir", out, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch_size),
+            "--learning_rate", str(lr), "--seed", str(seed), "--completion_only_loss", "true"]
+    if not torch.cuda.is_available():
+        argv += ["--bf16", "false", "--dataloader_pin_memory", "false"]
+    if deepspeed:
+        argv += ["--deepspeed", deepspeed]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE for an SFTConfig field, got {item!r}")
+        argv += [f"--{key}", value]
+    try:
+        (config,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
+    except SystemExit as e:  # argparse has printed the bad key or value
+        raise ValueError(f"bad SFTConfig override in {list(overrides)} (see above)") from e
+    return config
+
+
+def peft_config(rank: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> Any:
+    """peft LoRA on the causal LM's `target_modules`, or None for full fine-tuning (`rank` 0)."""
+    if rank <= 0:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> None:
+    """Fold the peft adapter in `adapter` into the base model `base` and save the full model and tokenizer to
+    `out`. Loaded afresh on the CPU, so it needs no DeepSpeed gathering whatever the training used."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+
+
+def train_sft(model: str, rows: Sequence[tuple[list[dict[str, str]], str]], out: str, *, config: Any,
+              lora: Any, merge: bool = False) -> list[float]:
+    """Train `model` (a model directory or hub id) on `rows` with `trl.SFTTrainer` and save to `out`.
+
+    Args:
+        config: the `trl.SFTConfig` (`sft_config`).
+        lora: a peft `LoraConfig`, or None for full fine-tuning.
+        merge: with LoRA, also save the merged model to `out/merged` (the adapter is in `out`).
+
+    Returns:
+        The logged training losses, in order (one every `logging_steps`).
+    """
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=tokenized_dataset(tokenizer, rows),
+                         processing_class=tokenizer, peft_config=lora)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(out)  # the adapter alone under LoRA; full weights (gathered under ZeRO-3) otherwise
+    if trainer.accelerator.is_main_process:
+        trainer.state.save_to_json(str(Path(out) / "trainer_state.json"))
+        if lora is not None and merge:
+            merge_adapter(model, out, Path(out) / "merged")
+    trainer.accelerator.wait_for_everyone()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
