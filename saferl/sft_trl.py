@@ -21,7 +21,7 @@ its shared-prefix batching computes a guard's long instruction once per batch, w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,15 @@ def sft_config(out: str, *, steps: int, batch_size: int, lr: float, seed: int, d
     except SystemExit as e:  # argparse has printed the bad key or value
         raise ValueError(f"bad SFTConfig override in {list(overrides)} (see above)") from e
     return config
+
+
+def one_process_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
+    """What `accelerate launch` or `deepspeed` would set for one process (rank 0 of 1, its store on loopback
+    `port`), for `saferl sft --deepspeed` started without a launcher: without them DeepSpeed goes looking for
+    MPI. Empty when a launcher has set WORLD_SIZE."""
+    if "WORLD_SIZE" in environ:
+        return {}
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
 def peft_config(rank: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> Any:

@@ -48,8 +48,15 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     if args.trainer == "saferl":
         _train_saferl(args, start, rows)
     else:
-        from saferl.sft_trl import peft_config, sft_config, train_sft
+        from saferl.sft_trl import one_process_env, peft_config, sft_config, train_sft
 
+        if args.deepspeed:
+            import os
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.update(one_process_env(os.environ, s.getsockname()[1]))
         config = sft_config(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             deepspeed=args.deepspeed, overrides=args.overrides)
         lora = peft_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
@@ -114,7 +121,8 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
                    help="with LoRA, also write the adapter merged into the base weights to OUT/merged (a full "
                    "HF model for vLLM or `saferl serve guard`)")
     p.add_argument("--deepspeed", default=None, metavar="JSON",
-                   help="DeepSpeed config file passed to TRL (SFTConfig.deepspeed), e.g. ZeRO-2/3")
+                   help="DeepSpeed config file passed to TRL (SFTConfig.deepspeed), e.g. ZeRO-2/3; one process "
+                   "without a launcher, every GPU under `accelerate launch` or `deepspeed`")
     p.add_argument("--share-prefix", action="store_true",
                    help="--trainer saferl: compute a batch's common prompt prefix once (guards: the moderation "
                    "instruction)")

@@ -7,7 +7,7 @@ import pytest
 from saferl.cli import main
 from saferl.guard.templates import GUARD_CHAT_TEMPLATE, format_verdict, moderation_messages
 from saferl.sft import chat_example
-from saferl.sft_trl import sft_config, tokenized_dataset
+from saferl.sft_trl import one_process_env, sft_config, tokenized_dataset
 from saferl.toyworld import world
 from saferl.toyworld.tokenizer import train_bpe_tokenizer
 from saferl.types import SafetyLabel
@@ -56,3 +56,9 @@ def test_sft_refuses_options_that_do_not_apply(tmp_path, capsys, extra, message)
     assert main(["sft", "--model", str(tmp_path / "none"), "--data", str(data), "--out", str(tmp_path / "o"),
                  *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_one_process_env_only_without_a_launcher():
+    assert one_process_env({}, 1234) == {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1234"}
+    assert one_process_env({"WORLD_SIZE": "8", "RANK": "3"}, 1234) == {}
