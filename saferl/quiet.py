@@ -1,7 +1,8 @@
 """Quiet logs: the known-harmless lines of vLLM, Ray, DeepSpeed and torch, dropped from a SafeRL driver's output.
 
 Owns `HARMLESS` (each pattern with why it is harmless), `is_harmless(line)` and `quiet_output()`, which wraps
-the process's `sys.stdout` and `sys.stderr` in a `LineFilter`. The driver is the one place every line
+the process's `sys.stdout` and `sys.stderr` in a `LineFilter`, and `is_quiet()`, which a process that starts
+its own workers (the toy world's build) reads to give them the same filter. The driver is the one place every line
 reaches the user through: Ray forwards each actor's stdout and stderr (C++ warnings and progress bars
 included) to it as whole lines printed on `sys.stdout`/`sys.stderr`, so filtering there needs nothing in the
 actors. `logging.verbose=true` (or `-v`) leaves the streams alone and shows everything.
@@ -113,3 +114,9 @@ def quiet_output() -> None:
         stream = getattr(sys, name)
         if not isinstance(stream, LineFilter):
             setattr(sys, name, LineFilter(stream))
+
+
+def is_quiet() -> bool:
+    """Whether `quiet_output` filters this process. A spawned worker starts with plain streams that write to the
+    terminal past this process's filter, so whoever spawns one passes `quiet_output` on as its initializer."""
+    return isinstance(sys.stdout, LineFilter)

@@ -33,6 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from saferl.config import ModelShape, SFTConfig, ToyWorldConfig
 from saferl.runtime import configure_process
@@ -263,10 +264,18 @@ def _make_tokenizers(root: Path, cfg: ToyWorldConfig) -> None:
     tok.save_pretrained(root / "guard")
 
 
+def worker_pool() -> Any:
+    """One spawned worker process, for the second core. It filters its output as this process does
+    (`saferl.quiet`): a spawned interpreter's own streams would print the libraries' harmless lines (saving
+    bars, DeepSpeed's CPU notice) straight to the terminal."""
+    from saferl.quiet import is_quiet, quiet_output
+
+    return multiprocessing.get_context("spawn").Pool(1, initializer=quiet_output if is_quiet() else None)
+
+
 def _train_models(root: Path, cfg: ToyWorldConfig) -> dict[str, float]:
     """Train the three models into `root`; seconds per model."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:  # guard here, policy then the RM in the worker: about the same time on each core
+    with worker_pool() as pool:  # guard here, policy then the RM in the worker: about the same time on each core
         other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(root), cfg))
         return {**_train_parts(("guard",), str(root), cfg), **other.get()}
 
@@ -316,8 +325,7 @@ def build_extras(paths: ToyWorldPaths, cfg: ToyWorldConfig) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for part, source in (("judge", "guard"), ("reward_model_1", "reward_model"), ("reward_model_2", "reward_model")):
         AutoTokenizer.from_pretrained(paths.part(source)).save_pretrained(tmp / part)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
+    with worker_pool() as pool:
         other = pool.apply_async(_train_parts, (("reward_model_1", "reward_model_2"), str(tmp), cfg))
         times = {**_train_parts(("judge",), str(tmp), cfg), **other.get()}
     for part in EXTRA_PARTS:

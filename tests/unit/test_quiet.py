@@ -97,3 +97,30 @@ def test_a_real_warning_reaches_the_user_and_verbose_shows_everything():
         loud = run_script(*verbose)
         assert "RotaryEmbedding: Failed to load weights" in loud and "NUMA binding" in loud
         assert "Sequence group 3 is preempted" in loud and "the learning rate is NaN" in loud
+
+
+# Everything under the main guard: the spawned worker re-imports this script, and a quiet_output() at its top
+# level would filter the worker whatever worker_pool passed on.
+WORKER_SCRIPT = """
+import sys
+
+if __name__ == "__main__":
+    from saferl.quiet import quiet_output
+    if sys.argv[1] == "quiet":
+        quiet_output()
+    from saferl.toyworld.build import worker_pool
+    with worker_pool() as pool:
+        pool.apply(print, ("Writing model shards: 100%|##########| 1/1 [00:00<00:00, 99.0it/s]",), {"flush": True})
+        pool.apply(print, ("worker: a real line",), {"flush": True})
+"""
+
+
+def test_the_toy_world_builds_worker_filters_as_its_parent(tmp_path):
+    """The build's spawned worker writes to the terminal directly: quiet, it drops a saving bar and keeps a
+    real line; with the parent unfiltered (-v), the worker prints both."""
+    script = tmp_path / "pool.py"
+    script.write_text(WORKER_SCRIPT)
+    out = {mode: subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=120,
+                                check=True).stdout for mode in ("quiet", "verbose")}
+    assert "worker: a real line" in out["quiet"] and "Writing model shards" not in out["quiet"], out["quiet"]
+    assert "worker: a real line" in out["verbose"] and "Writing model shards" in out["verbose"], out["verbose"]
