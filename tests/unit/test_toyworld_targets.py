@@ -121,7 +121,7 @@ class _SavingTokenizer:
 class _InlineContext:
     """multiprocessing's spawn context, run in this process (the test fakes the training)."""
 
-    def Pool(self, n):  # noqa: N802 - the multiprocessing name
+    def Pool(self, n, initializer=None):  # noqa: N802 - the multiprocessing name
         return _InlinePool()
 
 
