@@ -44,15 +44,25 @@ def sft_config(out: str, *, steps: int, batch_size: int, lr: float, seed: int, d
     """`trl.SFTConfig` for `saferl sft`: TRL's defaults, then ours, then `overrides` (KEY=VALUE, any SFTConfig
     field, typed by `HfArgumentParser`; an unknown key raises ValueError naming it).
 
-    Ours: completion-only loss; without a GPU, float32 (TRL's default bf16 mixed precision needs one) and no
-    pinned memory.
+    Ours: completion-only loss, and `trl_config`'s.
     """
-    import torch
-    from transformers import HfArgumentParser
     from trl import SFTConfig
 
+    return trl_config(SFTConfig, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, deepspeed=deepspeed,
+                      overrides=overrides, ours=["--completion_only_loss", "true"])
+
+
+def trl_config(config_class: type, out: str, *, steps: int, batch_size: int, lr: float, seed: int,
+               deepspeed: str | None, overrides: Sequence[str], ours: Sequence[str] = ()) -> Any:
+    """A TRL config (`SFTConfig`, `RewardConfig`): TRL's defaults, then the named options and `ours` (argv
+    form), then `overrides` (KEY=VALUE, any field of `config_class`, typed by `HfArgumentParser`; an unknown
+    key raises ValueError naming it). Without a GPU: float32 (TRL's default bf16 mixed precision needs one)
+    and no pinned memory."""
+    import torch
+    from transformers import HfArgumentParser
+
     argv = ["--output_dir", out, "--max_steps", str(steps), "--per_device_train_batch_size", str(batch_size),
-            "--learning_rate", str(lr), "--seed", str(seed), "--completion_only_loss", "true"]
+            "--learning_rate", str(lr), "--seed", str(seed), *ours]
     if not torch.cuda.is_available():
         argv += ["--bf16", "false", "--dataloader_pin_memory", "false"]
     if deepspeed:
@@ -60,12 +70,12 @@ def sft_config(out: str, *, steps: int, batch_size: int, lr: float, seed: int, d
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"expected KEY=VALUE for an SFTConfig field, got {item!r}")
+            raise ValueError(f"expected KEY=VALUE for a {config_class.__name__} field, got {item!r}")
         argv += [f"--{key}", value]
     try:
-        (config,) = HfArgumentParser(SFTConfig).parse_args_into_dataclasses(args=argv)
+        (config,) = HfArgumentParser(config_class).parse_args_into_dataclasses(args=argv)
     except SystemExit as e:  # argparse has printed the bad key or value
-        raise ValueError(f"bad SFTConfig override in {list(overrides)} (see above)") from e
+        raise ValueError(f"bad {config_class.__name__} override in {list(overrides)} (see above)") from e
     return config
 
 
@@ -78,26 +88,34 @@ def one_process_env(environ: Mapping[str, str], port: int) -> dict[str, str]:
     return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
 
 
-def peft_config(rank: int, alpha: float, dropout: float, target_modules: Sequence[str]) -> Any:
-    """peft LoRA on the causal LM's `target_modules`, or None for full fine-tuning (`rank` 0)."""
+def peft_config(rank: int, alpha: float, dropout: float, target_modules: Sequence[str],
+                task_type: str = "CAUSAL_LM") -> Any:
+    """peft LoRA on the model's `target_modules`, or None for full fine-tuning (`rank` 0). `task_type`:
+    CAUSAL_LM, or SEQ_CLS for a reward model (peft then also trains and saves its `score` head whole)."""
     if rank <= 0:
         return None
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      task_type="CAUSAL_LM")
+                      task_type=task_type)
 
 
-def merge_adapter(base: str, adapter: str | Path, out: str | Path) -> None:
+def merge_adapter(base: str, adapter: str | Path, out: str | Path, task_type: str = "CAUSAL_LM") -> None:
     """Fold the peft adapter in `adapter` into the base model `base` and save the full model and tokenizer to
-    `out`. Loaded afresh on the CPU, so it needs no DeepSpeed gathering whatever the training used."""
+    `out` (a causal LM, or for SEQ_CLS a one-label sequence classifier). Loaded afresh on the CPU, so it needs
+    no DeepSpeed gathering whatever the training used."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    if task_type == "SEQ_CLS":  # the classifier pools at the last non-pad token: its config must name the pad
+        model = AutoModelForSequenceClassification.from_pretrained(base, dtype="auto", num_labels=1,
+                                                                   pad_token_id=tokenizer.pad_token_id)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     merged.save_pretrained(out)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def train_sft(model: str, rows: Sequence[tuple[list[dict[str, str]], str]], out: str, *, config: Any,

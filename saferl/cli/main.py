@@ -1,6 +1,6 @@
-"""The `saferl` command: train, eval, report, toyworld, sft, serve, guard and chat subcommands (argparse; lazy
-heavy imports). Guard and chat live in `saferl.cli.guard`, eval and report in `saferl.cli.eval`, sft in
-`saferl.cli.sft`."""
+"""The `saferl` command: train, eval, report, toyworld, sft, reward, serve, guard and chat subcommands
+(argparse; lazy heavy imports). Guard and chat live in `saferl.cli.guard`, eval and report in
+`saferl.cli.eval`, sft in `saferl.cli.sft`, reward in `saferl.cli.reward`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from saferl.cli.config_show import add_config_parser
 from saferl.cli.eval import add_eval_report_parsers
 from saferl.cli.guard import add_chat_parser, add_guard_parser
 from saferl.cli.serve_stream import STREAM_KINDS, add_stream_serve_args, serve_stream
+from saferl.cli.reward import add_reward_parser
 from saferl.cli.sft import add_sft_parser
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_toyworld)
 
     add_sft_parser(sub)
+    add_reward_parser(sub)
 
     p = sub.add_parser("serve", help="serve a guard or helpfulness RM over HTTP (JSON) for training or eval",
                        description="An HTTP reward server: POST /v1/moderate (guard) or /v1/score (rm), GET "

@@ -48,15 +48,10 @@ def _cmd_sft(args: argparse.Namespace) -> int:
     if args.trainer == "saferl":
         _train_saferl(args, start, rows)
     else:
-        from saferl.sft_trl import one_process_env, peft_config, sft_config, train_sft
+        from saferl.sft_trl import peft_config, sft_config, train_sft
 
         if args.deepspeed:
-            import os
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ.update(one_process_env(os.environ, s.getsockname()[1]))
+            one_process_deepspeed()
         config = sft_config(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             deepspeed=args.deepspeed, overrides=args.overrides)
         lora = peft_config(args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
@@ -81,6 +76,19 @@ def _train_saferl(args: argparse.Namespace, start: str, rows: list) -> None:
     tokenizer.save_pretrained(args.out)
 
 
+def one_process_deepspeed() -> None:
+    """Without a launcher, set up this process as rank 0 of 1 (`sft_trl.one_process_env`, a free loopback
+    port) so DeepSpeed does not look for MPI."""
+    import os
+    import socket
+
+    from saferl.sft_trl import one_process_env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(one_process_env(os.environ, s.getsockname()[1]))
+
+
 def _modules(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -89,8 +97,6 @@ def _modules(text: str) -> list[str]:
 
 
 def add_sft_parser(sub: argparse._SubParsersAction) -> None:
-    from saferl.config import LoraConfig
-
     p = sub.add_parser("sft", help="supervised fine-tuning on chat JSONL (e.g. train a Gen-format guard)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SFT_EPILOG,
                        description='Fine-tune a causal LM on rows {"messages": [...], "completion": "..."};\n'
@@ -108,6 +114,19 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trainer", choices=("trl", "saferl"), default="trl",
                    help="trl: trl.SFTTrainer; saferl: the hand-written one-process loop the toy world builds "
                    "with (full fine-tuning, --share-prefix) (default: %(default)s)")
+    add_trl_options(p, merged="a full HF model for vLLM or `saferl serve guard`")
+    p.add_argument("--share-prefix", action="store_true",
+                   help="--trainer saferl: compute a batch's common prompt prefix once (guards: the moderation "
+                   "instruction)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="trl.SFTConfig fields (see below)")
+    p.set_defaults(func=_cmd_sft)
+
+
+def add_trl_options(p: argparse.ArgumentParser, *, merged: str) -> None:
+    """The options `saferl sft` and `saferl reward` pass to TRL alike: peft LoRA, --merge, --deepspeed;
+    `merged` says what OUT/merged is."""
+    from saferl.config import LoraConfig
+
     p.add_argument("--lora-rank", type=int, default=LoraConfig.rank,
                    help="LoRA rank through peft; 0 trains every weight (default: %(default)s)")
     p.add_argument("--lora-alpha", type=float, default=LoraConfig.alpha,
@@ -118,13 +137,9 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
                    metavar="NAMES", help="comma-separated module names to adapt (default: every attention and "
                    "MLP projection: %(default)s)")
     p.add_argument("--merge", action="store_true",
-                   help="with LoRA, also write the adapter merged into the base weights to OUT/merged (a full "
-                   "HF model for vLLM or `saferl serve guard`)")
+                   help="with LoRA, also write the adapter merged into the base weights to OUT/merged "
+                   f"({merged})")
     p.add_argument("--deepspeed", default=None, metavar="JSON",
-                   help="DeepSpeed config file passed to TRL (SFTConfig.deepspeed), e.g. ZeRO-2/3; one process "
-                   "without a launcher, every GPU under `accelerate launch` or `deepspeed`")
-    p.add_argument("--share-prefix", action="store_true",
-                   help="--trainer saferl: compute a batch's common prompt prefix once (guards: the moderation "
-                   "instruction)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="trl.SFTConfig fields (see below)")
-    p.set_defaults(func=_cmd_sft)
+                   help="DeepSpeed config file passed to TRL (TrainingArguments.deepspeed), e.g. ZeRO-2/3; one "
+                   "process without a launcher, every GPU under `accelerate launch` or `deepspeed`")
+
