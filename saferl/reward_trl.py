@@ -108,13 +108,13 @@ def preference_dataset(tokenizer: Any, pairs: Sequence[PreferencePair], max_leng
 
 def reward_config(out: str, *, steps: int, batch_size: int, lr: float, seed: int, max_length: int,
                   deepspeed: str | None, overrides: Sequence[str]) -> Any:
-    """`trl.RewardConfig` for `saferl reward` (`sft_trl.trl_config`; `max_length` as the scorer's)."""
+    """`trl.RewardConfig` for `saferl reward` (`sft_trl.training_args`; `max_length` as the scorer's)."""
     from trl import RewardConfig
 
-    from saferl.sft_trl import trl_config
+    from saferl.sft_trl import training_args
 
-    return trl_config(RewardConfig, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                      deepspeed=deepspeed, overrides=overrides, ours=["--max_length", str(max_length)])
+    return training_args(RewardConfig, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         deepspeed=deepspeed, overrides=overrides, ours=["--max_length", str(max_length)])
 
 
 def train_reward_model(model: str, pairs: Sequence[PreferencePair], out: str, *, config: Any, lora: Any,

@@ -44,20 +44,20 @@ def sft_config(out: str, *, steps: int, batch_size: int, lr: float, seed: int, d
     """`trl.SFTConfig` for `saferl sft`: TRL's defaults, then ours, then `overrides` (KEY=VALUE, any SFTConfig
     field, typed by `HfArgumentParser`; an unknown key raises ValueError naming it).
 
-    Ours: completion-only loss, and `trl_config`'s.
+    Ours: completion-only loss, and `training_args`'s.
     """
     from trl import SFTConfig
 
-    return trl_config(SFTConfig, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed, deepspeed=deepspeed,
-                      overrides=overrides, ours=["--completion_only_loss", "true"])
+    return training_args(SFTConfig, out, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         deepspeed=deepspeed, overrides=overrides, ours=["--completion_only_loss", "true"])
 
 
-def trl_config(config_class: type, out: str, *, steps: int, batch_size: int, lr: float, seed: int,
-               deepspeed: str | None, overrides: Sequence[str], ours: Sequence[str] = ()) -> Any:
-    """A TRL config (`SFTConfig`, `RewardConfig`): TRL's defaults, then the named options and `ours` (argv
-    form), then `overrides` (KEY=VALUE, any field of `config_class`, typed by `HfArgumentParser`; an unknown
-    key raises ValueError naming it). Without a GPU: float32 (TRL's default bf16 mixed precision needs one)
-    and no pinned memory."""
+def training_args(config_class: type, out: str, *, steps: int, batch_size: int, lr: float, seed: int,
+                  deepspeed: str | None, overrides: Sequence[str], ours: Sequence[str] = ()) -> Any:
+    """A `transformers.TrainingArguments` dataclass (TRL's `SFTConfig`, `RewardConfig`, or TrainingArguments
+    itself): its defaults, then the named options and `ours` (argv form), then `overrides` (KEY=VALUE, any
+    field of `config_class`, typed by `HfArgumentParser`; an unknown key raises ValueError naming it).
+    Without a GPU: float32 (TRL's default bf16 mixed precision needs one) and no pinned memory."""
     import torch
     from transformers import HfArgumentParser
 

@@ -59,10 +59,19 @@ the backbone: a local Qwen3 checkpoint directory (causal LM, bare Qwen3Model, or
 further) with its tokenizer, or toyworld:<part>. OUT gets the released Qwen3Guard-Stream layout;
 evaluate it with saferl guard eval --kind stream.
 
+training runs on transformers.Trainer (the paper's loss as its compute_loss_func): AdamW, linear warm-up,
+cosine decay to 10%, clipping at 1, a loss logged every 10 steps. KEY=VALUE sets any
+transformers.TrainingArguments field after the options above, e.g.:
+  save_strategy=steps save_steps=100 resume_from_checkpoint=OUT/checkpoint-100 report_to=wandb
+  gradient_accumulation_steps=4 bf16=true deepspeed=ds_zero2.json logging_steps=1
+Checkpoints go to OUT/checkpoint-N (the Trainer's layout: weights, optimizer, scheduler, RNG, data cursor).
+
 examples:
   saferl guard train-stream --backbone toyworld:guard --data rows.jsonl -o my_stream --steps 300 --lr 3e-3
   hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B
-  saferl guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o stream06b --freeze-backbone"""
+  saferl guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o stream06b --freeze-backbone \
+      save_strategy=steps save_steps=50 report_to=wandb
+  accelerate launch -m saferl.cli guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o s06b bf16=true"""
 
 
 def _guard_model_args(p: argparse.ArgumentParser) -> None:
@@ -131,10 +140,14 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     from saferl.guard.stream_train import (
         init_stream_guard,
         save_trained_stream_guard,
+        stream_training_args,
         token_accuracy,
-        train_stream_guard,
+        train_stream_guard_hf,
     )
 
+    training = stream_training_args(args.output, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                    warmup_steps=min(20, args.steps // 10), seed=args.seed,
+                                    overrides=args.overrides)  # a bad KEY=VALUE fails before the weights load
     backbone = resolve_reference(args.backbone)
     tokenizer = AutoTokenizer.from_pretrained(backbone)
     tokenizer.chat_template = CHATML_TEMPLATE  # the Stream guard reads plain conversations
@@ -143,13 +156,12 @@ def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     print(f"[train-stream] {len(examples)} rows from {args.data}; {args.steps} steps of {args.batch_size}"
           f"{' (heads only)' if args.freeze_backbone else ''}")
-    losses = train_stream_guard(model, examples, pad_id=pad_id, steps=args.steps, batch_size=args.batch_size,
-                                lr=args.lr, warmup_steps=min(20, args.steps // 10), seed=args.seed,
-                                freeze_backbone=args.freeze_backbone, label="train-stream")
+    log = train_stream_guard_hf(model, examples, pad_id=pad_id, args=training,
+                                freeze_backbone=args.freeze_backbone)
     acc = token_accuracy(model, examples, pad_id=pad_id)
     save_trained_stream_guard(model, tokenizer, args.output)
-    print(f"[train-stream] loss {losses[0]:.4f} -> {losses[-1]:.4f}; on the training rows: token risk "
-          f"accuracy {acc['token_risk_acc']:.4f}, query risk accuracy {acc['query_risk_acc']:.4f}")
+    print(f"[train-stream] loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; on the training rows: token "
+          f"risk accuracy {acc['token_risk_acc']:.4f}, query risk accuracy {acc['query_risk_acc']:.4f}")
     print(f"[train-stream] saved to {args.output}")
     return 0
 
@@ -200,7 +212,8 @@ def add_guard_parser(sub: argparse._SubParsersAction) -> None:
                              formatter_class=raw, epilog=GUARD_TRAIN_STREAM_EPILOG,
                              description="Add the Stream heads (spec §3.3) to a Qwen3 backbone and train\n"
                              "them (with the backbone unless --freeze-backbone) on labelled JSONL rows\n"
-                             "with the paper's loss; writes a Qwen3Guard-Stream checkpoint.")
+                             "with the paper's loss on transformers.Trainer (checkpoints, resume,\n"
+                             "report_to, accelerate launch); writes a Qwen3Guard-Stream checkpoint.")
     q.add_argument("--backbone", required=True, help="Qwen3 checkpoint directory or toyworld:<part>")
     q.add_argument("--data", required=True, help="training rows, JSONL (see below)")
     q.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
@@ -212,6 +225,8 @@ def add_guard_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--guard-inner-size", type=positive_int, default=None,
                    help="width G of new heads (default: hidden size // 2)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="transformers.TrainingArguments fields (see below)")
     q.set_defaults(func=_cmd_guard_train_stream)
 
 

@@ -16,13 +16,20 @@ Shortcuts and choices:
   scaffold included): the streaming reader (`saferl.guard.stream`) reads the response heads at all of them.
 - Batches are right-padded with no attention mask: attention is causal, so padding after a row's last token
   never reaches its real positions (and padded positions carry no loss).
-- The optimisation loop is `saferl.sft`'s (AdamW, linear warm-up, cosine decay to 10%, clipping at 1).
+- Two loops run `stream_loss`. `train_stream_guard_hf` (what `saferl guard train-stream` runs) is HF
+  `transformers.Trainer` with the loss passed as its `compute_loss_func` hook, no subclass: the collator hands
+  the labels over as one `labels` mapping, which the Trainer pops before `model(input_ids=...)` and passes
+  to the hook; so checkpoints, resume, `report_to` tracking, gradient accumulation, DeepSpeed and
+  `accelerate launch` are the Trainer's. Its defaults (`stream_training_args`) copy the other loop's recipe.
+  `train_stream_guard` is `saferl.sft`'s hand-written loop (AdamW, linear warm-up, cosine decay to 10%,
+  clipping at 1), kept because the toy world's build calls it (`saferl.toyworld.stream`).
   `freeze_backbone=True` trains the heads only (no gradient flows into the backbone at all).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,6 +189,63 @@ def train_stream_guard(model: Qwen3StreamGuard, examples: Sequence[StreamExample
     model.model.requires_grad_(not freeze_backbone)
     return _fit(model, examples, collate, _loss, pad_id=pad_id, steps=steps, batch_size=batch_size, lr=lr,
                 warmup_steps=warmup_steps, seed=seed, label=label, log_every=log_every)
+
+
+def trainer_collate(batch: Sequence[StreamExample], pad_id: int) -> dict[str, Any]:
+    """`collate` in the layout `transformers.Trainer` passes on: `input_ids` [B, T] for the model, and the
+    five label tensors as one `labels` mapping, popped by the Trainer and given to `trainer_loss`."""
+    labels = collate(batch, pad_id)
+    return {"input_ids": labels.pop("input_ids"), "labels": labels}
+
+
+def trainer_loss(outputs: GuardLogits, labels: dict[str, torch.Tensor],
+                 num_items_in_batch: Any = None) -> torch.Tensor:
+    """`stream_loss` as the Trainer's `compute_loss_func` (`num_items_in_batch` is None here: the Trainer
+    counts items in a `labels` tensor, and ours is a mapping; `stream_loss` normalises per batch)."""
+    return stream_loss(outputs, labels)["loss"]
+
+
+def stream_training_args(output: str, *, steps: int, batch_size: int, lr: float, warmup_steps: int, seed: int,
+                         overrides: Sequence[str] = ()) -> Any:
+    """`transformers.TrainingArguments` for `train_stream_guard_hf`: `train_stream_guard`'s recipe (AdamW
+    without weight decay, linear warm-up, cosine decay to 10% of `lr`, clipping at 1; the first step's loss
+    logged, then the mean loss of every 10), then `overrides` (KEY=VALUE, any TrainingArguments field: save_steps, resume_from_checkpoint,
+    report_to, gradient_accumulation_steps, deepspeed, ...; an unknown key raises ValueError naming it)."""
+    from transformers import TrainingArguments
+
+    from saferl.sft_trl import training_args
+
+    ours = ["--warmup_steps", str(warmup_steps), "--lr_scheduler_type", "cosine_with_min_lr",
+            "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}', "--weight_decay", "0", "--max_grad_norm", "1",
+            "--logging_steps", "10", "--logging_first_step", "true", "--remove_unused_columns", "false"]
+    return training_args(TrainingArguments, output, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         deepspeed=None, overrides=overrides, ours=ours)
+
+
+def train_stream_guard_hf(model: Qwen3StreamGuard, examples: Sequence[StreamExample], *, pad_id: int, args: Any,
+                          freeze_backbone: bool = False) -> list[dict[str, float]]:
+    """Train the Stream heads (and the backbone unless `freeze_backbone`) on `examples` with `stream_loss`
+    through `transformers.Trainer` (`args`: `stream_training_args`); checkpoints go to `args.output_dir`,
+    and `args.resume_from_checkpoint` continues from one.
+
+    With gradient accumulation, a step's loss is the mean of its micro-batches' `stream_loss` (each a token
+    mean over its own micro-batch), where one batch of the same rows would take one token mean.
+
+    Returns:
+        The Trainer's log entries with a `loss`, in order. The model is left in eval mode.
+    """
+    from transformers import Trainer
+
+    model.model.requires_grad_(not freeze_backbone)
+    trainer = Trainer(model=model, args=args, train_dataset=list(examples), compute_loss_func=trainer_loss,
+                      data_collator=lambda batch: trainer_collate(batch, pad_id))
+    trainer.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    model.eval()
+    log = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if log and not math.isfinite(log[-1]["loss"]):
+        raise RuntimeError(f"train-stream: loss diverged ({log[-1]['loss']})")
+    return log
 
 
 @torch.inference_mode()

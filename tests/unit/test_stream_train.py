@@ -327,3 +327,63 @@ def test_synthetic_stream_checkpoint_is_taken_as_is(tmp_path, backbone):
     model = init_stream_guard(path)
     assert model.training and model.config.guard_inner_size == 8
     torch.testing.assert_close(model.category_head.weight, load_stream_guard(path).category_head.weight)
+
+
+# ---------------------------------------------------------------- the same loss through transformers.Trainer
+
+
+def test_trainer_collate_and_loss_are_collate_and_stream_loss(backbone, tokenizer):
+    from saferl.guard.stream_train import trainer_collate, trainer_loss
+
+    model = init_stream_guard(backbone, seed=0).eval()
+    examples = toy_examples(tokenizer, LabelMaps.from_model(model))[:4]
+    batch, split = collate(examples, tokenizer.pad_token_id), trainer_collate(examples, tokenizer.pad_token_id)
+    assert set(split) == {"input_ids", "labels"} and torch.equal(split["input_ids"], batch["input_ids"])
+    with torch.inference_mode():
+        logits = model(batch["input_ids"])
+        assert trainer_loss(logits, split["labels"]).item() == stream_loss(logits, batch)["loss"].item()
+
+
+def _hf_args(out, steps, **extra):
+    from saferl.guard.stream_train import stream_training_args
+
+    return stream_training_args(str(out), steps=steps, batch_size=16, lr=1e-2, warmup_steps=5, seed=0,
+                                overrides=["logging_steps=1", "save_strategy=no", "disable_tqdm=true",
+                                           *[f"{k}={v}" for k, v in extra.items()]])
+
+
+def test_trainer_path_learns_and_keeps_the_recipe(backbone, tokenizer, tmp_path):
+    from saferl.guard.stream_train import train_stream_guard_hf
+
+    args = _hf_args(tmp_path / "out", 40)
+    assert (args.lr_scheduler_type.value, args.lr_scheduler_kwargs, args.weight_decay, args.max_grad_norm) == (
+        "cosine_with_min_lr", {"min_lr_rate": 0.1}, 0.0, 1.0)
+    model = init_stream_guard(backbone, seed=0)
+    examples = toy_examples(tokenizer, LabelMaps.from_model(model))
+    log = train_stream_guard_hf(model, examples, pad_id=tokenizer.pad_token_id, args=args)
+    losses = [e["loss"] for e in log]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.5 * losses[0], losses
+    assert not model.training
+    assert token_accuracy(model, examples, pad_id=tokenizer.pad_token_id)["token_risk_acc"] > 0.9
+    assert log[-1]["learning_rate"] == pytest.approx(1e-3, rel=0.05)  # cosine to 10% of the peak
+
+
+def test_trainer_resumes_from_a_checkpoint_to_the_same_weights(backbone, tokenizer, tmp_path):
+    from saferl.guard.stream_train import train_stream_guard_hf
+
+    def run(out, steps, seed=0, **extra):
+        model = init_stream_guard(backbone, seed=seed)
+        examples = toy_examples(tokenizer, LabelMaps.from_model(model))
+        log = train_stream_guard_hf(model, examples, pad_id=tokenizer.pad_token_id,
+                                    args=_hf_args(out, steps, **extra))
+        return model, [e["loss"] for e in log]
+
+    saving = {"save_strategy": "steps", "save_steps": 3}
+    whole, losses = run(tmp_path / "whole", 6, **saving)
+    checkpoint = tmp_path / "whole" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "model.safetensors").is_file()
+    # a fresh model (other head seed: the checkpoint's weights must replace it) resumes at step 3
+    resumed, log = run(tmp_path / "resumed", 6, seed=1, resume_from_checkpoint=checkpoint, **saving)
+    assert len(log) == 6 and log == pytest.approx(losses, rel=1e-4)  # steps 1-3 from the checkpoint's log
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-4, atol=1e-5)
