@@ -36,10 +36,11 @@ toyworld: venv
 	$(PY) -m saferl.cli toyworld build -c $(CONFIG)
 
 # The import contracts first (pyproject.toml [tool.importlinter]: layers, no toy world in the product, no
-# cycles; about a second), then the tests.
+# cycles; about a second), then the tests. The 25 slowest are listed at the end, so a CI log shows where the
+# suite's time goes.
 test: venv
 	.venv/bin/lint-imports --no-cache
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests --durations=25 $(ARGS)
 
 test-fast: venv
 	$(PY) -m pytest tests -m "not slow" $(ARGS)
