@@ -11,7 +11,8 @@ and TRL's chunked losses) never holds more than one [chunk, V] float32 slab of l
 
     forward   per chunk: z = h W^T / T (one LM-head matmul); keep log Z = logsumexp z and H = log Z - sum_v p_v z_v
               (the entropy costs one dot product per position from the same slab); lp = z_target - log Z
-    backward  per chunk: recompute z (the price of the memory: 4 LM-head matmuls instead of 3), then in place
+    backward  per chunk: recompute z (the price of the memory: 4 LM-head matmuls instead of 3; when one chunk
+              holds all N positions the forward keeps its slab instead and the backward reuses it), then in place
               dz = g_lp (onehot - p) - g_H p (log p + H), divided by T, and dh = dz W, dW += dz^T h (float32)
 
 The entropy's gradient terms run only when the entropy reached the loss (g_H is None otherwise), and dW only when
@@ -115,10 +116,16 @@ class ChunkedHeadScores(torch.autograd.Function):
             log_z_lp = torch.empty_like(lp) if top_p < 1.0 else log_z  # the log-prob's own support under top-p
             z_buf = torch.empty(size, vocab, dtype=torch.float32, device=hidden.device)
             e_buf = torch.empty_like(z_buf)
+            # One chunk holds every position: its logits stay for the backward (which then skips the matmul
+            # that recomputes them), so the forward works on a copy of them (`s_buf`) instead of in place.
+            reuse = 0 < n <= size and any(ctx.needs_input_grad[:3])
+            s_buf = torch.empty_like(z_buf) if reuse else z_buf
             for i in range(0, n, size):
                 j = min(n, i + size)
                 z, e, t = _logits(z_buf[: j - i], h[i:j], w, b, inv_t), e_buf[: j - i], targets[i:j, None]
                 if top_p < 1.0:
+                    if reuse:
+                        z = s_buf.copy_(z)
                     keep = nucleus_mask(z, top_p)
                     z_lp = z.masked_fill(~keep.scatter(-1, t, True), float("-inf"))
                     log_z_lp[i:j] = torch.logsumexp(z_lp, -1)
@@ -130,7 +137,7 @@ class ChunkedHeadScores(torch.autograd.Function):
                     ent[i:j] = -torch.linalg.vecdot(e, logp.masked_fill_(~keep, 0.0))
                     continue
                 top = z.amax(-1, keepdim=True)
-                z.sub_(top)
+                z = torch.sub(z, top, out=s_buf[: j - i])  # in place unless `reuse`
                 torch.exp(z, out=e)
                 total = e.sum(-1)
                 log_total = total.log()
@@ -140,6 +147,7 @@ class ChunkedHeadScores(torch.autograd.Function):
                 ent[i:j] = log_total - torch.linalg.vecdot(e, z) / total
         ctx.save_for_backward(hidden, weight, bias, targets, log_z, log_z_lp, ent)
         ctx.args = (temperature, top_p, dtype, size)
+        ctx.slabs = (z_buf, e_buf) if reuse else None  # the logits [n, V] and a scratch slab
         return lp, ent
 
     @staticmethod
@@ -161,11 +169,16 @@ class ChunkedHeadScores(torch.autograd.Function):
             grad_w = torch.zeros(vocab, hidden.shape[1], dtype=torch.float32, device=hidden.device) \
                 if need_w else None
             grad_b = torch.zeros(vocab, dtype=torch.float32, device=hidden.device) if need_b else None
-            z_buf = torch.empty(min(max(n, 1), size), vocab, dtype=torch.float32, device=hidden.device)
-            p_buf = torch.empty_like(z_buf)
+            slabs, ctx.slabs = ctx.slabs, None  # overwritten below: a second backward recomputes
+            if slabs is None:
+                z_buf = torch.empty(min(max(n, 1), size), vocab, dtype=torch.float32, device=hidden.device)
+                slabs = (None, torch.empty_like(z_buf))
+            p_buf = slabs[1]
             for i in range(0, n, size):
                 j = min(n, i + size)
-                z, p, t = _logits(z_buf[: j - i], h[i:j], w, b, inv_t), p_buf[: j - i], targets[i:j, None]
+                # The forward's logits when it kept them: the same matmul of the same shape, the same bits.
+                z = slabs[0] if slabs[0] is not None else _logits(z_buf[: j - i], h[i:j], w, b, inv_t)
+                p, t = p_buf[: j - i], targets[i:j, None]
                 if top_p < 1.0:
                     dz = _top_p_grad(z, t, top_p, log_z[i:j], log_z_lp[i:j], ent[i:j],
                                      None if g_lp is None else g_lp[i:j], None if g_ent is None else g_ent[i:j])

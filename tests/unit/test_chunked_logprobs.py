@@ -70,6 +70,7 @@ def test_chunked_equals_unchunked_values_and_gradients(monkeypatch, temperature,
     head = torch.nn.Linear(6, 37)
     with torch.no_grad():
         head.weight.copy_(torch.randn(37, 6, generator=gen) * 2)
+        head.bias.copy_(torch.randn(37, generator=gen) * 0.1)  # seeded too: the case is the same in every run
     targets = torch.randint(0, 37, (11,), generator=gen)
     w_lp, w_ent = torch.randn(11, generator=gen), torch.randn(11, generator=gen)
 
@@ -77,14 +78,20 @@ def test_chunked_equals_unchunked_values_and_gradients(monkeypatch, temperature,
         loss = (lp * w_lp).sum() + ((ent * w_ent).sum() if with_entropy else 0.0)
         return lp.detach(), ent.detach(), torch.autograd.grad(loss, [hidden, head.weight, head.bias])
 
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:
+        # float32 rounding of the larger entries (|grad| ~ 20 here) reaches ~1e-5 in a near-cancelling one: the
+        # absolute tolerance scales with the tensor's largest entry (with the unseeded bias, ~15% of draws
+        # failed a fixed 1e-6 on the hidden-state gradient, by 4-6e-6 against entries of 23, old code and new).
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, float(b.abs().max())))
+
     got = grads(*head_scores(hidden, head, targets, temperature, top_p))
     want = grads(*sampler_scores(head(hidden), targets, temperature, top_p))
     for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        close(a, b)
     # The module path (any head: LoRA-wrapped, ZeRO-3-partitioned) gives the same.
     via_module = grads(*head_scores(hidden, head, targets, temperature, top_p, fused=False))
     for a, b in zip([*via_module[:2], *via_module[2]], [*want[:2], *want[2]]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        close(a, b)
 
 
 def test_no_positions_and_no_gradient_paths():
@@ -210,3 +217,112 @@ def test_packed_forward_and_chunked_head_equal_the_padded_unchunked_step(tiny_po
     scale = max(float(g.abs().max()) for g in want)
     for (name, _), a, b in zip(model.named_parameters(), got, want):
         assert float((a - b).abs().max()) <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.6)])
+def test_one_chunk_reuses_the_forward_logits_and_a_second_backward_recomputes(monkeypatch, temperature, top_p):
+    """When one chunk holds every position the backward takes the forward's logits instead of a second LM-head
+    matmul: the values and gradients equal `sampler_scores`' and those of the chunked path. Catches a forward
+    that shifted or masked the kept slab in place (the backward's softmax would then be wrong) and a backward
+    that consumed it, so that a second backward (retain_graph) differed from the first."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 5, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(5, 23)
+    targets = torch.randint(0, 23, (9,), generator=gen)
+    w_lp, w_ent = torch.randn(9, generator=gen), torch.randn(9, generator=gen)
+    params = [hidden, head.weight, head.bias]
+    calls = []
+    monkeypatch.setattr(logprobs, "_logits", lambda *a: calls.append(1) or _logits(*a))
+    lp, ent = head_scores(hidden, head, targets, temperature, top_p)
+    loss = (lp * w_lp).sum() + (ent * w_ent).sum()
+    first = torch.autograd.grad(loss, params, retain_graph=True)
+    assert len(calls) == 1  # the forward's matmul only
+    second = torch.autograd.grad(loss, params)
+    assert len(calls) == 2  # the slab was used up: the second backward recomputes it
+    want_lp, want_ent = sampler_scores(head(hidden), targets, temperature, top_p)
+    want = torch.autograd.grad((want_lp * w_lp).sum() + (want_ent * w_ent).sum(), params)
+    torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-5, atol=1e-6)
+    for a, b, c in zip(first, second, want):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+    # Without gradients nothing is kept (and a chunked call, several chunks, never keeps its slabs).
+    with torch.no_grad():
+        head_scores(hidden, head, targets, temperature, top_p)
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 4 * 23)
+    calls.clear()
+    lp, ent = head_scores(hidden, head, targets, temperature, top_p)
+    chunked = torch.autograd.grad((lp * w_lp).sum() + (ent * w_ent).sum(), params)
+    assert len(calls) == 2 * 3  # 3 chunks, each recomputed in the backward
+    for a, c in zip(chunked, first):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+
+
+_logits = logprobs._logits
+
+
+def _segments_by_loop(groups: list[tuple[int, int, list[tuple[int, int]]]], length: int):
+    """The layout built segment by segment, as `packed_segments` defines it: the reference of the vectorised
+    construction."""
+    queries, keys = [], []
+    for start, n_prompt, responses in groups:
+        prompt = list(range(start, start + n_prompt))
+        queries.append(prompt)
+        keys.append(prompt)
+        for at, n in responses:
+            queries.append(list(range(at, at + n)))
+            keys.append(prompt + queries[-1])
+    q_max, k_max = max(1, max(map(len, queries), default=1)), max(1, max(map(len, keys), default=1))
+    query_index = torch.full((len(queries), q_max), length, dtype=torch.long)
+    key_index = torch.zeros((len(queries), k_max), dtype=torch.long)
+    allowed = torch.zeros((len(queries), q_max, k_max), dtype=torch.bool)
+    for s, (q, k) in enumerate(zip(queries, keys)):
+        query_index[s, : len(q)] = torch.tensor(q, dtype=torch.long)
+        key_index[s, : len(k)] = torch.tensor(k, dtype=torch.long)
+        allowed[s, : len(q), : len(k)] = torch.ones(len(q), len(k), dtype=torch.bool).tril(len(k) - len(q))
+        allowed[s, len(q):, 0] = True
+    return query_index, key_index, allowed.unsqueeze(1)
+
+
+def test_packed_segments_equal_the_segment_by_segment_construction():
+    """Random layouts (empty responses, one-token prompts, no groups at all): the vectorised index and mask
+    tensors equal the loop's exactly; `query_source` is query_index with padding read from position 0 and
+    `position_source` finds each position's query slot. Catches an off-by-one in the causal offset or in the
+    key padding, and a position whose output would be read from another segment's row."""
+    from saferl.trainer.packed_attention import packed_segments
+
+    rng = torch.Generator().manual_seed(5)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=rng))
+
+    for _ in range(200):
+        groups, length = [], 0
+        for _ in range(draw(4)):
+            n_prompt = 1 + draw(6)
+            responses, at = [], length + n_prompt
+            for _ in range(draw(4)):
+                n = [0, 1, 2, 5, 9][draw(5)]
+                responses.append((at, n))
+                at += n
+            groups.append((length, n_prompt, responses))
+            length = at
+        got = packed_segments(groups, length)
+        want = _segments_by_loop(groups, length)
+        for a, b in zip((got.query_index, got.key_index, got.allowed), want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert torch.equal(got.query_source, got.query_index.masked_fill(got.query_index == length, 0))
+        assert torch.equal(got.query_index.reshape(-1)[got.position_source], torch.arange(length))
+    with pytest.raises(ValueError, match="exactly one segment"):
+        packed_segments([(0, 2, [(2, 1)])], 4)  # position 3 belongs to no segment
+
+
+def test_packed_attention_bias_is_the_boolean_mask_made_once_per_dtype():
+    """SDPA gets the additive form of `allowed` (0 where allowed, -inf elsewhere), the mask SDPA would make of
+    the boolean one in every call: built once per layout and dtype, so bf16 queries get a bf16 mask."""
+    layout = pack_batch(_groups(), [0, 1, 2, 3], pad_id=0).attention
+    bias = layout.bias(torch.float32)
+    assert bias is layout.bias(torch.float32)
+    assert torch.equal(bias, torch.zeros(bias.shape).masked_fill(~layout.allowed, -math.inf))
+    assert layout.bias(torch.bfloat16).dtype == torch.bfloat16
+    assert torch.equal(layout.to(torch.device("cpu")).bias(torch.float32), bias)
