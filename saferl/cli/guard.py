@@ -69,7 +69,7 @@ Checkpoints go to OUT/checkpoint-N (the Trainer's layout: weights, optimizer, sc
 examples:
   saferl guard train-stream --backbone toyworld:guard --data rows.jsonl -o my_stream --steps 300 --lr 3e-3
   hf download Qwen/Qwen3-0.6B --local-dir Qwen3-0.6B
-  saferl guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o stream06b --freeze-backbone \
+  saferl guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o stream06b --freeze-backbone \\
       save_strategy=steps save_steps=50 report_to=wandb
   accelerate launch -m saferl.cli guard train-stream --backbone Qwen3-0.6B --data rows.jsonl -o s06b bf16=true"""
 
