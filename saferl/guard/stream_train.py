@@ -208,9 +208,10 @@ def trainer_loss(outputs: GuardLogits, labels: dict[str, torch.Tensor],
 def stream_training_args(output: str, *, steps: int, batch_size: int, lr: float, warmup_steps: int, seed: int,
                          overrides: Sequence[str] = ()) -> Any:
     """`transformers.TrainingArguments` for `train_stream_guard_hf`: `train_stream_guard`'s recipe (AdamW
-    without weight decay, linear warm-up, cosine decay to 10% of `lr`, clipping at 1; the first step's loss
-    logged, then the mean loss of every 10), then `overrides` (KEY=VALUE, any TrainingArguments field: save_steps, resume_from_checkpoint,
-    report_to, gradient_accumulation_steps, deepspeed, ...; an unknown key raises ValueError naming it)."""
+    without weight decay, linear warm-up (the Trainer's, from lr 0), cosine decay to 10% of `lr`, clipping
+    at 1; the first step's loss logged, then the mean loss of every 10), then `overrides` (KEY=VALUE, any
+    TrainingArguments field: save_steps, resume_from_checkpoint, report_to, gradient_accumulation_steps,
+    deepspeed, ...; an unknown key raises ValueError naming it)."""
     from transformers import TrainingArguments
 
     from saferl.sft_trl import training_args
