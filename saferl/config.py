@@ -252,6 +252,12 @@ class TrainerConfig:
     # Weight of the policy's token entropy in the loss: > 0 a bonus (more exploration), < 0 a penalty (a
     # sharper policy: fewer sampling slips at temperature 1), 0 off.
     entropy_coef: float = 0.0
+    # Weight of a token-level unlikelihood term (Welleck et al. 2019): coef * the mean over the sampled
+    # answer tokens the fluency gate finds implausible (reference log-prob below
+    # reward.rules.fluency_min_logprob, the one definition of an implausible token: the gate must be on) of
+    # -log(1 - p), p the policy's probability of the token. It lowers those tokens directly, where the gate's
+    # sequence reward reaches them only spread over the whole answer (saferl/trainer/unlikelihood.py). 0 off.
+    unlikelihood_coef: float = 0.0
     # Compute dtype; master weights and optimizer state stay float32 (bfloat16 on GPU: autocast / DeepSpeed).
     dtype: str = "float32"
     # Data-parallel workers, one process group (gloo on CPU, NCCL on GPU).

@@ -138,12 +138,12 @@ class TrainerGroup:
         """One GSPO update on `batch`; each rank's metrics (`policy.merge_rank_metrics` merges them)."""
         return self.group.call("train_step", batch)
 
-    def reference_logprobs(self, batch: TrainBatch) -> list[tuple[float, float]]:
-        """Per sequence, its (mean, minimum) response-token log-prob under the frozen starting policy
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """Per sequence, its response tokens' log-probs under the frozen starting policy
         (`PolicyTrainer.reference_logprobs`). Rank r scores sequences r, r + W, ...: the ranks share the work
         (each holds the reference), and under ZeRO-3 they must run their forwards together anyway."""
         shares = self.group.call("reference_logprobs", batch)
-        out: list[tuple[float, float]] = [(0.0, 0.0)] * len(batch.input_ids)
+        out: list[list[float]] = [[] for _ in batch.input_ids]
         for rank, share in enumerate(shares):
             out[rank::len(shares)] = share
         return out

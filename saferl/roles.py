@@ -122,7 +122,8 @@ def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
         temperature=r.temperature, top_p=r.top_p, dtype=t.dtype, kl_coef=t.kl_coef, entropy_coef=t.entropy_coef,
         lora_rank=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
         lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed,
-        reference_scoring=needs_reference_logprobs(cfg)),
+        reference_scoring=needs_reference_logprobs(cfg), unlikelihood_coef=t.unlikelihood_coef,
+        implausible_logprob=cfg.reward.rules.fluency_min_logprob),
         cfg.policy.model, policy, f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch", t.dtype,
         rank_kwarg="rank"))
     if cfg.eval.judge is not None:

@@ -96,9 +96,22 @@ def generate_and_score(rollout: RolloutGroup, prompts: list[Prompt], n: int, gua
 
 def with_reference_logprobs(records: list[ScoredRollout], trainer: TrainerGroup,
                             timer: PhaseTimer | None = None) -> list[ScoredRollout]:
-    """The records with `reference_logprob` and `reference_min_logprob` filled in by one
-    `TrainerGroup.reference_logprobs` call over all of them (timed as phase `reference`)."""
+    """The records with `reference_token_logprobs` and their summaries `reference_logprob` and
+    `reference_min_logprob` filled in by one `TrainerGroup.reference_logprobs` call over all of them (timed as
+    phase `reference`)."""
     with (timer or PhaseTimer()).phase("reference"):
-        pairs = trainer.reference_logprobs(TrainBatch.of(records, [0.0] * len(records)))
-    return [dataclasses.replace(r, reference_logprob=mean, reference_min_logprob=low)
-            for r, (mean, low) in zip(records, pairs, strict=True)]
+        tokens = trainer.reference_logprobs(TrainBatch.of(records, [0.0] * len(records)))
+    out = []
+    for r, lps in zip(records, tokens, strict=True):
+        mean, low = fluency_summary(lps)
+        out.append(dataclasses.replace(r, reference_logprob=mean, reference_min_logprob=low,
+                                       reference_token_logprobs=tuple(lps)))
+    return out
+
+
+def fluency_summary(token_logprobs: list[float]) -> tuple[float, float]:
+    """(Mean, minimum) of a response's reference token log-probs: the monitor's and the fluency gate's
+    statistics; (0.0, 0.0) for an empty response (the log-prob of nothing)."""
+    if not token_logprobs:
+        return 0.0, 0.0
+    return sum(token_logprobs) / len(token_logprobs), min(token_logprobs)

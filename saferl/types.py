@@ -245,6 +245,8 @@ class ScoredRollout:
             fluency gate or monitor asked for it.
         reference_min_logprob: the lowest of those token log-probs (the fluency gate's statistic); None with
             reference_logprob.
+        reference_token_logprobs: those token log-probs themselves, one per response token (the trainer's
+            unlikelihood term reads which tokens are implausible); None with reference_logprob.
     """
 
     rollout: Rollout
@@ -256,6 +258,7 @@ class ScoredRollout:
     reference_logprob: float | None = None
     helpfulness_ensemble: tuple[float, ...] = ()
     reference_min_logprob: float | None = None
+    reference_token_logprobs: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -273,21 +276,32 @@ class TrainBatch:
 
     `input_ids[i]` = prompt + response tokens; the response starts at `prompt_lens[i]`.
     `old_logprobs` are the behaviour log-probs from the rollout engine (used for diagnostics; the trainer
-    recomputes pi_old itself).
+    recomputes pi_old itself). `reference_logprobs[i]`, when the records carry them, are response i's
+    token log-probs under the frozen starting policy (`ScoredRollout.reference_token_logprobs`), for the
+    unlikelihood term; None otherwise.
     """
 
     input_ids: list[list[int]]
     prompt_lens: list[int]
     old_logprobs: list[list[float]]
     advantages: list[float]
+    reference_logprobs: list[list[float]] | None = None
 
     @classmethod
     def of(cls, records: Sequence[ScoredRollout], advantages: list[float]) -> TrainBatch:
-        """The sequences of `records` (prompt + response tokens) with one advantage each."""
+        """The sequences of `records` (prompt + response tokens) with one advantage each, and their reference
+        token log-probs when every record has them."""
         rollouts = [s.rollout for s in records]
+        reference = [s.reference_token_logprobs for s in records]
+        for s, lps in zip(records, reference):
+            if lps is not None and len(lps) != len(s.rollout.response_ids):
+                raise ValueError(f"a record has {len(lps)} reference token log-probs for "
+                                 f"{len(s.rollout.response_ids)} response tokens")
         return cls(input_ids=[r.prompt_ids + r.response_ids for r in rollouts],
                    prompt_lens=[len(r.prompt_ids) for r in rollouts],
-                   old_logprobs=[r.logprobs for r in rollouts], advantages=advantages)
+                   old_logprobs=[r.logprobs for r in rollouts], advantages=advantages,
+                   reference_logprobs=([list(lps) for lps in reference]  # type: ignore[arg-type]
+                                       if records and all(lps is not None for lps in reference) else None))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer import batching, distributed, lora, packed_attention
 from saferl.trainer.gspo import policy_loss, warn_if_misconfigured
 from saferl.trainer.logprobs import head_scores
+from saferl.trainer.unlikelihood import count_implausible, implausible_mask, unlikelihood_loss
 from saferl.types import TrainBatch
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -58,11 +59,16 @@ class PolicyTrainer:
                  dtype: str = "float32", kl_coef: float = 0.0, entropy_coef: float = 0.0, lora_rank: int = 0,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = (
                  "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0,
-                 reference_scoring: bool = False) -> None:
+                 reference_scoring: bool = False, unlikelihood_coef: float = 0.0,
+                 implausible_logprob: float | None = None) -> None:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_model_dir(model)
+        if unlikelihood_coef > 0 and implausible_logprob is None:
+            raise ValueError("unlikelihood_coef > 0 needs implausible_logprob, the reference log-prob below "
+                             "which a token is implausible (trainer.unlikelihood_coef needs "
+                             "reward.rules.fluency_min_logprob)")
         if strategy not in ("torch", "deepspeed"):
             raise ValueError(f"trainer.strategy must be 'torch' or 'deepspeed', got {strategy!r}")
         if dtype not in ("float32", "bfloat16"):  # float16 would need a loss scaler, which neither engine has
@@ -92,6 +98,9 @@ class PolicyTrainer:
                                                                   attn_implementation=attention)
             self.reference.to(policy.device).eval().requires_grad_(False)
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
+        # The unlikelihood term (trainer/unlikelihood.py) on tokens whose reference log-prob, carried by the
+        # batch (TrainBatch.reference_logprobs), is below implausible_logprob.
+        self.unlikelihood_coef, self.implausible_logprob = unlikelihood_coef, implausible_logprob
         self.lr_args = dict(base_lr=lr, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps)
         lr_at(1, **self.lr_args)  # an unknown schedule fails here, at start-up
         self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
@@ -181,29 +190,27 @@ class PolicyTrainer:
         return self._reference_forward(packed)[0] if self.kl_coef > 0 else None
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: TrainBatch) -> list[tuple[float, float]]:
-        """A fluency measure: per sequence of this rank's share (rows rank, rank + world_size, ...), the mean
-        and the minimum log-prob of its response tokens under the frozen starting policy (the KL term's
-        reference) at temperature 1 and top-p 1, the model's own distribution rather than the sampler's.
-        (0.0, 0.0) for an empty response (the log-prob of nothing). Every rank must call it: each runs the same number of
-        micro-batches (a short rank pads with a dummy row), since under ZeRO-3 a LoRA base forward gathers
-        weights collectively. Needs `kl_coef > 0` or `reference_scoring`."""
+    def reference_logprobs(self, batch: TrainBatch) -> list[list[float]]:
+        """A fluency measure: per sequence of this rank's share (rows rank, rank + world_size, ...), the
+        log-probs of its response tokens under the frozen starting policy (the KL term's reference) at
+        temperature 1 and top-p 1, the model's own distribution rather than the sampler's ([] for an empty
+        response; `scoring.fluency_summary` gives the gate's minimum and the monitor's mean). Every rank must
+        call it: each runs the same number of micro-batches (a short rank pads with a dummy row), since under
+        ZeRO-3 a LoRA base forward gathers weights collectively. Needs `kl_coef > 0` or
+        `reference_scoring`."""
         if not self.has_reference:
             raise RuntimeError("PolicyTrainer.reference_logprobs needs the reference model: construct the "
                                "trainer with reference_scoring=True (or kl_coef > 0)")
         start = time.time()
         rows = list(range(self.rank, len(batch.input_ids), self.world_size))
         size = self.micro_batch_size
-        out: list[tuple[float, float]] = []
+        out: list[list[float]] = []
         for k in range(math.ceil(math.ceil(len(batch.input_ids) / self.world_size) / size)):
             part = rows[k * size: (k + 1) * size]
             micro = batching.MicroBatch(part, [False] * len(part)) if part else batching.MicroBatch([0], [True])
             lp, mask = self._reference_forward(self._pack(batch, micro), own_distribution=True)
             if part:
-                means = (lp * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
-                lowest = lp.masked_fill(mask == 0, math.inf).min(-1).values
-                lowest = torch.where(mask.sum(-1) > 0, lowest, torch.zeros_like(lowest))
-                out += list(zip(means.tolist(), lowest.tolist()))
+                out += [lp[b][mask[b].bool()].tolist() for b in range(len(part))]
         self.compute_intervals.append((start, time.time()))
         return out
 
@@ -217,6 +224,10 @@ class PolicyTrainer:
         """
         if self.engine is None:
             raise RuntimeError("PolicyTrainer.connect() must run before train_step()")
+        reference = batch.reference_logprobs if self.unlikelihood_coef > 0 else None
+        if self.unlikelihood_coef > 0 and reference is None:
+            raise ValueError("the unlikelihood term needs the batch's reference token log-probs "
+                             "(TrainBatch.reference_logprobs, from scoring.with_reference_logprobs)")
         start = time.time()
         self.steps_done += 1
         lr = lr_at(self.steps_done, **self.lr_args)
@@ -233,10 +244,13 @@ class PolicyTrainer:
         sums: dict[str, float] = {}
         terms, grad_norms, ratio_max = 0, [], -math.inf
         tokens = entropy = mismatch = first_tokens = 0.0
+        ul_tokens = ul_sum = ul_prob = 0.0
         for index, (rows, micros) in enumerate(steps):
             lengths = torch.tensor([len(batch.input_ids[i]) - batch.prompt_lens[i] for i in rows])
             global_count = max(1.0, batching.loss_count(
                 (torch.arange(max(1, int(lengths.max()))) < lengths[:, None]).float(), mode, aggregation))
+            # The unlikelihood term's N: the minibatch's implausible tokens, on every rank.
+            ul_count = count_implausible(reference, rows, self.implausible_logprob) if reference else 0
             for k, micro in enumerate(micros):
                 last = k == len(micros) - 1
                 packed = packs.pop(id(micro))
@@ -250,7 +264,16 @@ class PolicyTrainer:
                                       entropy=bonus, entropy_coef=self.entropy_coef)
                 local_count = batching.loss_count(mask, mode, aggregation)
                 # Weighted by its share of the minibatch, summed over micro-batches and ranks (see batching.py).
-                self.engine.backward(loss * (local_count / global_count) * self.world_size, last)
+                loss = loss * (local_count / global_count)
+                if reference is not None:  # already a share of the minibatch's mean (divided by its ul_count)
+                    flagged = implausible_mask(reference, micro.rows, mask.shape[1], self.implausible_logprob)
+                    flagged = flagged.to(mask.device) & mask.bool()
+                    ul, ul_terms = unlikelihood_loss(lp, flagged, ul_count)
+                    loss = loss + self.unlikelihood_coef * ul
+                    ul_tokens += float(flagged.sum())
+                    ul_sum += float(ul_terms.sum())
+                    ul_prob += float((lp.detach().exp() * flagged).sum())
+                self.engine.backward(loss * self.world_size, last)
                 with torch.no_grad():
                     entropy += float((per_token * mask).sum())
                     tokens += float(mask.sum())
@@ -265,6 +288,9 @@ class PolicyTrainer:
                 del per_token, lp, loss
             grad_norms.append(self.engine.step(lr))
         metrics = {k: v / terms for k, v in sums.items()} | ({"ratio_max": ratio_max} if terms else {})
+        if reference is not None:  # over the implausible tokens: -log(1 - p) and p under the current policy
+            metrics.update(unlikelihood=ul_sum / max(1.0, ul_tokens),
+                           implausible_prob=ul_prob / max(1.0, ul_tokens), unlikelihood_tokens=ul_tokens)
         metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, loss_terms=float(terms), tokens=tokens,
                        entropy=entropy / max(1.0, tokens), rollout_logprob_tokens=first_tokens,
                        rollout_logprob_abs_diff=mismatch / max(1.0, first_tokens),
@@ -379,8 +405,9 @@ def _engine_mismatch(old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch, m
 # What a rank metric is a mean over: merged means are weighted by it, so a rank whose share was only padding
 # (count 0) does not pull them towards its zeros. Unlisted metrics (pg_loss, clip fractions, ratio_mean, kl, and
 # grad_norm and lr, which every rank shares) are means over the rank's micro-batch loss terms.
-MEAN_OVER = {"entropy": "tokens", "rollout_logprob_abs_diff": "rollout_logprob_tokens"}
-SUMMED = ("loss_terms", "tokens", "rollout_logprob_tokens", "tokens_per_s")
+MEAN_OVER = {"entropy": "tokens", "rollout_logprob_abs_diff": "rollout_logprob_tokens",
+             "unlikelihood": "unlikelihood_tokens", "implausible_prob": "unlikelihood_tokens"}
+SUMMED = ("loss_terms", "tokens", "rollout_logprob_tokens", "tokens_per_s", "unlikelihood_tokens")
 
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

@@ -91,14 +91,14 @@ class AnswerGuard:
 
 
 class RefTrainer:
-    """A stand-in trainer: the reference log-prob of a sequence is minus its last token id."""
+    """A stand-in trainer: every response token's reference log-prob is minus the sequence's last token id."""
 
     def __init__(self):
         self.batches = []
 
     def reference_logprobs(self, batch):
         self.batches.append(batch)
-        return [(-float(ids[-1]), -2.0 * ids[-1]) for ids in batch.input_ids]
+        return [[-float(ids[-1])] * (len(ids) - p) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
 
 
 class StyleTruth:

@@ -80,7 +80,7 @@ class Trainer(Quiet):
         return {"loss": float(sum(batch.advantages)), "loss_terms": 1.0}
 
     def reference_logprobs(self, batch):
-        return [(-float(ids[-1]), -2.0 * ids[-1]) for ids in batch.input_ids]
+        return [[-float(ids[-1])] * (len(ids) - p) for ids, p in zip(batch.input_ids, batch.prompt_lens)]
 
     def weight_layout(self):
         return [("w", 7)]

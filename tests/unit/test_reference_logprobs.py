@@ -1,6 +1,7 @@
-"""Reference log-probs (#16.4): the mean response-token log-prob under the frozen starting policy at temperature
+"""Reference log-probs (#16.4): each response token's log-prob under the frozen starting policy at temperature
 1 and top-p 1, against a hand computation with the HF model, for a frozen copy and for LoRA's adapter-off base,
-before and after an update; the ranks' shares put back in order; records filled in by one call."""
+before and after an update; the ranks' shares put back in order; records filled in by one call, with the
+gate's minimum and the monitor's mean."""
 
 import random
 import types
@@ -28,9 +29,8 @@ def _batch(vocab: int) -> TrainBatch:
     return TrainBatch(ids, lens, [[0.0] * (len(i) - p) for i, p in zip(ids, lens)], [1.0, -1.0, 0.5, -0.5, 0.0])
 
 
-def _by_hand(model_dir: str, batch: TrainBatch) -> list[tuple[float, float]]:
-    """(Mean, minimum) over response tokens of log softmax(logits) at the next token, one unpadded sequence
-    at a time."""
+def _by_hand(model_dir: str, batch: TrainBatch) -> list[list[float]]:
+    """Per response token, log softmax(logits) at the next token, one unpadded sequence at a time."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -38,16 +38,17 @@ def _by_hand(model_dir: str, batch: TrainBatch) -> list[tuple[float, float]]:
     with torch.no_grad():
         for ids, p in zip(batch.input_ids, batch.prompt_lens):
             if len(ids) == p:
-                out.append((0.0, 0.0))
+                out.append([])
                 continue
             logits = model(torch.tensor([ids])).logits[0]
             lp = torch.log_softmax(logits[p - 1:-1].double(), -1).gather(-1, torch.tensor(ids[p:])[:, None])
-            out.append((float(lp.mean()), float(lp.min())))
+            out.append(lp[:, 0].tolist())
     return out
 
 
-def _flat(pairs):
-    return [x for pair in pairs for x in pair]
+def _flat(rows):
+    assert all(isinstance(row, list) for row in rows)  # one list per sequence, not a summary
+    return [x for row in rows for x in row] + [len(row) for row in rows]
 
 
 def _trainer(model_dir: str, **kwargs):
@@ -118,8 +119,8 @@ def test_with_reference_logprobs_fills_each_record_from_one_call():
 
     class Trainer:
         def reference_logprobs(self, batch):
-            calls.append(batch)
-            return [(-float(len(ids) - p), -10.0 * (len(ids) - p))
+            calls.append(batch)  # response of n tokens: -n for every token but the last, -10 n for it
+            return [[-float(len(ids) - p)] * (len(ids) - p - 1) + [-10.0 * (len(ids) - p)]
                     for ids, p in zip(batch.input_ids, batch.prompt_lens)]
 
     verdict = GuardVerdict(SafetyLabel.SAFE, refusal=False)
@@ -128,6 +129,10 @@ def test_with_reference_logprobs_fills_each_record_from_one_call():
                              verdict, helpfulness=float(i)) for i in range(3)]
     out = with_reference_logprobs(records, types.SimpleNamespace(reference_logprobs=Trainer().reference_logprobs))
     assert len(calls) == 1 and calls[0].input_ids == [[1, 2, 3], [1, 2, 3, 3], [1, 2, 3, 3, 3]]
-    assert [r.reference_logprob for r in out] == [-1.0, -2.0, -3.0]
+    assert [r.reference_logprob for r in out] == [-10.0, -11.0, -12.0]
     assert [r.reference_min_logprob for r in out] == [-10.0, -20.0, -30.0]
+    assert [r.reference_token_logprobs for r in out] == [(-10.0,), (-2.0, -20.0), (-3.0, -3.0, -30.0)]
+    # The train batch built from them carries the tokens for the unlikelihood term; from bare records, none.
+    assert TrainBatch.of(out, [0.0] * 3).reference_logprobs == [[-10.0], [-2.0, -20.0], [-3.0, -3.0, -30.0]]
+    assert TrainBatch.of(records, [0.0] * 3).reference_logprobs is None
     assert [r.helpfulness for r in out] == [0.0, 1.0, 2.0] and all(r.reference_logprob is None for r in records)
