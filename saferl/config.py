@@ -258,6 +258,11 @@ class TrainerConfig:
     # -log(1 - p), p the policy's probability of the token. It lowers those tokens directly, where the gate's
     # sequence reward reaches them only spread over the whole answer (saferl/trainer/unlikelihood.py). 0 off.
     unlikelihood_coef: float = 0.0
+    # Weight of a penalty on the expected number of those implausible tokens per answer: coef * the mean over
+    # sequences of the sum of the flagged sampled tokens' log-probs, the score-function estimate of the
+    # gradient of the implausible probability mass. Unlike the unlikelihood term, whose push is ~p, it moves a
+    # rare slip (p ~ 0.002) as much as a likely one. Same tokens and gate requirement. 0 off.
+    implausible_mass_coef: float = 0.0
     # Compute dtype; master weights and optimizer state stay float32 (bfloat16 on GPU: autocast / DeepSpeed).
     dtype: str = "float32"
     # Data-parallel workers, one process group (gloo on CPU, NCCL on GPU).

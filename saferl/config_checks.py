@@ -224,6 +224,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "trainer.kl_coef": (COUNT, "0 turns the KL term off"),
     "trainer.entropy_coef": (FINITE, "0 turns it off; negative penalises entropy (sharpens the policy)"),
     "trainer.unlikelihood_coef": (COUNT, "0 turns the unlikelihood term off"),
+    "trainer.implausible_mass_coef": (COUNT, "0 turns the implausible-mass penalty off"),
     "trainer.workers": (AT_LEAST_ONE, ""),
     "trainer.lora.rank": (COUNT, "0 is full fine-tuning"),
     "trainer.lora.alpha": (POSITIVE, ""),
@@ -318,10 +319,11 @@ def _check_relations(v: Mapping[str, Any]) -> None:
         if is_remote and not v[f"{section}.urls"]:
             raise _out_of_range(f"{section}.urls", f"at least one endpoint with {section}.backend="
                                 f"{v[section + '.backend']}", v[f"{section}.urls"])
-    if v["trainer.unlikelihood_coef"] > 0 and v["reward.rules.fluency_min_logprob"] is None:
-        raise _out_of_range("trainer.unlikelihood_coef", "0 while reward.rules.fluency_min_logprob is null "
-                            "(the term lowers the tokens the fluency gate finds implausible; set the gate's "
-                            "threshold)", v["trainer.unlikelihood_coef"])
+    for key in ("trainer.unlikelihood_coef", "trainer.implausible_mass_coef"):
+        if v[key] > 0 and v["reward.rules.fluency_min_logprob"] is None:
+            raise _out_of_range(key, "0 while reward.rules.fluency_min_logprob is null (the term lowers the "
+                                "tokens the fluency gate finds implausible; set the gate's threshold)",
+                                v[key])
     metric = v["monitor.alarm.metric"]
     if metric is not None and v["monitor.sample"] == 0:
         raise _out_of_range("monitor.alarm.metric", "null while monitor.sample = 0 (the monitor is off, so "

@@ -123,6 +123,7 @@ def role_specs(cfg: SafeRLConfig, *, build: bool = True) -> list[RoleSpec]:
         lora_rank=t.lora.rank, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
         lora_target_modules=tuple(t.lora.target_modules), seed=cfg.run.seed,
         reference_scoring=needs_reference_logprobs(cfg), unlikelihood_coef=t.unlikelihood_coef,
+        implausible_mass_coef=t.implausible_mass_coef,
         implausible_logprob=cfg.reward.rules.fluency_min_logprob),
         cfg.policy.model, policy, f"ds-z{t.zero_stage}" if t.strategy == "deepspeed" else "torch", t.dtype,
         rank_kwarg="rank"))

@@ -29,7 +29,8 @@ from saferl.runtime import check_model_dir, configure_process
 from saferl.trainer import batching, distributed, lora, packed_attention
 from saferl.trainer.gspo import policy_loss, warn_if_misconfigured
 from saferl.trainer.logprobs import head_scores
-from saferl.trainer.unlikelihood import count_implausible, implausible_mask, unlikelihood_loss
+from saferl.trainer.unlikelihood import (count_implausible, implausible_mask, implausible_mass_loss,
+                                         unlikelihood_loss)
 from saferl.types import TrainBatch
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -60,14 +61,15 @@ class PolicyTrainer:
                  lora_alpha: float = 32.0, lora_dropout: float = 0.0, lora_target_modules: tuple[str, ...] = (
                  "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), seed: int = 0,
                  reference_scoring: bool = False, unlikelihood_coef: float = 0.0,
-                 implausible_logprob: float | None = None) -> None:
+                 implausible_mass_coef: float = 0.0, implausible_logprob: float | None = None) -> None:
         configure_process()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         check_model_dir(model)
-        if unlikelihood_coef > 0 and implausible_logprob is None:
-            raise ValueError("unlikelihood_coef > 0 needs implausible_logprob, the reference log-prob below "
-                             "which a token is implausible (trainer.unlikelihood_coef needs "
+        if (unlikelihood_coef > 0 or implausible_mass_coef > 0) and implausible_logprob is None:
+            raise ValueError("unlikelihood_coef or implausible_mass_coef > 0 needs implausible_logprob, the "
+                             "reference log-prob below which a token is implausible (trainer."
+                             "unlikelihood_coef and trainer.implausible_mass_coef need "
                              "reward.rules.fluency_min_logprob)")
         if strategy not in ("torch", "deepspeed"):
             raise ValueError(f"trainer.strategy must be 'torch' or 'deepspeed', got {strategy!r}")
@@ -98,9 +100,10 @@ class PolicyTrainer:
                                                                   attn_implementation=attention)
             self.reference.to(policy.device).eval().requires_grad_(False)
         self.kl_coef, self.entropy_coef = kl_coef, entropy_coef
-        # The unlikelihood term (trainer/unlikelihood.py) on tokens whose reference log-prob, carried by the
+        # The token penalties (trainer/unlikelihood.py) on tokens whose reference log-prob, carried by the
         # batch (TrainBatch.reference_logprobs), is below implausible_logprob.
-        self.unlikelihood_coef, self.implausible_logprob = unlikelihood_coef, implausible_logprob
+        self.unlikelihood_coef, self.implausible_mass_coef = unlikelihood_coef, implausible_mass_coef
+        self.implausible_logprob = implausible_logprob
         self.lr_args = dict(base_lr=lr, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps)
         lr_at(1, **self.lr_args)  # an unknown schedule fails here, at start-up
         self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
@@ -224,10 +227,12 @@ class PolicyTrainer:
         """
         if self.engine is None:
             raise RuntimeError("PolicyTrainer.connect() must run before train_step()")
-        reference = batch.reference_logprobs if self.unlikelihood_coef > 0 else None
-        if self.unlikelihood_coef > 0 and reference is None:
-            raise ValueError("the unlikelihood term needs the batch's reference token log-probs "
-                             "(TrainBatch.reference_logprobs, from scoring.with_reference_logprobs)")
+        penalised = self.unlikelihood_coef > 0 or self.implausible_mass_coef > 0
+        reference = batch.reference_logprobs if penalised else None
+        if penalised and reference is None:
+            raise ValueError("the unlikelihood and implausible-mass terms need the batch's reference token "
+                             "log-probs (TrainBatch.reference_logprobs, from "
+                             "scoring.with_reference_logprobs)")
         start = time.time()
         self.steps_done += 1
         lr = lr_at(self.steps_done, **self.lr_args)
@@ -265,11 +270,14 @@ class PolicyTrainer:
                 local_count = batching.loss_count(mask, mode, aggregation)
                 # Weighted by its share of the minibatch, summed over micro-batches and ranks (see batching.py).
                 loss = loss * (local_count / global_count)
-                if reference is not None:  # already a share of the minibatch's mean (divided by its ul_count)
+                if reference is not None:  # already shares of the minibatch's (over its ul_count, its rows)
                     flagged = implausible_mask(reference, micro.rows, mask.shape[1], self.implausible_logprob)
                     flagged = flagged.to(mask.device) & mask.bool()
                     ul, ul_terms = unlikelihood_loss(lp, flagged, ul_count)
                     loss = loss + self.unlikelihood_coef * ul
+                    if self.implausible_mass_coef > 0:
+                        mass = implausible_mass_loss(lp, flagged, len(rows))
+                        loss = loss + self.implausible_mass_coef * mass
                     ul_tokens += float(flagged.sum())
                     ul_sum += float(ul_terms.sum())
                     ul_prob += float((lp.detach().exp() * flagged).sum())
@@ -290,7 +298,7 @@ class PolicyTrainer:
         metrics = {k: v / terms for k, v in sums.items()} | ({"ratio_max": ratio_max} if terms else {})
         if reference is not None:  # over the implausible tokens: -log(1 - p) and p under the current policy
             metrics.update(unlikelihood=ul_sum / max(1.0, ul_tokens),
-                           implausible_prob=ul_prob / max(1.0, ul_tokens), unlikelihood_tokens=ul_tokens)
+                           implausible_prob=ul_prob / max(1.0, ul_tokens), implausible_tokens=ul_tokens)
         metrics.update(grad_norm=sum(grad_norms) / len(grad_norms), lr=lr, loss_terms=float(terms), tokens=tokens,
                        entropy=entropy / max(1.0, tokens), rollout_logprob_tokens=first_tokens,
                        rollout_logprob_abs_diff=mismatch / max(1.0, first_tokens),
@@ -406,8 +414,8 @@ def _engine_mismatch(old: torch.Tensor, mask: torch.Tensor, batch: TrainBatch, m
 # (count 0) does not pull them towards its zeros. Unlisted metrics (pg_loss, clip fractions, ratio_mean, kl, and
 # grad_norm and lr, which every rank shares) are means over the rank's micro-batch loss terms.
 MEAN_OVER = {"entropy": "tokens", "rollout_logprob_abs_diff": "rollout_logprob_tokens",
-             "unlikelihood": "unlikelihood_tokens", "implausible_prob": "unlikelihood_tokens"}
-SUMMED = ("loss_terms", "tokens", "rollout_logprob_tokens", "tokens_per_s", "unlikelihood_tokens")
+             "unlikelihood": "implausible_tokens", "implausible_prob": "implausible_tokens"}
+SUMMED = ("loss_terms", "tokens", "rollout_logprob_tokens", "tokens_per_s", "implausible_tokens")
 
 
 def merge_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:

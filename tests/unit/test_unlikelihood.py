@@ -1,6 +1,6 @@
-"""The token-level unlikelihood term (trainer.unlikelihood_coef, #16): hand values of the pure maths, the mask
-in the trainer's layout, the config's one definition of an implausible token, and the trainer's update
-lowering exactly the flagged tokens whatever the micro-batching."""
+"""The token penalties on implausible tokens (trainer.unlikelihood_coef, trainer.implausible_mass_coef, #16):
+hand values of the pure maths, the mask in the trainer's layout, the config's one definition of an implausible
+token, and the trainer's update lowering exactly the flagged tokens whatever the micro-batching."""
 
 import math
 import random
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from saferl.config import ConfigError, load_config
-from saferl.trainer.unlikelihood import count_implausible, implausible_mask, unlikelihood_loss
+from saferl.trainer.unlikelihood import (count_implausible, implausible_mask, implausible_mass_loss,
+                                         unlikelihood_loss)
 from saferl.types import TrainBatch
 
 
@@ -53,6 +54,22 @@ def test_no_flagged_token_gives_zero_and_a_certain_token_stays_finite():
     assert torch.isfinite(sure.grad).all()
 
 
+def test_the_mass_penalty_pushes_every_flagged_token_by_one_over_the_sequences_by_hand():
+    # p = 0.5 and 0.002 flagged: the mass gradient is 1 / B on each (the score-function estimate of the
+    # implausible mass's gradient), where the unlikelihood term's is p / (1 - p) / N: 0.5 and 0.001.
+    lp = torch.log(torch.tensor([[0.5, 0.9], [0.002, 0.3]])).requires_grad_()
+    flagged = torch.tensor([[True, False], [True, False]])
+    mass = implausible_mass_loss(lp, flagged, sequences=4)
+    assert float(mass.detach()) == pytest.approx((math.log(0.5) + math.log(0.002)) / 4, rel=1e-5)
+    mass.backward()
+    # Catches a sign flip (raising the slips) and a p-weighting that would leave the rare slip unmoved.
+    assert torch.allclose(lp.grad, torch.tensor([[0.25, 0.0], [0.25, 0.0]]))
+    lp.grad = None
+    unlikelihood_loss(lp, flagged, count=2)[0].backward()
+    assert lp.grad[1, 0] == pytest.approx(0.002 / 0.998 / 2, rel=1e-3)  # the rare slip: 500x weaker
+    assert float(implausible_mass_loss(lp, torch.zeros(2, 2, dtype=torch.bool), 0).detach()) == 0.0
+
+
 def test_the_mask_follows_the_micro_batch_rows_and_ignores_what_lies_past_a_response():
     reference = [[-1.0, -5.0, -0.1], [-4.0, -4.5], [], [-9.0]]
     mask = implausible_mask(reference, rows=[3, 1, 0, 2], width=3, threshold=-4.0)
@@ -73,15 +90,21 @@ def test_the_config_reuses_the_fluency_gate_threshold_and_names_the_key(tmp_path
                                          "reward.rules.fluency_min_logprob=null"])
     with pytest.raises(ConfigError, match=r"trainer\.unlikelihood_coef"):
         load_config("configs/toy.yaml", ["trainer.unlikelihood_coef=-0.1"])
+    assert load_config("configs/toy.yaml").trainer.implausible_mass_coef == 0.0
+    with pytest.raises(ConfigError, match=r"implausible_mass_coef.*reward\.rules\.fluency_min_logprob"):
+        load_config("configs/toy.yaml", ["trainer.implausible_mass_coef=0.5",
+                                         "reward.rules.fluency_min_logprob=null"])
 
 
 def test_the_roles_hand_the_gate_threshold_to_the_trainer():
     from saferl.roles import role_specs
 
     cfg = load_config("configs/toy.yaml", ["trainer.unlikelihood_coef=0.5",
+                                           "trainer.implausible_mass_coef=0.2",
                                            "reward.rules.fluency_min_logprob=-3"])
     trainer = next(s for s in role_specs(cfg, build=False) if s.role == "trainer")
     assert trainer.kwargs["unlikelihood_coef"] == 0.5 and trainer.kwargs["implausible_logprob"] == -3.0
+    assert trainer.kwargs["implausible_mass_coef"] == 0.2
 
 
 def _batch(vocab: int) -> TrainBatch:
@@ -102,20 +125,25 @@ def _flat(rows: list[list[float]]) -> list[float]:
     return [x for row in rows for x in row]
 
 
+TERMS = [dict(unlikelihood_coef=1.0), dict(implausible_mass_coef=1.0)]
+
+
+@pytest.mark.parametrize("terms", TERMS, ids=["unlikelihood", "mass"])
 @pytest.mark.parametrize("micro_batch_size", [4, 1])
-def test_the_update_lowers_the_flagged_tokens_most_whatever_the_micro_batching(tiny_policy, micro_batch_size):
+def test_the_update_lowers_the_flagged_tokens_most_whatever_the_micro_batching(tiny_policy, micro_batch_size,
+                                                                               terms):
     from saferl.trainer.policy import PolicyTrainer
 
     model_dir, vocab = tiny_policy
     batch = _batch(vocab)
     kwargs = dict(minibatches=1, lr=5e-2, seed=0, micro_batch_size=micro_batch_size)
-    trainer = PolicyTrainer(model_dir, unlikelihood_coef=1.0, implausible_logprob=-4.0, **kwargs)
+    trainer = PolicyTrainer(model_dir, implausible_logprob=-4.0, **terms, **kwargs)
     before = _logprobs(trainer, batch)
     metrics = trainer.train_step(batch)
     after = _logprobs(trainer, batch)
     drop = {(i, t): before[i][t] - after[i][t] for i in range(4) for t in range(6)}
     flagged = [(0, 2), (1, 5)]
-    assert metrics["unlikelihood_tokens"] == 2.0
+    assert metrics["implausible_tokens"] == 2.0
     p = [math.exp(before[i][t]) for i, t in flagged]
     assert metrics["implausible_prob"] == pytest.approx(sum(p) / 2, rel=1e-4)
     assert metrics["unlikelihood"] == pytest.approx(sum(-math.log(1 - q) for q in p) / 2, rel=1e-4)
@@ -125,7 +153,8 @@ def test_the_update_lowers_the_flagged_tokens_most_whatever_the_micro_batching(t
     assert min(drop[f] for f in flagged) > max(v for k, v in drop.items() if k not in flagged)
 
 
-def test_one_micro_batch_or_four_give_the_same_update(tiny_policy):
+@pytest.mark.parametrize("terms", TERMS, ids=["unlikelihood", "mass"])
+def test_one_micro_batch_or_four_give_the_same_update(tiny_policy, terms):
     from saferl.trainer.policy import PolicyTrainer
 
     model_dir, vocab = tiny_policy
@@ -134,12 +163,12 @@ def test_one_micro_batch_or_four_give_the_same_update(tiny_policy):
     batch.advantages = [1.0, -1.0, 0.5, -0.5]  # a policy-gradient term, so the two terms' balance matters
     out = []
     for size in (4, 1):
-        trainer = PolicyTrainer(model_dir, unlikelihood_coef=1.0, implausible_logprob=-4.0, minibatches=1,
-                                lr=5e-2, seed=0, micro_batch_size=size)
+        trainer = PolicyTrainer(model_dir, implausible_logprob=-4.0, minibatches=1, lr=5e-2, seed=0,
+                                micro_batch_size=size, **terms)
         trainer.train_step(batch)
         out.append(torch.tensor(_flat(_logprobs(trainer, batch))))
-    # The term is the minibatch's mean however it is cut (each micro-batch divides by the minibatch's N): a
-    # micro-batch divided by its own flagged count would weigh sequence 1's token as both of sequence 0's.
+    # The term is the minibatch's however it is cut (each micro-batch divides by the minibatch's N or B): a
+    # micro-batch divided by its own count would weigh sequence 1's token as both of sequence 0's.
     assert torch.allclose(out[0], out[1], atol=1e-4)
 
 
@@ -159,3 +188,5 @@ def test_off_leaves_the_policy_alone_and_on_without_reference_log_probs_raises(t
         on.train_step(bare)
     with pytest.raises(ValueError, match="implausible_logprob"):
         PolicyTrainer(model_dir, unlikelihood_coef=1.0)
+    with pytest.raises(ValueError, match="implausible_logprob"):
+        PolicyTrainer(model_dir, implausible_mass_coef=1.0)
