@@ -23,6 +23,9 @@ declare -A SETTINGS=(
   # The implausible-mass penalty (trainer.implausible_mass_coef) on the same tokens.
   [mass02]="trainer.implausible_mass_coef=0.2"
   [mass1]="trainer.implausible_mass_coef=1.0"
+  [mass005]="trainer.implausible_mass_coef=0.05"
+  # The control on this tree's code: configs/toy.yaml as it is (both terms off), against round 2's combo-s*.
+  [control]=""
 )
 NAMES=${NAMES:-"ul1 ul10"}
 for seed in $SEEDS; do
