@@ -11,9 +11,11 @@ Choices and shortcuts:
 - A line is dropped only when a pattern matches it (after stripping colours and Ray's `(Role pid=N)` prefix)
   or when it is a blank line forwarded from an actor (a closed progress bar); anything else, every real
   warning and error included, goes through unchanged.
-- Complete lines are judged when their newline arrives. A partial line is judged early only when it holds a
-  carriage return (a progress bar redrawing itself): a harmless one is dropped up to its newline, any other
-  is written at once, so the driver's own progress bar still animates. `flush()` writes a pending partial.
+- A line is judged in segments: each carriage return starts a new one (a progress bar redrawing itself, or
+  Ray forwarding an actor's bar while the driver's own bar holds the line open). A segment is judged when its
+  newline or the next carriage return arrives, or at once when it starts with a carriage return: a harmless
+  one is dropped up to its end, any other is written at once, so the driver's own progress bar still
+  animates. `flush()` writes a pending partial.
 - What the driver's own libraries print straight to file descriptor 2 from C code, not through
   `sys.stderr` (only when roles run in-process, `run.executor=local`), is not filtered.
 """
@@ -74,18 +76,27 @@ class LineFilter:
 
     def write(self, text: str) -> int:
         with self._lock:
-            for piece in re.split(r"(?<=\n)", text):
+            for piece in re.split(r"(?<=\n)|(?=\r)", text):
                 if not piece:
                     continue
+                if piece.startswith("\r") or _RAY_PREFIX.match(_ANSI.sub("", piece)):
+                    # A carriage return or an actor's line forwarded by Ray starts a new segment, judged on its
+                    # own: an actor's saving bar that arrives while the driver's bar holds the line open is dropped.
+                    self._end_segment()
                 self._pending += piece
                 if piece.endswith("\n"):
                     line, state = self._pending, self._state
                     self._pending, self._state = "", "new"
                     if state == "shown" or (state == "new" and not is_harmless(line)):
                         self.stream.write(line)
-                elif "\r" in piece:
+                elif self._pending.startswith("\r"):
                     self._judge_partial()
         return len(text)
+
+    def _end_segment(self) -> None:
+        if self._pending:
+            self._judge_partial()
+        self._pending, self._state = "", "new"
 
     def _judge_partial(self) -> None:
         if not self._pending.strip("\r"):

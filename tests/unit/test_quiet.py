@@ -124,3 +124,18 @@ def test_the_toy_world_builds_worker_filters_as_its_parent(tmp_path):
                                 check=True).stdout for mode in ("quiet", "verbose")}
     assert "worker: a real line" in out["quiet"] and "Writing model shards" not in out["quiet"], out["quiet"]
     assert "worker: a real line" in out["verbose"] and "Writing model shards" in out["verbose"], out["verbose"]
+
+
+def test_an_actors_saving_bar_is_dropped_while_the_drivers_bar_holds_the_line_open():
+    """What the toy run printed at its step-10 checkpoint: Ray forwards the trainer's saving bar as one line
+    while the driver's own bar has no newline yet; the bar was shown because the line was already 'shown'."""
+    out = io.StringIO()
+    f = LineFilter(out)
+    f.write("\rtrain:  25%|##  | 10/40 reward -4.67")
+    f.write("\x1b[36m(PolicyTrainer pid=872)\x1b[0m \rWriting model shards:   0%|   | 0/1 [00:00<?, ?it/s]"
+            "\rWriting model shards: 100%|###| 1/1 [00:00<00:00, 127.03it/s]\n")
+    f.write("\rtrain:  28%|##  | 11/40 reward -3.62")
+    f.write("\x1b[36m(GuardScorer pid=9)\x1b[0m ValueError: the guard crashed\n")
+    f.flush()
+    assert out.getvalue() == ("\rtrain:  25%|##  | 10/40 reward -4.67\rtrain:  28%|##  | 11/40 reward -3.62"
+                              "\x1b[36m(GuardScorer pid=9)\x1b[0m ValueError: the guard crashed\n")
