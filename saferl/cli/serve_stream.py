@@ -62,7 +62,9 @@ def serve_stream(args: argparse.Namespace, token: str | None, sock: socket.socke
 
     print(f"[saferl] serving {args.kind} {args.model} on http://{args.host}:{sock.getsockname()[1]} "
           f"(auth: {'bearer token' if token else 'none, loopback only'})", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    # No per-message deflate: a stream's frames are ~200 bytes, compressing them costs more than it saves.
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", ws_max_size=args.max_body_mib << 20,
+                                  ws_per_message_deflate=False)).run(sockets=[sock])
     return 0
 
 

@@ -11,18 +11,28 @@ Endpoints (all POST bodies JSON):
                                        all applied in one tick (a chat server decoding many streams at once)
   POST   /v1/streams/{id}/rollback     {n} -> the stream's length and decision after forgetting n tokens
   DELETE /v1/streams/{id}              close the stream
+  WS     /v1/streams/{id}/live         one persistent connection per stream: each text frame is an append body
+                                       ({tokens} or {text}) or {rollback: n}, answered in order by one frame
+                                       (the reply, or {status, detail} when refused); a stream's client pays
+                                       no HTTP request per token. Closing the socket leaves the stream open
   GET    /health                       open streams, ticks, tokens fed
 
 Errors: 400 (a request the stream cannot take), 401, 404 (unknown or expired stream, with the reason), 411,
-413, 422 (malformed body), 429 (stream cap), each as {"detail": message}.
+413, 422 (malformed body), 429 (stream cap), each as {"detail": message}. The WebSocket handshake is refused
+(403) without the bearer token when one is set, and whenever it carries an `Origin` header: browsers send one
+and a WebSocket has no CORS preflight, so this keeps web pages off a loopback server as "JSON only" does for
+the POST endpoints. Frames are limited by uvicorn's `ws_max_size` (the server sets it to the body limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
+from starlette.websockets import WebSocket  # here, not in the builder: FastAPI reads annotations from globals
 
 from saferl.guard.decisions import Detection
 from saferl.guard.stream_service import Reply, StreamError, StreamService
@@ -39,6 +49,12 @@ class OpenRequest(BaseModel):
 class AppendRequest(BaseModel):
     tokens: list[int] | None = Field(None, description="guard token ids of the answer's next tokens")
     text: str | None = Field(None, description="the answer's next text, tokenized with the guard's tokenizer")
+
+
+class LiveFrame(BaseModel):
+    tokens: list[int] | None = Field(None, description="append these guard token ids")
+    text: str | None = Field(None, description="append this text")
+    rollback: int | None = Field(None, ge=0, description="instead, forget this many answer tokens, newest first")
 
 
 class StreamAppend(BaseModel):
@@ -152,6 +168,35 @@ def build_stream_app(service: StreamService, *, model: str, token: str | None,
             except StreamError as e:
                 replies.append(AppendFailure(id=a.id, status=e.status, detail=e.message))
         return BatchAppendReply(streams=replies)
+
+    async def live_frame(stream_id: str, frame: str | bytes) -> str:
+        """One frame of `/live`: the reply's JSON, or {status, detail} when the frame is refused."""
+        try:
+            request = LiveFrame.model_validate_json(frame)
+            if request.rollback is not None and (request.tokens, request.text) != (None, None):
+                raise StreamError(400, "a frame is an append ({tokens} or {text}) or a {rollback}, not both")
+            future = (service.rollback(stream_id, request.rollback) if request.rollback is not None
+                      else service.append(stream_id, request.tokens, request.text))
+            return stream_reply(await asyncio.wrap_future(future)).model_dump_json()
+        except ValidationError as e:
+            return json.dumps({"status": 422, "detail": e.errors(include_url=False, include_context=False)})
+        except StreamError as e:
+            return json.dumps({"status": e.status, "detail": e.message})
+
+    @app.websocket("/v1/streams/{stream_id}/live")
+    async def live(websocket: WebSocket, stream_id: str) -> None:
+        given = websocket.headers.get("authorization", "")
+        if "origin" in websocket.headers or (token is not None and not hmac.compare_digest(
+                given.encode(), f"Bearer {token}".encode())):
+            await websocket.close(code=1008)  # before accept: the handshake gets 403
+            return
+        await websocket.accept()
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            frame = message.get("text")
+            await websocket.send_text(await live_frame(stream_id, frame if frame is not None else message["bytes"]))
 
     @app.post("/v1/streams/{stream_id}/rollback", response_model=StreamReply, dependencies=[authorised])
     async def rollback(stream_id: str, request: RollbackRequest) -> StreamReply:

@@ -197,3 +197,55 @@ def test_batch_append_equals_appending_each_and_reports_failures_per_stream(serv
             (v["position"], v["token"], v["risk"]) for v in want]
         ok(server.delete(f"/v1/streams/{alone}"))
     assert server.post("/v1/streams/append", json={"streams": []}).status_code == 422
+
+
+def test_live_websocket_equals_the_in_process_stream_batch_and_refuses_bad_frames(server, local):
+    import json
+
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from saferl.guard.conversation import encode_prompt
+    from saferl.guard.stream import StreamBatch
+
+    model, tokenizer, roles = local
+    ids = answer(tokenizer, 20, seed=5)
+    wrong = [(t + 5) % len(tokenizer) for t in ids[8:12]]
+    s = ok(server.post("/v1/streams", json={"messages": USER}))["id"]
+    url = str(server.base_url).replace("http://", "ws://") + f"/v1/streams/{s}/live"
+    with connect(url, additional_headers=AUTH) as ws:
+        def send(frame):
+            ws.send(json.dumps(frame))
+            return json.loads(ws.recv())
+
+        got = [v for t in ids[:8] for v in send({"tokens": [t]})["verdicts"]]  # one token per frame
+        assert send({"tokens": wrong})["length"] == 12
+        assert send({"rollback": len(wrong)})["length"] == 8
+        for chunk in (ids[8:9], ids[9:14], ids[14:]):  # pipelined: three frames sent before any reply is read
+            ws.send(json.dumps({"tokens": chunk}))
+        replies = [json.loads(ws.recv()) for _ in range(3)]
+        got += [v for r in replies for v in r["verdicts"]]
+        assert replies[-1]["length"] == 20
+        refused = [send(f) for f in ({"tokens": [1], "rollback": 1}, {"rollback": -1}, {"tokens": [1], "text": "a"},
+                                     {"rollback": 99})]
+        assert [r["status"] for r in refused] == [400, 422, 400, 400], refused
+        ws.send(b'{"tokens": []}')  # a binary frame is read as the same JSON
+        assert json.loads(ws.recv())["length"] == 20
+    with connect(url.replace(s, "nope"), additional_headers=AUTH) as ws:
+        ws.send(json.dumps({"tokens": [1]}))
+        reply = json.loads(ws.recv())
+        assert reply["status"] == 404 and "no open stream" in reply["detail"]
+    for headers in ({}, {"Authorization": "Bearer bad"}, {**AUTH, "Origin": "http://evil.example"}):
+        with pytest.raises(InvalidStatus) as refusal:
+            connect(url, additional_headers=headers)
+        assert refusal.value.response.status_code == 403
+    assert ok(server.get("/health"))["status"] == "ok"
+
+    batch = StreamBatch(model, roles, pad_id=tokenizer.pad_token_id)
+    batch.prefill([encode_prompt(tokenizer, USER)])
+    want = [batch.feed({0: [t]})[0].verdicts[0] for t in ids]
+    assert [(v["position"], v["token"], v["risk"], v["category"]) for v in got] == [
+        (w.position, t, w.risk, w.category) for w, t in zip(want, ids)]
+    assert [v["risk_prob"] for v in got] == pytest.approx([w.risk_prob for w in want], abs=1e-4)
+    assert [v["category_prob"] for v in got] == pytest.approx([w.category_prob for w in want], abs=1e-4)
+    ok(server.delete(f"/v1/streams/{s}"))
