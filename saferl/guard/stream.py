@@ -38,6 +38,7 @@ from saferl.guard.stream_model import GuardLogits, Qwen3StreamGuard
 from saferl.types import StreamVerdict
 
 CACHE_BLOCK = 64  # cache columns are allocated in blocks of this many
+GATHER_FRACTION = 0.25  # a feed carrying at most this share of the open streams forwards only their rows
 
 
 @dataclass
@@ -69,24 +70,28 @@ def _winners(out: GuardLogits) -> _Winners:
     return winners
 
 
+def _rows(out: GuardLogits) -> list[GuardLogits]:
+    """The forward's logits row by row ([T, C] views; one `unbind` per head, not four slices per row)."""
+    heads = (out.risk_level, out.category, out.query_risk_level, out.query_category)
+    return [GuardLogits(*row) for row in zip(*(h.unbind(0) for h in heads))]
+
+
 def _step(
     model: Qwen3StreamGuard,
-    out: GuardLogits,
+    row_logits: GuardLogits,
     winners: _Winners,
     row: int,
     start: int,
     positions: list[int],
     user_end: int | None,
 ) -> StreamStep:
-    """One stream's `StreamStep` from batch row `row`, columns `start..` of a forward: the query verdict at
-    `user_end`, a response verdict at every later position."""
+    """One stream's `StreamStep` from batch row `row` (its logits `row_logits`, from `_rows`), columns
+    `start..` of a forward: the query verdict at `user_end`, a response verdict at every later position."""
     stop = start + len(positions)
-    logits = GuardLogits(
-        out.risk_level[row, start:stop],
-        out.category[row, start:stop],
-        out.query_risk_level[row, start:stop],
-        out.query_category[row, start:stop],
-    )
+    logits = row_logits
+    if (start, stop) != (0, row_logits.risk_level.shape[0]):
+        logits = GuardLogits(row_logits.risk_level[start:stop], row_logits.category[start:stop],
+                             row_logits.query_risk_level[start:stop], row_logits.query_category[start:stop])
     (risk, risk_p), (cat, cat_p), (qrisk, qrisk_p), (qcat, qcat_p) = winners
     verdicts = []
     for col, pos in enumerate(positions, start):
@@ -137,9 +142,9 @@ def moderate_many(
         for r, i in enumerate(rows):
             ids[r, : len(sequences[i])] = torch.as_tensor(list(sequences[i]))
         out = model(ids.to(device))
-        winners = _winners(out)
+        winners, logits = _winners(out), _rows(out)
         for r, i in enumerate(rows):
-            steps[i] = _step(model, out, winners, r, 0, list(range(len(sequences[i]))), user_end[i])
+            steps[i] = _step(model, logits[r], winners, r, 0, list(range(len(sequences[i]))), user_end[i])
     return steps  # type: ignore[return-value]
 
 
@@ -155,7 +160,7 @@ def moderate_full(model: Qwen3StreamGuard, token_ids: Sequence[int], roles: Role
         raise ValueError("the last user turn has no closing <|im_end|>")
     device = next(model.parameters()).device
     out = model(torch.tensor([list(token_ids)], device=device))
-    return _step(model, out, _winners(out), 0, 0, list(range(len(token_ids))), user_end)
+    return _step(model, _rows(out)[0], _winners(out), 0, 0, list(range(len(token_ids))), user_end)
 
 
 class StreamBatch:
@@ -220,9 +225,9 @@ class StreamBatch:
         self.mask = torch.zeros(len(prefixes), 0, dtype=torch.bool, device=self.device)
         self.cache = self._new_cache(len(prefixes), width)
         out = self._forward(ids, mask, positions)
-        winners = _winners(out)
+        winners, logits = _winners(out), _rows(out)
         return [
-            _step(self.model, out, winners, r, width - len(p), list(range(len(p))), user_end[r])
+            _step(self.model, logits[r], winners, r, width - len(p), list(range(len(p))), user_end[r])
             for r, p in enumerate(prefixes)
         ]
 
@@ -230,35 +235,38 @@ class StreamBatch:
     def feed(self, chunks: Mapping[int, Sequence[int]]) -> dict[int, StreamStep]:
         """Extend each named stream by its chunk (one token or more) in one batched forward.
 
+        When at most `GATHER_FRACTION` of the open streams have a chunk, only their rows are forwarded: their
+        cache rows are gathered into a small cache, and the new columns written back (`_forward_rows`), so
+        a tick that carries few streams costs about what those streams cost, not a whole-batch forward.
+        Either way the readings are the same.
+
         Returns:
             stream id -> `StreamStep` for the tokens just fed, for every stream with a non-empty chunk.
         """
         unknown = sorted(set(chunks) - set(self.ids))
         if unknown:
             raise KeyError(f"streams {unknown} are not open (open: {self.ids})")
-        n = max((len(c) for c in chunks.values()), default=0)
-        if n == 0:
+        fed = [r for r, sid in enumerate(self.ids) if chunks.get(sid)]
+        if not fed:
             return {}
-        ids = torch.full((len(self.ids), n), self.pad_id, dtype=torch.long)
-        new = torch.zeros(len(self.ids), n, dtype=torch.bool)
-        for r, sid in enumerate(self.ids):
-            chunk = chunks.get(sid, ())
-            if chunk:
-                ids[r, : len(chunk)] = torch.as_tensor(chunk)
-                new[r, : len(chunk)] = True
-        positions = torch.tensor(self.lengths).unsqueeze(1) + torch.arange(n)
-        out = self._forward(ids, new, positions)
-        winners = _winners(out)
+        n = max(len(chunks[self.ids[r]]) for r in fed)
+        rows = fed if len(fed) <= GATHER_FRACTION * len(self.ids) else list(range(len(self.ids)))
+        lists = [list(chunks.get(self.ids[r], ())) for r in rows]
+        ids = torch.tensor([c + [self.pad_id] * (n - len(c)) for c in lists], dtype=torch.long)
+        new = torch.tensor([[True] * len(c) + [False] * (n - len(c)) for c in lists], dtype=torch.bool)
+        positions = torch.tensor([self.lengths[r] for r in rows]).unsqueeze(1) + torch.arange(n)
+        out = self._forward_rows(rows, ids, new, positions) if len(rows) < len(self.ids) else self._forward(
+            ids, new, positions)
+        winners, logits = _winners(out), _rows(out)
         steps = {}
-        for r, sid in enumerate(self.ids):
-            chunk = list(chunks.get(sid, ()))
+        for i, (r, chunk) in enumerate(zip(rows, lists)):
             if not chunk:
                 continue
             pos = list(range(self.lengths[r], self.lengths[r] + len(chunk)))
             if self.user_end[r] is None and self.roles.im_end in chunk:
                 self.user_end[r] = pos[chunk.index(self.roles.im_end)]
             self.lengths[r] += len(chunk)
-            steps[sid] = _step(self.model, out, winners, r, 0, pos, self.user_end[r])
+            steps[self.ids[r]] = _step(self.model, logits[i], winners, i, 0, pos, self.user_end[r])
         return steps
 
     def drop(self, stream_ids: Iterable[int]) -> None:
@@ -344,15 +352,7 @@ class StreamBatch:
 
     def _forward(self, ids: torch.Tensor, new: torch.Tensor, positions: torch.Tensor) -> GuardLogits:
         """One batched forward of new columns [B, n] (`new` marks the real ones) on top of the cache."""
-        used, n = self.mask.shape[1], ids.shape[1]
-        if used + n > self.cache.get_max_length() and 2 * (int(self.mask.sum(1).max()) + n) <= used:
-            self._pack([self], capacity=int(self.mask.sum(1).max()) + n)  # mostly holes: pack, do not grow
-        elif used + n > self.cache.get_max_length():
-            self._rebuild(
-                torch.arange(len(self.ids), device=self.device),
-                torch.arange(used, device=self.device),
-                capacity=used + n,
-            )
+        self._make_room(ids.shape[1])
         self.mask = torch.cat([self.mask, new.to(self.device)], dim=1)
         return self.model(
             ids.to(self.device),
@@ -361,6 +361,43 @@ class StreamBatch:
             past_key_values=self.cache,
             use_cache=True,
         )
+
+    def _make_room(self, n: int) -> None:
+        """Make the cache hold n more columns: pack it when it is mostly holes, else grow it."""
+        used = self.mask.shape[1]
+        if used + n > self.cache.get_max_length() and 2 * (int(self.mask.sum(1).max()) + n) <= used:
+            self._pack([self], capacity=int(self.mask.sum(1).max()) + n)  # mostly holes: pack, do not grow
+        elif used + n > self.cache.get_max_length():
+            self._rebuild(
+                torch.arange(len(self.ids), device=self.device),
+                torch.arange(used, device=self.device),
+                capacity=used + n,
+            )
+
+    def _forward_rows(self, rows: list[int], ids: torch.Tensor, new: torch.Tensor,
+                      positions: torch.Tensor) -> GuardLogits:
+        """`_forward` for some rows only ([k, n] new columns for batch rows `rows`): the cache grows by n
+        columns for every row (masked out for the others, as a full forward's padding would be), those rows'
+        cache is copied into a k-row cache, forwarded, and its n new columns copied back."""
+        n, k = ids.shape[1], len(rows)
+        self._make_room(n)
+        used = self.mask.shape[1]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        small = self._new_cache(k, self.cache.get_max_length())  # the same capacity: rows copy in one op
+        for src, dst in zip(self.cache.layers, small.layers):
+            torch.index_select(src.keys, 0, index, out=dst.keys)
+            torch.index_select(src.values, 0, index, out=dst.values)
+            dst.cumulative_length.fill_(used)
+        grown = torch.zeros(len(self.ids), n, dtype=torch.bool, device=self.device)
+        grown[index] = new.to(self.device)
+        self.mask = torch.cat([self.mask, grown], dim=1)
+        out = self.model(ids.to(self.device), attention_mask=self.mask.index_select(0, index),
+                         position_ids=positions.to(self.device), past_key_values=small, use_cache=True)
+        for src, dst in zip(small.layers, self.cache.layers):
+            dst.keys[index, :, used : used + n] = src.keys[:, :, used : used + n]
+            dst.values[index, :, used : used + n] = src.values[:, :, used : used + n]
+            dst.cumulative_length.fill_(used + n)
+        return out
 
     def _new_cache(self, batch: int, capacity: int) -> StaticCache:
         config = self.model.config

@@ -70,6 +70,52 @@ def test_joined_rolled_back_and_packed_streams_read_as_fed_alone(guard, monkeypa
         batch.rollback(0, batch.lengths[0])
 
 
+def test_a_feed_carrying_few_streams_forwards_only_their_rows_and_reads_the_same(guard, monkeypatch):
+    monkeypatch.setattr(stream, "CACHE_BLOCK", 8)  # the cache grows inside gathered feeds too
+    model, tokenizer, roles = guard
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": " ".join(WORDS[i : i + 3 + i % 4])}])
+               for i in range(8)]
+    answers = [answer_ids(tokenizer, 24, seed=s) for s in range(8)]
+    schedule = []  # per feed: {stream: chunk}; all streams, one, two, chunks of 1-3 tokens
+    sent = [0] * 8
+    for t in range(30):
+        who = range(8) if t % 3 == 0 else [t % 8] if t % 3 == 1 else [t % 8, (t * 5 + 1) % 8]
+        chunk = {}
+        for i in who:
+            k = 1 + (t + i) % 3
+            if sent[i] < 24:
+                chunk[i], sent[i] = answers[i][sent[i] : sent[i] + k], sent[i] + k
+        schedule.append(chunk)
+
+    def run(fraction):
+        monkeypatch.setattr(stream, "GATHER_FRACTION", fraction)
+        batch = StreamBatch(model, roles, pad_id=tokenizer.pad_token_id)
+        batch.add(prompts)
+        gathered = []
+        forward_rows = batch._forward_rows
+        monkeypatch.setattr(batch, "_forward_rows", lambda rows, *a: gathered.append(rows) or forward_rows(rows, *a))
+        got = {i: [] for i in range(8)}
+        for t, chunks in enumerate(schedule):
+            if t == 10:  # a wrong token on one stream, rolled back in a gathered feed's batch
+                batch.feed({3: [(answers[3][0] + 5) % len(tokenizer)]})
+                batch.rollback(3, 1)
+            for i, step in batch.feed(chunks).items():
+                got[i].append(step)
+        return got, gathered
+
+    gathered_run, gathered = run(0.25)
+    full_run, none = run(0.0)
+    assert none == [] and len(gathered) >= 15 and all(len(rows) <= 2 for rows in gathered)
+    for i in range(8):
+        want, labels = reference(model, roles, prompts[i], answers[i][: sent[i]])
+        got = torch.cat([st.logits.risk_level for st in gathered_run[i]])
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got, torch.cat([st.logits.risk_level for st in full_run[i]]), atol=1e-5, rtol=0)
+        assert [v.risk for st in gathered_run[i] for v in st.verdicts] == labels
+        assert [v.position for st in gathered_run[i] for v in st.verdicts] == [
+            v.position for st in full_run[i] for v in st.verdicts]
+
+
 @pytest.fixture()
 def service(guard):
     model, tokenizer, _ = guard
