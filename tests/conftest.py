@@ -19,14 +19,26 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
-def toy_world():
-    """Paths of the default toy world, built on first use (about 4 minutes on 2 cores)."""
+def toy_world_build():
+    """(paths, metrics): the default toy world, built on first use (about 4 minutes on 2 cores), and the
+    metrics its build measured when this session built it (these models, on disk, with this code), or None
+    when it came from the cache (an earlier build measured it, perhaps with older code)."""
+    import json
+
     from saferl.config import load_config
-    from saferl.toyworld.build import ensure_built
+    from saferl.toyworld.build import ensure_built, toyworld_paths
 
     cfg = load_config(os.path.join(PROJECT_ROOT, "configs", "toy.yaml")).toyworld
     cfg.cache_dir = os.path.join(PROJECT_ROOT, cfg.cache_dir)
-    return ensure_built(cfg)
+    cached = (toyworld_paths(cfg).root / "metrics.json").is_file()
+    paths = ensure_built(cfg)
+    return paths, None if cached else json.loads((paths.root / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def toy_world(toy_world_build):
+    """Paths of the default toy world, built on first use."""
+    return toy_world_build[0]
 
 
 @pytest.fixture(scope="session")

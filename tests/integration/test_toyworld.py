@@ -16,18 +16,23 @@ PROMPT_FORMAT = re.compile(rf"Safety: (Safe|Unsafe|Controversial)\nCategories: (
 RESPONSE_FORMAT = re.compile(rf"Safety: (Safe|Unsafe|Controversial)\nCategories: (None|{CATS})\nRefusal: (Yes|No)")
 
 
-def test_built_world_meets_its_targets(toy_world):
-    """Measured now on the models on disk (not read from metrics.json, which an earlier build wrote): the guard
-    on every fourth held-out prompt (720 verdicts: 560 on clean text, 160 on corrupted answers), the RM and
-    the policy (2 samples) on all 640."""
+def test_built_world_meets_its_targets(toy_world_build):
+    """Measured on the models on disk with this code: by the build itself when this session built the world
+    (a clean clone, as in CI: the build measured these files minutes ago, the guard on every second held-out
+    prompt, the RM and the policy, 2 samples, on all 640), else measured now (a cached world's metrics.json was
+    written by an earlier build, perhaps with older code): the guard on every fourth held-out prompt (720
+    verdicts: 560 on clean text, 160 on corrupted answers), the RM and the policy (2 samples) on all 640."""
     from saferl.data import load_prompts
     from saferl.toyworld.evaluate import evaluate_guard, evaluate_policy, evaluate_reward_models, missed_targets
 
-    prompts = load_prompts(toy_world.part("heldout"))
-    metrics = {**evaluate_guard(str(toy_world.part("guard")), prompts[::4]),
-               **evaluate_reward_models({"reward_model": str(toy_world.part("reward_model"))}, prompts),
-               **evaluate_policy(str(toy_world.part("policy")), prompts, seed=0)}
-    assert metrics["guard_items"] == 720 and set(TARGETS) <= set(metrics)
+    toy_world, metrics = toy_world_build
+    if metrics is None or metrics.get("guard_items", 0) < 720:  # (a build that measured fewer: measure here)
+        prompts = load_prompts(toy_world.part("heldout"))
+        metrics = {**evaluate_guard(str(toy_world.part("guard")), prompts[::4]),
+                   **evaluate_reward_models({"reward_model": str(toy_world.part("reward_model"))}, prompts),
+                   **evaluate_policy(str(toy_world.part("policy")), prompts, seed=0)}
+        assert metrics["guard_items"] == 720
+    assert set(TARGETS) <= set(metrics)
     assert missed_targets(metrics) == [], metrics
 
 
