@@ -90,13 +90,15 @@ def _collate_regression(batch: Sequence[RegressionExample], pad_id: int) -> dict
             "groups": torch.tensor([e.group for e in batch], dtype=torch.long)}
 
 
-def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token cross-entropy on targets. The LM head runs only where there is a target: a guard's long
-    moderation instruction carries no loss, and the head over every position was ~25% of the step.
+def target_hidden(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The decoder's last hidden state at each position that predicts a target token: `(hidden [N, H], labels
+    [N], where [B, T - 1])`, `where` marking those N positions among a row's first T - 1 (the next-token
+    layout). The LM head is left to the caller, to run only there: a guard's long moderation instruction carries
+    no loss, and the head over every position was ~25% of the step.
 
     With `shared_prefix` P in the batch (all rows start with the same P tokens, e.g. the guard instruction),
     those P positions are run once with batch size 1 and their KV cache is repeated for every row; the
-    gradient from all rows flows back into the one prefix pass. Same loss, ~3x less work for guard SFT.
+    gradient from all rows flows back into the one prefix pass. Same result, ~3x less work for guard SFT.
     """
     decoder = model.get_decoder()
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -110,13 +112,18 @@ def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         positions = torch.arange(shared, ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
         hidden = decoder(input_ids=ids[:, shared:], attention_mask=mask, past_key_values=cache,
                          position_ids=positions, use_cache=True).last_hidden_state
-        labels = labels[:, shared:]
     else:
         hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    labels = labels[:, 1:]
-    where = labels != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][where])
-    return torch.nn.functional.cross_entropy(logits.float(), labels[where])
+    where = labels[:, 1:] != -100  # no target sits inside the shared prefix (`_collate_lm` leaves one out)
+    suffix = where[:, shared:]
+    return hidden[:, :-1][suffix], labels[:, 1:][where], where
+
+
+def _lm_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token cross-entropy on targets, the LM head at target positions only (`target_hidden`)."""
+    hidden, labels, _ = target_hidden(model, batch)
+    logits = model.get_output_embeddings()(hidden)
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
 def _regression_loss(model: Any, batch: dict[str, torch.Tensor], pair_weight: float = 0.0) -> torch.Tensor:

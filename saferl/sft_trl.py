@@ -17,6 +17,8 @@ Owns the path from chat rows `(messages, completion)` to a trained model directo
 
 The hand-written loop (`saferl.sft.train_causal_lm`) stays for the toy world's build and `--trainer saferl`:
 its shared-prefix batching computes a guard's long instruction once per batch, which TRL has no form of.
+`saferl.sft_batched` carries that batching and the target-only head into `trl.SFTTrainer` (the toy world's
+`--trainer trl` build); `saferl sft` does not offer it yet.
 """
 
 from __future__ import annotations

@@ -48,14 +48,14 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
 
         quiet_output()
     if args.action == "path":
-        print(toyworld_paths(cfg).root)
+        print(toyworld_paths(cfg, args.trainer).root)
         return 0
     import json
     import time
 
     start = time.monotonic()
-    cached = (toyworld_paths(cfg).root / "metrics.json").is_file()
-    paths = build(cfg) if args.force else ensure_built(cfg)
+    cached = (toyworld_paths(cfg, args.trainer).root / "metrics.json").is_file()
+    paths = build(cfg, args.trainer) if args.force else ensure_built(cfg, args.trainer)
     metrics = json.loads((paths.root / "metrics.json").read_text())
     if cached and not args.force:
         from saferl.toyworld.evaluate import format_metrics
@@ -65,7 +65,8 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
     from saferl.toyworld.build import EXTRA_PARTS, ensure_part
     from saferl.toyworld.stream import ensure_toy_stream
 
-    ensure_part(cfg, EXTRA_PARTS[0])  # once: the judge and the RM ensemble (toyworld:judge, :reward_model_1/_2)
+    # once: the judge and the RM ensemble (toyworld:judge, :reward_model_1/_2)
+    ensure_part(cfg, EXTRA_PARTS[0], args.trainer)
     stream = ensure_toy_stream(paths.root)  # once, ~1 min: toyworld:stream_guard and toyworld:stream_heldout
     print(f"[toyworld] Stream guard {stream.guard}; its held-out set {stream.heldout}")
     return 0
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_OVERRIDES)
     p.add_argument("action", choices=("build", "path"), help="build: build unless cached; path: print its dir")
     p.add_argument("--force", action="store_true", help="rebuild even when a cached build exists")
+    p.add_argument("--trainer", choices=("saferl", "trl"), default="saferl",
+                   help="saferl: the hand-written loop; trl: trl.SFTTrainer and transformers.Trainer with SafeRL's "
+                   "shared-prefix batches and target-only head (saferl.sft_batched), cached under a key of its "
+                   "own (default: %(default)s)")
     config_args(p)
     p.set_defaults(func=_cmd_toyworld)
 

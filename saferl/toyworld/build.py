@@ -20,6 +20,10 @@ quality targets (`evaluate.TARGETS`) is an error: the build raises after caching
 
 Shortcut: the guard trains here while a second process trains the policy and then the RM (2 cores); the
 extra parts likewise: the judge here, the two further RMs in a second process.
+
+`trainer="trl"` (`saferl toyworld build --trainer trl`) trains every model through trl.SFTTrainer (guards,
+policy) and transformers.Trainer (RMs) with SafeRL's batches and heads (`saferl.sft_batched`), into a key of
+its own; the default, the hand-written loop of `saferl.sft`, keeps the key it had before.
 """
 
 from __future__ import annotations
@@ -58,38 +62,42 @@ class ToyWorldPaths:
         return self.root / (f"{name}.jsonl" if name in ("train", "heldout") else name)
 
 
-def world_key(cfg: ToyWorldConfig) -> str:
+TRAINERS = ("saferl", "trl")  # the hand-written loop (`saferl.sft`), or TRL's trainers (`saferl.sft_batched`)
+
+
+def world_key(cfg: ToyWorldConfig, trainer: str = "saferl") -> str:
     fields = dataclasses.asdict(cfg)
     fields.pop("cache_dir")
-    blob = json.dumps({"version": BUILD_VERSION, **fields}, sort_keys=True)
+    extra = {} if trainer == "saferl" else {"trainer": trainer}  # the default's key is the key before TRAINERS
+    blob = json.dumps({"version": BUILD_VERSION, **fields, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def toyworld_paths(cfg: ToyWorldConfig) -> ToyWorldPaths:
-    return ToyWorldPaths(Path(cfg.cache_dir) / world_key(cfg))
+def toyworld_paths(cfg: ToyWorldConfig, trainer: str = "saferl") -> ToyWorldPaths:
+    return ToyWorldPaths(Path(cfg.cache_dir) / world_key(cfg, trainer))
 
 
-def ensure_built(cfg: ToyWorldConfig) -> ToyWorldPaths:
+def ensure_built(cfg: ToyWorldConfig, trainer: str = "saferl") -> ToyWorldPaths:
     """The built world for `cfg`, building it first when the cache has none. Raises ValueError when the world
     (cached or new) misses its quality targets."""
     from saferl.toyworld.evaluate import check_targets
 
-    paths = toyworld_paths(cfg)
+    paths = toyworld_paths(cfg, trainer)
     if (paths.root / "metrics.json").is_file():
         check_targets(json.loads((paths.root / "metrics.json").read_text()), str(paths.root))
         return paths
-    return build(cfg)
+    return build(cfg, trainer)
 
 
-def ensure_part(cfg: ToyWorldConfig, part: str) -> Path:
+def ensure_part(cfg: ToyWorldConfig, part: str, trainer: str = "saferl") -> Path:
     """The directory or file of one part of the built world, building the world first and, for an extra part
     (`EXTRA_PARTS`), every missing extra part when the cache lacks it."""
     from saferl.toyworld.evaluate import EXTRA_TARGETS, check_targets
 
-    paths = ensure_built(cfg)
+    paths = ensure_built(cfg, trainer)
     extras = paths.root / "extras.json"
     if part in EXTRA_PARTS and not extras.is_file():
-        build_extras(paths, cfg)
+        build_extras(paths, cfg, trainer)
     elif part in EXTRA_PARTS:  # a cached miss is refused again, as the core's is
         check_targets(json.loads(extras.read_text()), str(paths.root), EXTRA_TARGETS)
     return paths.part(part)
@@ -210,13 +218,15 @@ def _member_prompts(part: str, prompts: list) -> list:
     return prompts
 
 
-def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
+def _train_part(part: str, root: str, cfg: ToyWorldConfig, trainer: str = "saferl") -> float:
     """Train and save one model into `root/part`, whose tokenizer is there already (runs in a worker process
-    or in this one)."""
+    or in this one), with the hand-written loop or (`trainer="trl"`) TRL's SFTTrainer and transformers'
+    Trainer carrying SafeRL's batches and heads (`saferl.sft_batched`)."""
     configure_process()
     from transformers import AutoTokenizer
 
     from saferl.sft import train_causal_lm, train_regression
+    from saferl.sft_batched import train_causal_lm_trl, train_regression_hf
 
     start = time.monotonic()
     tok = AutoTokenizer.from_pretrained(Path(root) / part)
@@ -225,17 +235,25 @@ def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
     sft: SFTConfig = getattr(cfg, "reward_model_sft" if part in RM_MEMBERS else f"{part}_sft")
     common = dict(pad_id=tok.pad_token_id, steps=sft.steps, batch_size=sft.batch_size, lr=sft.lr,
                   warmup_steps=sft.warmup_steps, seed=seed, label=part)
+    hf_args = {k: v for k, v in common.items() if k != "label"}
     if part in RM_MEMBERS:
         model = new_model(cfg.reward_model, tok, head="score", seed=seed)
-        train_regression(model, _rm_examples(tok, _member_prompts(part, prompts), seed, cfg.perturbations),
-                         pair_weight=1.0 if cfg.perturbations else 0.0,
-                         group_size=6 + cfg.perturbations, **common)
+        rm_examples = _rm_examples(tok, _member_prompts(part, prompts), seed, cfg.perturbations)
+        pairs = dict(pair_weight=1.0 if cfg.perturbations else 0.0, group_size=6 + cfg.perturbations)
+        if trainer == "trl":
+            train_regression_hf(model, rm_examples, **pairs, **hf_args)
+        else:
+            train_regression(model, rm_examples, **pairs, **common)
     else:
         shape = {"policy": cfg.policy, "guard": cfg.guard, "judge": cfg.judge}[part]
         model = new_model(shape, tok, head="lm", seed=seed)
         examples = (_policy_examples(tok, cfg) if part == "policy"
                     else _guard_examples(tok, prompts, cfg.perturbations, seed))
-        train_causal_lm(model, examples, share_prefix=part != "policy", **common)
+        if trainer == "trl":
+            hf_args.pop("pad_id")
+            train_causal_lm_trl(model, tok, examples, share_prefix=part != "policy", **hf_args)
+        else:
+            train_causal_lm(model, examples, share_prefix=part != "policy", **common)
     if part not in RM_MEMBERS:  # decoding defaults for plain `generate` / vLLM: stop at <|im_end|>
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -243,8 +261,9 @@ def _train_part(part: str, root: str, cfg: ToyWorldConfig) -> float:
     return time.monotonic() - start
 
 
-def _train_parts(parts: tuple[str, ...], root: str, cfg: ToyWorldConfig) -> dict[str, float]:
-    return {part: _train_part(part, root, cfg) for part in parts}
+def _train_parts(parts: tuple[str, ...], root: str, cfg: ToyWorldConfig,
+                 trainer: str = "saferl") -> dict[str, float]:
+    return {part: _train_part(part, root, cfg, trainer) for part in parts}
 
 
 def _make_tokenizers(root: Path, cfg: ToyWorldConfig) -> None:
@@ -273,31 +292,35 @@ def worker_pool() -> Any:
     return multiprocessing.get_context("spawn").Pool(1, initializer=quiet_output if is_quiet() else None)
 
 
-def _train_models(root: Path, cfg: ToyWorldConfig) -> dict[str, float]:
+def _train_models(root: Path, cfg: ToyWorldConfig, trainer: str) -> dict[str, float]:
     """Train the three models into `root`; seconds per model."""
     with worker_pool() as pool:  # guard here, policy then the RM in the worker: about the same time on each core
-        other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(root), cfg))
-        return {**_train_parts(("guard",), str(root), cfg), **other.get()}
+        other = pool.apply_async(_train_parts, (("policy", "reward_model"), str(root), cfg, trainer))
+        return {**_train_parts(("guard",), str(root), cfg, trainer), **other.get()}
 
 
-def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
+def build(cfg: ToyWorldConfig, trainer: str = "saferl") -> ToyWorldPaths:
     """Build the world from scratch into the cache (see module docstring). Prints progress and metrics;
-    raises ValueError, naming each missed metric and its target, when the world misses its quality targets."""
+    raises ValueError, naming each missed metric and its target, when the world misses its quality targets.
+    `trainer` (`TRAINERS`): "trl" trains the three models through `saferl.sft_batched`, into a key of its own."""
+    if trainer not in TRAINERS:
+        raise ValueError(f"unknown toy world trainer {trainer!r}; expected one of {TRAINERS}")
     configure_process()
     from saferl.data import write_prompts
     from saferl.toyworld.evaluate import check_targets, evaluate_world
 
-    paths = toyworld_paths(cfg)
+    paths = toyworld_paths(cfg, trainer)
     tmp = paths.root.with_name(paths.root.name + f".tmp{multiprocessing.current_process().pid}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.monotonic()
-    print(f"[toyworld] building {paths.root} (config key {world_key(cfg)})", flush=True)
+    print(f"[toyworld] building {paths.root} (config key {world_key(cfg, trainer)}, trainer {trainer})",
+          flush=True)
     write_prompts(tmp / "train.jsonl", world.make_prompts("train"))
     write_prompts(tmp / "heldout.jsonl", world.make_prompts("heldout"))
     (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     _make_tokenizers(tmp, cfg)
-    times = _train_models(tmp, cfg)
+    times = _train_models(tmp, cfg, trainer)
     print(f"[toyworld] models trained in {time.monotonic() - start:.0f}s "
           f"({', '.join(f'{k} {v:.0f}s' for k, v in times.items())}); evaluating on held-out prompts", flush=True)
     metrics = evaluate_world(ToyWorldPaths(tmp), seed=cfg.seed)
@@ -310,7 +333,7 @@ def build(cfg: ToyWorldConfig) -> ToyWorldPaths:
     return paths
 
 
-def build_extras(paths: ToyWorldPaths, cfg: ToyWorldConfig) -> None:
+def build_extras(paths: ToyWorldPaths, cfg: ToyWorldConfig, trainer: str = "saferl") -> None:
     """Train the judge and the two further RMs of a built world (next to its parts, each written under a
     temporary name and renamed when complete), evaluate them on the held-out prompts, then write extras.json.
     Targets as `build`: a miss raises after extras.json is written (kept for inspection)."""
@@ -326,8 +349,8 @@ def build_extras(paths: ToyWorldPaths, cfg: ToyWorldConfig) -> None:
     for part, source in (("judge", "guard"), ("reward_model_1", "reward_model"), ("reward_model_2", "reward_model")):
         AutoTokenizer.from_pretrained(paths.part(source)).save_pretrained(tmp / part)
     with worker_pool() as pool:
-        other = pool.apply_async(_train_parts, (("reward_model_1", "reward_model_2"), str(tmp), cfg))
-        times = {**_train_parts(("judge",), str(tmp), cfg), **other.get()}
+        other = pool.apply_async(_train_parts, (("reward_model_1", "reward_model_2"), str(tmp), cfg, trainer))
+        times = {**_train_parts(("judge",), str(tmp), cfg, trainer), **other.get()}
     for part in EXTRA_PARTS:
         shutil.rmtree(paths.root / part, ignore_errors=True)
         (tmp / part).rename(paths.root / part)
