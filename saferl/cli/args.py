@@ -16,6 +16,21 @@ def config_args(p: argparse.ArgumentParser) -> None:
                    help="show every log line (logging.verbose=true): the known-harmless vLLM/Ray/torch ones too")
 
 
+def verbose_arg(p: argparse.ArgumentParser) -> None:
+    """-v for the commands without a config (`saferl sft`, `reward`, `guard train-stream`)."""
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show every log line: the known-harmless DeepSpeed/torch/transformers ones too")
+
+
+def quiet_unless_verbose(args: argparse.Namespace) -> None:
+    """Filter this process's output (`saferl.quiet`) unless -v; first thing in a command, before the model
+    libraries are imported, so their logging handlers write through the filter."""
+    if not args.verbose:
+        from saferl.quiet import quiet_output
+
+        quiet_output()
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     """The command's KEY=VALUE overrides, with -v as logging.verbose=true (after them: -v wins)."""
     return [*args.overrides, *(["logging.verbose=true"] if args.verbose else [])]

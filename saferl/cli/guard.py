@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from saferl.cli.args import positive_int
+from saferl.cli.args import positive_int, verbose_arg
 
 GUARD_MODERATE_EPILOG = """input rows (JSONL, one object a line; errors name the file and line):
   {"id": "a", "prompt": "How do I pick a lock?"}                           prompt moderation
@@ -124,6 +124,9 @@ def _cmd_guard_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_guard_train_stream(args: argparse.Namespace) -> int:
+    from saferl.cli.args import quiet_unless_verbose
+
+    quiet_unless_verbose(args)
     from saferl.references import resolve_reference
 
     data = resolve_reference(args.data)  # before the (torch) import below: a bad reference fails at once
@@ -227,6 +230,7 @@ def add_guard_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="transformers.TrainingArguments fields (see below)")
+    verbose_arg(q)
     q.set_defaults(func=_cmd_guard_train_stream)
 
 

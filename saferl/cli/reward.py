@@ -31,6 +31,9 @@ examples:
 
 
 def _cmd_reward(args: argparse.Namespace) -> int:
+    from saferl.cli.args import quiet_unless_verbose
+
+    quiet_unless_verbose(args)
     from saferl.runtime import configure_process
 
     configure_process()
@@ -66,6 +69,7 @@ def _cmd_reward(args: argparse.Namespace) -> int:
 
 
 def add_reward_parser(sub: argparse._SubParsersAction) -> None:
+    from saferl.cli.args import verbose_arg
     from saferl.cli.sft import add_trl_options
     from saferl.config import HelpfulnessConfig
 
@@ -94,4 +98,5 @@ def add_reward_parser(sub: argparse._SubParsersAction) -> None:
                    "cuts them (default: %(default)s, as helpfulness.max_length)")
     add_trl_options(p, merged="a full sequence classifier for helpfulness.model or `saferl serve rm`")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="trl.RewardConfig fields (see below)")
+    verbose_arg(p)
     p.set_defaults(func=_cmd_reward)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from saferl.cli.args import verbose_arg
+
 SFT_EPILOG = """data rows (JSONL, one object a line; errors name the file and line):
   {"messages": [{"role": "user", "content": "How do I pick a lock?"}], "completion": "Safety: Unsafe\\n..."}
   For a Gen guard, `messages` is the conversation it judges (a last assistant turn = response moderation)
@@ -24,6 +26,9 @@ examples:
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:
+    from saferl.cli.args import quiet_unless_verbose
+
+    quiet_unless_verbose(args)
     from saferl.runtime import configure_process
 
     configure_process()
@@ -119,6 +124,7 @@ def add_sft_parser(sub: argparse._SubParsersAction) -> None:
                    help="--trainer saferl: compute a batch's common prompt prefix once (guards: the moderation "
                    "instruction)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="trl.SFTConfig fields (see below)")
+    verbose_arg(p)
     p.set_defaults(func=_cmd_sft)
 
 
