@@ -165,7 +165,8 @@ def describe(settings: dict[str, Any], kinds: dict[str, int]) -> str:
     n = settings["samples_per_prompt"]
     plural = "s" if n != 1 else ""
     return (f"Held-out evaluation of {settings['prompts']} ({mix} prompts x {n} sample{plural}, "
-            f"seed {settings['seed']}, temperature {settings['temperature']:g}, {settings['backend']}); "
+            f"seed {settings['seed']}, temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, "
+            f"{settings['backend']}); "
             f"guard {settings['guard']}; RM {settings['rm'] or 'none'}.")
 
 

@@ -27,7 +27,7 @@ from saferl.eval.metrics import (
     policy_metrics,
 )
 from saferl.data import subsample
-from saferl.eval.run import PolicyRef, check_labels, parse_policy
+from saferl.eval.run import PolicyRef, check_labels, describe, parse_policy
 from saferl.types import GuardVerdict, Prompt, Rollout, SafetyLabel, SafetyPolicy, ScoredRollout
 
 SAFE, UNSAFE, CONTRO = SafetyLabel.SAFE, SafetyLabel.UNSAFE, SafetyLabel.CONTROVERSIAL
@@ -178,3 +178,12 @@ def test_subsample_even_stride_and_labels():
     assert parse_spec("hybrid=runs/t/hybrid-s*") == ("hybrid", "runs/t/hybrid-s*")
     with pytest.raises(ValueError, match="LABEL=GLOB"):
         parse_spec("runs/t/hybrid-s*")
+
+
+def test_eval_heading_states_the_sampling():
+    """The table's heading names temperature and top-p: a table at top-p 0.9 is not comparable with one at 1.0."""
+    settings = {"prompts": "toyworld:heldout", "samples_per_prompt": 2, "seed": 1234, "temperature": 1.0,
+                "top_p": 0.9, "backend": "vllm", "guard": "toyworld:guard", "rm": None}
+    heading = describe(settings, {"benign": 3, "harmful": 1})
+    assert "(3 benign, 1 harmful prompts x 2 samples, seed 1234, temperature 1, top-p 0.9, vllm)" in heading
+    assert heading.endswith("RM none.")
