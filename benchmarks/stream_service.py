@@ -2,11 +2,16 @@
 
 The toy world's trained Stream guard (`toyworld:stream_guard`, hidden 128, 2 layers; built by `saferl toyworld
 build`, reused from the cache), or with `--model large-random` a random one of hidden 512 and 8 layers on the
-toy tokenizer, is served by the real CLI in a subprocess on 127.0.0.1. For 1, 8 and 64
-concurrent streams, each opened on a held-out toy prompt, each client appends 512 answer tokens (held-out toy
-answers, safe and unsafe, concatenated) one token per request, sending the next as soon as the verdict of the
-last arrives: the time of one append request is the latency moderation adds to that token. Reported: P50 and
-P99 over all appends, the median over the last 64 positions (449-512), and tokens per second (all streams).
+toy tokenizer, is served by the real CLI in a subprocess on 127.0.0.1 (the clients run in this process, on
+the same 2 CPUs). For 1, 8 and 64 concurrent streams, each opened on a held-out toy prompt, each stream
+appends 512 answer tokens (held-out toy answers, safe and unsafe, concatenated) one token at a time, sending
+the next as soon as the verdict of the last arrives, in three ways (`MODES`): a keep-alive HTTP connection
+per stream (one `POST .../append` per token), a WebSocket per stream (`/v1/streams/{id}/live`, one frame
+per token), and one connection sending every stream's next token in one request per step. The time from
+sending a token to reading its verdict is the latency moderation adds to it. Reported: P50 and P99 over all
+tokens, the median over the last 64 positions (449-512), tokens per second (all streams) and tokens fed per
+server tick. The one-stream case runs `--one-stream-runs` streams one after another (8 x 512 tokens), so its
+P99 is not the 5th slowest of 512 tokens; ratios are to the same way of driving at one stream.
 
 Against it, in this process, on the same model and thread count:
 - re-feeding (the official `stream_moderate_from_ids` approach, QwenLM/Qwen3Guard#22): for each new token, one
@@ -14,7 +19,8 @@ Against it, in this process, on the same model and thread count:
   tokens per stream; the N streams batched in one forward, which favours re-feeding over the official one at a
   time); its tokens per second at 512 is N over that time;
 - the in-process `StreamBatch` the server runs on, fed the same tokens one per stream per step (no HTTP): the
-  server's latency minus this is what HTTP and the service add.
+  server's latency minus this is what HTTP and the service add, and its ratio N rows / 1 row (printed) is
+  the floor under the server's latency ratio: a tick cannot cost less than its forward.
 
 Correctness (exit 1 on failure): every token's verdict from the server (position, risk, category, and their
 probabilities within 1e-4) equals the in-process `StreamBatch`'s and the re-feed's on the same tokens, and
@@ -49,6 +55,7 @@ from record import ROOT, recorded
 
 TAIL = 64  # the last positions, whose median latency is compared with re-feeding at the last position
 ATOL = 1e-4
+START_TIMEOUT_S = 1800  # the server's start (imports, model load) took over 600 s at load 40 on 2 CPUs
 
 
 class Verdict(NamedTuple):
@@ -156,22 +163,31 @@ def parse(reply: dict) -> list[Verdict]:
             for v in reply["verdicts"]]
 
 
-async def drive(port: int, work: Workload, batched: bool) -> tuple[list[list[Verdict]], list[list[float]], float,
-                                                                  list[dict]]:
-    """Every stream on its own connection, appending its tokens one per request as fast as replies come; or,
-    `batched`, one connection appending every stream's next token in one request per step
-    (`POST /v1/streams/append`), as a chat server decoding all its streams in lockstep would.
+MODES = ("a client each", "a WebSocket each", "one request for all")
+
+
+async def drive(port: int, work: Workload, mode: str) -> tuple[list[list[Verdict]], list[list[float]], float,
+                                                                list[dict], float]:
+    """Every stream opened, then its tokens appended one per request as fast as replies come, in one of `MODES`:
+    each stream on its own keep-alive HTTP connection (`POST /v1/streams/{id}/append` per token); each on its
+    own WebSocket (`/v1/streams/{id}/live`, one frame per token); or one connection appending every stream's
+    next token in one request per step (`POST /v1/streams/append`), as a chat server decoding all its
+    streams in lockstep would.
 
     Returns:
         (verdicts per stream per token, latency in seconds per stream per token, wall seconds of the appends,
-        each stream's decision in its last reply)
+        each stream's decision in its last reply, tokens fed per tick of the server during the appends)
     """
+    from websockets.asyncio.client import connect
+
     conns = [await Connection.open(port) for _ in work.messages]
     opened = await asyncio.gather(*(c.request("POST", "/v1/streams", {"messages": m})
                                     for c, m in zip(conns, work.messages)))
     verdicts: list[list[Verdict]] = [[] for _ in conns]
     latency: list[list[float]] = [[] for _ in conns]
     decisions: list[dict] = [{} for _ in conns]
+    sockets = [await connect(f"ws://127.0.0.1:{port}/v1/streams/{o['id']}/live", compression=None)
+               for o in opened] if mode == "a WebSocket each" else []
 
     async def stream(s: int) -> None:
         path = f"/v1/streams/{opened[s]['id']}/append"
@@ -179,6 +195,17 @@ async def drive(port: int, work: Workload, batched: bool) -> tuple[list[list[Ver
             t = time.perf_counter()
             reply = await conns[s].request("POST", path, {"tokens": [token]})
             latency[s].append(time.perf_counter() - t)
+            verdicts[s] += parse(reply)
+            decisions[s] = reply["decision"]
+
+    async def live(s: int) -> None:
+        for token in work.answers[s]:
+            t = time.perf_counter()
+            await sockets[s].send(json.dumps({"tokens": [token]}))
+            reply = json.loads(await sockets[s].recv())
+            latency[s].append(time.perf_counter() - t)
+            if "verdicts" not in reply:
+                raise RuntimeError(f"stream {s}: {reply}")
             verdicts[s] += parse(reply)
             decisions[s] = reply["decision"]
 
@@ -195,16 +222,26 @@ async def drive(port: int, work: Workload, batched: bool) -> tuple[list[list[Ver
                 verdicts[s] += parse(reply)
                 decisions[s] = reply["decision"]
 
+    before = await conns[0].request("GET", "/health")
     start = time.perf_counter()
-    await (lockstep() if batched else asyncio.gather(*(stream(s) for s in range(len(conns)))))
+    if mode == "one request for all":
+        await lockstep()
+    else:
+        await asyncio.gather(*((live if sockets else stream)(s) for s in range(len(conns))))
     wall = time.perf_counter() - start
+    counter = await Connection.open(port)  # conns[0] may have idled past the server's keep-alive timeout
+    after = await counter.request("GET", "/health")
+    counter.close()
+    per_tick = (after["tokens_fed"] - before["tokens_fed"]) / max(after["ticks"] - before["ticks"], 1)
     for c in conns:
         c.close()
+    for ws in sockets:
+        await ws.close()
     closer = await Connection.open(port)  # idle connections were closed by the server (keep-alive timeout)
     for o in opened:
         await closer.request("DELETE", f"/v1/streams/{o['id']}")
     closer.close()
-    return verdicts, latency, wall, decisions
+    return verdicts, latency, wall, decisions, per_tick
 
 
 def start_server(model: str, streams: int, log: Path) -> tuple[subprocess.Popen, int]:
@@ -217,7 +254,7 @@ def start_server(model: str, streams: int, log: Path) -> tuple[subprocess.Popen,
                              "--port", str(port), "--max-streams", str(streams), "--device", "cpu"], cwd=ROOT,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited:\n{log.read_text()[-3000:]}")
@@ -228,7 +265,7 @@ def start_server(model: str, streams: int, log: Path) -> tuple[subprocess.Popen,
             pass
         time.sleep(0.5)
     proc.terminate()
-    raise RuntimeError(f"the server did not answer /health within 600 s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"the server did not answer /health within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 # ------------------------------------------------------------------ the in-process sides
@@ -294,29 +331,52 @@ def server_side(got: list[list[Verdict]], latency: list[list[float]], wall: floa
             "tok_s": len(latency) * tokens / wall, "labels": len({v.risk for g in got for v in g})}
 
 
-def measure(n: int, port: int, model: Any, tokenizer: Any, heldout: Path, tokens: int,
-            rounds: int) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """One row per way of driving the server (a client per stream; for n > 1 also one client, all streams per
-    request), each with the in-process and re-feed figures for the same streams."""
+def part(work: Workload, start: int, n: int) -> Workload:
+    return Workload(*(field[start : start + n] for field in work))
+
+
+def measure(n: int, port: int, model: Any, tokenizer: Any, heldout: Path, tokens: int, rounds: int,
+            runs: int, modes: list[str]) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """One row per way of driving the server (`MODES`), each with the in-process and re-feed figures for the
+    same streams. The n streams run `runs` times one after another, each time on other answers (more
+    samples for a steady P99: the one-stream baseline's 512 tokens alone would put its P99 at the 5th
+    slowest token)."""
     from saferl.guard.decisions import debounce
 
-    work = workload(tokenizer, heldout, n, tokens)
-    local, feeds = in_process(model, tokenizer, work)
-    every, last, refeed_s = refeed(model, tokenizer, work, rounds)
-    sides = {"local": statistics.median(feeds), "local_tok_s": n / statistics.median(feeds), "refeed": refeed_s,
-             "refeed_tok_s": n / refeed_s}
-    want = [(d.index, d.label.value, d.category) for d in
-            (debounce([v.risk for v in g], "official", [v.category for v in g]) for g in local)]
+    parts = [part(workload(tokenizer, heldout, n * runs, tokens), k * n, n) for k in range(runs)]
+    local, feeds, every, last, refeed_times, want = [], [], [], [], [], []
+    for work in parts:
+        verdicts, times = in_process(model, tokenizer, work)
+        e, l, r = refeed(model, tokenizer, work, rounds)
+        local.append(verdicts), feeds.append(times), every.append(e), last.append(l), refeed_times.append(r)
+        want.append([(d.index, d.label.value, d.category) for d in
+                     (debounce([v.risk for v in g], "official", [v.category for v in g]) for g in verdicts)])
+    flat_feeds = [t for times in feeds for t in times]
+    refeed_s = statistics.median(refeed_times)
+    sides = {"local": statistics.median(flat_feeds), "local_tail": statistics.median(
+        [t for times in feeds for t in times[-TAIL:]]), "local_tok_s": n / statistics.median(flat_feeds),
+        "refeed": refeed_s, "refeed_tok_s": n / refeed_s, "runs": runs}
     rows, failed = {}, []
-    for batched in (False, True) if n > 1 else (False,):
-        name = f"{n}, one request for all" if batched else f"{n}, a client each"
-        got, latency, wall, decisions = asyncio.run(drive(port, work, batched))
-        failed += mismatches(got, local, f"{name}: server vs in-process StreamBatch")
-        failed += [f"{name}: stream {s} decision {d} != {w}" for s, (d, w) in enumerate(zip(decisions, want))
-                   if (d["position"], d["label"], d["category"]) != w]
-        failed += mismatches(got, every, f"{name}: server vs re-feed")
-        failed += mismatches([[g[-1]] for g in got], [[v] for v in last], f"{name}: server vs timed re-feed @{tokens}")
-        rows[name] = {**server_side(got, latency, wall, tokens), **sides}
+    for mode in modes:
+        name = f"{n}, {mode}"
+        got_all, latency_all, wall_all, per_tick = [], [], 0.0, []
+        for k, work in enumerate(parts):
+            got, latency, wall, decisions, rows_per_tick = asyncio.run(drive(port, work, mode))
+            per_tick.append(rows_per_tick)
+            failed += mismatches(got, local[k], f"{name}: server vs in-process StreamBatch")
+            failed += [f"{name}: stream {s} decision {d} != {w}" for s, (d, w) in enumerate(zip(decisions, want[k]))
+                       if (d["position"], d["label"], d["category"]) != w]
+            failed += mismatches(got, every[k], f"{name}: server vs re-feed")
+            failed += mismatches([[g[-1]] for g in got], [[v] for v in last[k]],
+                                 f"{name}: server vs timed re-feed @{tokens}")
+            got_all += got
+            latency_all += latency
+            wall_all += wall
+        rows[name] = {**server_side(got_all, latency_all, wall_all, tokens), **sides,
+                      "rows_per_tick": statistics.mean(per_tick)}
+        print(f"measured {name}: P50 {rows[name]['p50'] * 1e3:.2f} ms, P99 {rows[name]['p99'] * 1e3:.2f} ms, "
+              f"in-process step {sides['local'] * 1e3:.2f} ms; {len(failed)} mismatches so far", file=sys.stderr,
+              flush=True)
     return rows, failed
 
 
@@ -325,6 +385,9 @@ def main() -> int:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--tokens", type=int, default=512, help="answer tokens per stream")
     parser.add_argument("--rounds", type=int, default=3, help="timed re-feed forwards per stream count")
+    parser.add_argument("--one-stream-runs", type=int, default=8,
+                        help="the one-stream case runs this many streams one after another (more samples)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="ways of driving the server")
     parser.add_argument("--model", choices=("toy", "large-random"), default="toy",
                         help="toy: the trained toy Stream guard; large-random: a random one of hidden 512, 8 "
                         "layers (benchmarks/stream_guard.py's large model) on the toy tokenizer, where compute "
@@ -351,10 +414,11 @@ def main() -> int:
     results, failed = {}, []
     with recorded(args.out):  # the load average recorded at the start is the measurement's
         try:
-            for batched in (False, True):  # warm-up
-                asyncio.run(drive(port, workload(tokenizer, heldout, 2, 32), batched))
+            for mode in args.modes:  # warm-up
+                asyncio.run(drive(port, workload(tokenizer, heldout, 2, 32), mode))
             for n in args.streams:
-                rows, f = measure(n, port, model, tokenizer, heldout, args.tokens, args.rounds)
+                rows, f = measure(n, port, model, tokenizer, heldout, args.tokens, args.rounds,
+                                  args.one_stream_runs if n == 1 else 1, args.modes)
                 results.update(rows)
                 failed += f
         finally:
@@ -373,25 +437,38 @@ def report(results: dict[str, dict[str, float]], tokens: int, path: str) -> None
 
     cfg = json.loads((Path(path) / "config.json").read_text())
     name = "toy Stream guard" if "toyworld" in path else "random Stream guard"
+    tail = f"@{tokens - TAIL + 1}-{tokens}"
     print(f"{name} (h{cfg['hidden_size']}, {cfg['num_hidden_layers']} layers) at {path}; torch "
           f"{torch.__version__}, 1 thread, float32; {tokens} answer tokens per stream, one per stream per "
-          "request; ms per token")
-    head = ["streams, clients", "server P50", "P99", f"median @{tokens - TAIL + 1}-{tokens}", "tok/s",
-            "in-process step", "tok/s", f"re-feed @{tokens}", "tok/s", f"speedup @{tokens}", "labels seen"]
+          "request or frame; ms per token")
+    head = ["streams, clients", "runs", "server P50", "P99", f"median {tail}", "tok/s", "rows/tick",
+            "in-process step", f"median {tail}", "tok/s", f"re-feed @{tokens}", "tok/s", f"speedup @{tokens}",
+            "labels seen"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, r in results.items():
-        cells = [name, f"{r['p50'] * 1e3:.2f}", f"{r['p99'] * 1e3:.2f}", f"{r['tail'] * 1e3:.2f}",
-                 f"{r['tok_s']:.0f}", f"{r['local'] * 1e3:.2f}", f"{r['local_tok_s']:.0f}",
-                 f"{r['refeed'] * 1e3:.1f}", f"{r['refeed_tok_s']:.0f}", f"{r['refeed'] / r['tail']:.1f}x",
-                 str(r["labels"])]
+        cells = [name, str(r["runs"]), f"{r['p50'] * 1e3:.2f}", f"{r['p99'] * 1e3:.2f}", f"{r['tail'] * 1e3:.2f}",
+                 f"{r['tok_s']:.0f}", f"{r['rows_per_tick']:.1f}", f"{r['local'] * 1e3:.2f}",
+                 f"{r['local_tail'] * 1e3:.2f}", f"{r['local_tok_s']:.0f}", f"{r['refeed'] * 1e3:.1f}",
+                 f"{r['refeed_tok_s']:.0f}", f"{r['refeed'] / r['tail']:.1f}x", str(r["labels"])]
         print("| " + " | ".join(cells) + " |")
-    one = results.get("1, a client each")
+    for mode in MODES:
+        one = results.get(f"1, {mode}")
+        for name, r in results.items():
+            if one is not None and name.endswith(mode) and r is not one:
+                print(f"{name} / 1 stream: P99 {r['p99'] / one['p99']:.2f}x (goal at 64: <= 2x), P50 "
+                      f"{r['p50'] / one['p50']:.2f}x, median {tail} {r['tail'] / one['tail']:.2f}x")
+    first = next(iter(results), "1, ").split(", ", 1)[1]  # the in-process figures are the same in every mode
+    one = results.get(f"1, {first}")
     for name, r in results.items():
-        if one is not None and name != "1, a client each":
-            print(f"P99 {name} / 1 stream: {r['p99'] / one['p99']:.2f}x (goal at 64: <= 2x)")
+        if one is not None and name.endswith(first) and r is not one:
+            print(f"in-process StreamBatch step, {name.split(',')[0]} rows / 1 row (no HTTP: the floor of the "
+                  f"ratios above): median {r['local'] / one['local']:.2f}x, {tail} "
+                  f"{r['local_tail'] / one['local_tail']:.2f}x")
     print(f"speedup = re-feed forward at {tokens} (all streams batched) / server median latency at positions "
-          f"{tokens - TAIL + 1}-{tokens} (goal >= 20x)")
+          f"{tokens - TAIL + 1}-{tokens} (goal >= 20x); re-feed @{tokens} / in-process step {tail} (no HTTP): "
+          + ", ".join(f"{name.split(',')[0]} streams {r['refeed'] / r['local_tail']:.1f}x"
+                      for name, r in results.items() if name.endswith(first)))
 
 
 if __name__ == "__main__":
