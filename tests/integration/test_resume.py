@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,15 +53,19 @@ def test_sigkill_and_resume_is_exact(toy_world, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("\n".join(rows[::320][:6]) + "\n")
 
+    # The straight run goes on beside the interrupted ones (its own process and run directory; each run is
+    # one process on one thread, so on 2 cores the two chains overlap instead of queueing).
     straight = tmp_path / "straight"
-    _run_until(_command(toy_world, straight, data), straight, None, tmp_path / "straight.log")
-
-    resumed = tmp_path / "resumed"
-    command = _command(toy_world, resumed, data)
-    _run_until(command, resumed, "step_2", tmp_path / "resumed.log")  # epoch 0 just ended
-    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_2"
-    _run_until(command, resumed, "step_3", tmp_path / "resumed.log")  # mid-epoch 1
-    _run_until(command, resumed, None, tmp_path / "resumed.log")
+    with ThreadPoolExecutor(1) as pool:
+        straight_run = pool.submit(_run_until, _command(toy_world, straight, data), straight, None,
+                                   tmp_path / "straight.log")
+        resumed = tmp_path / "resumed"
+        command = _command(toy_world, resumed, data)
+        _run_until(command, resumed, "step_2", tmp_path / "resumed.log")  # epoch 0 just ended
+        assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_2"
+        _run_until(command, resumed, "step_3", tmp_path / "resumed.log")  # mid-epoch 1
+        _run_until(command, resumed, None, tmp_path / "resumed.log")
+        straight_run.result()
     log = (tmp_path / "resumed.log").read_text()
     assert "resuming" in log and "(step 2)" in log and "(step 3)" in log
 
