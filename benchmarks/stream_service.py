@@ -158,6 +158,15 @@ class Connection:
         self.writer.close()
 
 
+async def health(port: int) -> dict:
+    """GET /health on a new connection (an open one may have idled past the server's keep-alive timeout)."""
+    conn = await Connection.open(port)
+    try:
+        return await conn.request("GET", "/health")
+    finally:
+        conn.close()
+
+
 def parse(reply: dict) -> list[Verdict]:
     return [Verdict(v["position"], v["risk"], v["risk_prob"], v["category"], v["category_prob"])
             for v in reply["verdicts"]]
@@ -222,16 +231,14 @@ async def drive(port: int, work: Workload, mode: str) -> tuple[list[list[Verdict
                 verdicts[s] += parse(reply)
                 decisions[s] = reply["decision"]
 
-    before = await conns[0].request("GET", "/health")
+    before = await health(port)
     start = time.perf_counter()
     if mode == "one request for all":
         await lockstep()
     else:
         await asyncio.gather(*((live if sockets else stream)(s) for s in range(len(conns))))
     wall = time.perf_counter() - start
-    counter = await Connection.open(port)  # conns[0] may have idled past the server's keep-alive timeout
-    after = await counter.request("GET", "/health")
-    counter.close()
+    after = await health(port)
     per_tick = (after["tokens_fed"] - before["tokens_fed"]) / max(after["ticks"] - before["ticks"], 1)
     for c in conns:
         c.close()

@@ -54,7 +54,8 @@ class AppendRequest(BaseModel):
 class LiveFrame(BaseModel):
     tokens: list[int] | None = Field(None, description="append these guard token ids")
     text: str | None = Field(None, description="append this text")
-    rollback: int | None = Field(None, ge=0, description="instead, forget this many answer tokens, newest first")
+    rollback: int | None = Field(None, ge=0, description="instead, forget this many answer tokens, newest "
+                                 "first")
 
 
 class StreamAppend(BaseModel):
@@ -179,7 +180,8 @@ def build_stream_app(service: StreamService, *, model: str, token: str | None,
                       else service.append(stream_id, request.tokens, request.text))
             return stream_reply(await asyncio.wrap_future(future)).model_dump_json()
         except ValidationError as e:
-            return json.dumps({"status": 422, "detail": e.errors(include_url=False, include_context=False)})
+            return json.dumps({"status": 422, "detail": e.errors(include_url=False, include_context=False,
+                                                                      include_input=False)})
         except StreamError as e:
             return json.dumps({"status": e.status, "detail": e.message})
 
@@ -196,7 +198,8 @@ def build_stream_app(service: StreamService, *, model: str, token: str | None,
             if message["type"] == "websocket.disconnect":
                 return
             frame = message.get("text")
-            await websocket.send_text(await live_frame(stream_id, frame if frame is not None else message["bytes"]))
+            frame = frame if frame is not None else message["bytes"]
+            await websocket.send_text(await live_frame(stream_id, frame))
 
     @app.post("/v1/streams/{stream_id}/rollback", response_model=StreamReply, dependencies=[authorised])
     async def rollback(stream_id: str, request: RollbackRequest) -> StreamReply:

@@ -226,11 +226,14 @@ def test_live_websocket_equals_the_in_process_stream_batch_and_refuses_bad_frame
         replies = [json.loads(ws.recv()) for _ in range(3)]
         got += [v for r in replies for v in r["verdicts"]]
         assert replies[-1]["length"] == 20
-        refused = [send(f) for f in ({"tokens": [1], "rollback": 1}, {"rollback": -1}, {"tokens": [1], "text": "a"},
-                                     {"rollback": 99})]
+        refused = [send(f) for f in ({"tokens": [1], "rollback": 1}, {"rollback": -1},
+                                     {"tokens": [1], "text": "a"}, {"rollback": 99})]
         assert [r["status"] for r in refused] == [400, 422, 400, 400], refused
         ws.send(b'{"tokens": []}')  # a binary frame is read as the same JSON
         assert json.loads(ws.recv())["length"] == 20
+        ws.send(b"\xff{nope")  # not JSON, not UTF-8: refused, the socket stays open
+        assert json.loads(ws.recv())["status"] == 422
+        assert send({"tokens": []})["length"] == 20
     with connect(url.replace(s, "nope"), additional_headers=AUTH) as ws:
         ws.send(json.dumps({"tokens": [1]}))
         reply = json.loads(ws.recv())
