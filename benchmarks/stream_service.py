@@ -20,7 +20,8 @@ Against it, in this process, on the same model and thread count:
   time); its tokens per second at 512 is N over that time;
 - the in-process `StreamBatch` the server runs on, fed the same tokens one per stream per step (no HTTP): the
   server's latency minus this is what HTTP and the service add, and its ratio N rows / 1 row (printed) is
-  the floor under the server's latency ratio: a tick cannot cost less than its forward.
+  the ratio a server without per-request costs would show (a tick cannot cost less than its forward; a
+  fixed cost per request, added to both sides, can make the server's ratio lower).
 
 Correctness (exit 1 on failure): every token's verdict from the server (position, risk, category, and their
 probabilities within 1e-4) equals the in-process `StreamBatch`'s and the re-feed's on the same tokens, and
@@ -469,8 +470,8 @@ def report(results: dict[str, dict[str, float]], tokens: int, path: str) -> None
     one = results.get(f"1, {first}")
     for name, r in results.items():
         if one is not None and name.endswith(first) and r is not one:
-            print(f"in-process StreamBatch step, {name.split(',')[0]} rows / 1 row (no HTTP: the floor of the "
-                  f"ratios above): median {r['local'] / one['local']:.2f}x, {tail} "
+            print(f"in-process StreamBatch step, {name.split(',')[0]} rows / 1 row (no HTTP: the ratio without "
+                  f"per-request costs): median {r['local'] / one['local']:.2f}x, {tail} "
                   f"{r['local_tail'] / one['local_tail']:.2f}x")
     print(f"speedup = re-feed forward at {tokens} (all streams batched) / server median latency at positions "
           f"{tokens - TAIL + 1}-{tokens} (goal >= 20x); re-feed @{tokens} / in-process step {tail} (no HTTP): "
