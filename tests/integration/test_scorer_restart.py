@@ -24,7 +24,6 @@ def test_killed_guard_actor_restarts_and_the_call_completes(toy_world):
     items = [ModerationItem(p.messages, text[k]) for p in prompts for text in world.responses_for(p).values()
              for k in range(min(4, len(text)))]
     items = (items * 4)[:512]
-    expected = GuardScorer(str(toy_world.part("guard"))).moderate(items)
 
     start_ray(None, 4, str(ROOT / ".cache" / "ray"))
     group = ActorGroup(GuardScorer, 1, executor="ray", name="guard", num_cpus=0.5, max_restarts=2,
@@ -33,6 +32,8 @@ def test_killed_guard_actor_restarts_and_the_call_completes(toy_world):
         def pid() -> int:
             return ray.get(group.actors[0].__ray_call__.remote(lambda self: os.getpid()))
 
+        # The same call left alone, by the same actor: no second engine in this process (one model load less).
+        expected = group.map("moderate", items)
         first = pid()
         result: dict = {}
         call = threading.Thread(target=lambda: result.update(verdicts=group.map("moderate", items)))
