@@ -65,19 +65,26 @@ def _auth():
     return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def test_server_matches_in_process_scorers(toy_world, servers):
+@pytest.fixture(scope="module")
+def local_guard(toy_world):
+    """The in-process GuardScorer the server tests compare against: one engine for the module, not one a test."""
+    from saferl.guard.scorer import GuardScorer
+
+    return GuardScorer(str(toy_world.part("guard")))
+
+
+def test_server_matches_in_process_scorers(toy_world, servers, local_guard):
     """Same verdicts (every field) and the same RM scores (1e-5) as GuardScorer / HelpfulnessScorer in-process."""
     import httpx
 
-    from saferl.guard.scorer import GuardScorer, ModerationItem
+    from saferl.guard.scorer import ModerationItem
     from saferl.helpfulness import HelpfulnessScorer
     from saferl.serving.server import verdict_json
 
     cases = _cases(toy_world)
     body = {"items": [{"messages": m, "response": r} for m, r in cases]}
     remote = httpx.post(servers["guard"] + "/v1/moderate", json=body, headers=_auth(), timeout=120).json()
-    local = GuardScorer(str(toy_world.part("guard"))).moderate(
-        [ModerationItem(m, r) for m, r in cases])
+    local = local_guard.moderate([ModerationItem(m, r) for m, r in cases])
     assert remote["verdicts"] == [verdict_json(v).model_dump() for v in local]
     assert {v["safety"] for v in remote["verdicts"]} >= {"Safe", "Unsafe"}
 
@@ -166,17 +173,18 @@ def vllm_openai_server(toy_world, tmp_path_factory, wait_http):
 
 
 @pytest.mark.parametrize("protocol", ["saferl", "openai"])
-def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server, protocol, monkeypatch):
+def test_remote_guard_matches_in_process(toy_world, servers, vllm_openai_server, local_guard, protocol,
+                                        monkeypatch):
     """RemoteGuardScorer over `saferl serve guard` and over a real vLLM OpenAI server: the in-process verdicts."""
     from saferl.guard.remote import RemoteGuardScorer
-    from saferl.guard.scorer import GuardScorer, ModerationItem
+    from saferl.guard.scorer import ModerationItem
 
     monkeypatch.setenv("SAFERL_GUARD_TOKEN", TOKEN)
     items = [ModerationItem(m, r) for m, r in _cases(toy_world)]
     url = servers["guard"] if protocol == "saferl" else vllm_openai_server
     remote = RemoteGuardScorer([url], protocol=protocol, batch_size=8)
     got = remote.moderate(items)
-    expected = GuardScorer(str(toy_world.part("guard"))).moderate(items)
+    expected = local_guard.moderate(items)
     assert got == expected
     assert remote.stats() == {"timeouts": 0, "errors": 0, "retries": 0, "fallbacks": 0, "parse_failures": 0,
                               "truncated": 0}
