@@ -46,7 +46,7 @@ def fake_build(monkeypatch):
     `state["trained"]` counts training runs."""
     state = {"trained": 0, "metrics": dict(GOOD)}
 
-    def train_models(root, cfg):
+    def train_models(root, cfg, trainer):
         state["trained"] += 1
         return {"guard": 0.0, "policy": 0.0, "reward_model": 0.0}
 
@@ -87,7 +87,7 @@ def test_extra_parts_are_built_once_on_first_use(fake_build, tmp_path, monkeypat
     trains all three (once), a core part never does, and a judge missing its targets is refused."""
     trained = []
 
-    def train_parts(parts, root, cfg):
+    def train_parts(parts, root, cfg, trainer):
         trained.extend(parts)
         for part in parts:
             (Path(root) / part / "model.safetensors").write_text("weights")
