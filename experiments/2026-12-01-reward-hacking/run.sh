@@ -15,8 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 make venv >/dev/null
-HERE=experiments/2026-12-01-reward-hacking
+HERE=${HERE:-experiments/2026-12-01-reward-hacking}
 OUT=${OUT:-runs/reward_hacking}
+# Round 2 sampled at top-p 1.0; configs/toy.yaml now sets 0.9 (round 5 passes SAMPLING=rollout.top_p=0.9).
+SAMPLING=${SAMPLING:-rollout.top_p=1.0}
 SEEDS=${SEEDS:-"1 2 3"}
 mkdir -p "$OUT"
 # Every mitigation off: the rows below switch on what they measure. A mitigation alone keeps configs/toy.yaml's
@@ -42,7 +44,7 @@ for seed in $SEEDS; do
     echo "[table] $dir ($(date -u +%H:%M:%S))"
     # shellcheck disable=SC2086  # the settings are several KEY=VALUE words
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
-      WANDB_MODE=disabled .venv/bin/python -m saferl.cli train -c configs/toy.yaml ${SETTINGS[$name]} \
+      WANDB_MODE=disabled .venv/bin/python -m saferl.cli train -c configs/toy.yaml ${SETTINGS[$name]} $SAMPLING \
       run.seed="$seed" run.dir="$dir" ray.temp_dir="/tmp/ray-$name-s$seed" logging.progress=false \
       > "$OUT/$name-s$seed.log" 2>&1 || { echo "[table] $dir failed, see $OUT/$name-s$seed.log"; exit 1; }
   done

@@ -25,7 +25,7 @@ for name in lr1e4 lr5e5 ent05 ent20 ent50 ent100; do
   echo "[tuning] $dir ($(date -u +%H:%M:%S))"
   # shellcheck disable=SC2086  # the settings are several KEY=VALUE words
   HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false \
-    WANDB_MODE=disabled .venv/bin/python -m saferl.cli train -c configs/toy.yaml ${SETTINGS[$name]} $ROUND1_ALARM \
+    WANDB_MODE=disabled .venv/bin/python -m saferl.cli train -c configs/toy.yaml ${SETTINGS[$name]} $ROUND1_ALARM rollout.top_p=1.0 \
     run.seed=1 run.dir="$dir" ray.temp_dir="/tmp/ray-$name-s1" logging.progress=false \
     > "$OUT/$name-s1.log" 2>&1 || { echo "[tuning] $dir failed, see $OUT/$name-s1.log"; exit 1; }
 done

@@ -36,7 +36,7 @@ for seed in $SEEDS; do
     # shellcheck disable=SC2086  # the settings are several KEY=VALUE words
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
       TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled .venv/bin/python -m saferl.cli train -c configs/toy.yaml \
-      ${SETTINGS[$name]} run.seed="$seed" run.dir="$dir" ray.temp_dir="/tmp/ray-r4-$name-s$seed" \
+      ${SETTINGS[$name]} rollout.top_p=1.0 run.seed="$seed" run.dir="$dir" ray.temp_dir="/tmp/ray-r4-$name-s$seed" \
       logging.progress=false > "$OUT/$name-s$seed.log" 2>&1 || { echo "[round4] $dir failed, see $OUT/$name-s$seed.log"; exit 1; }
   done
 done
