@@ -33,6 +33,6 @@ def resolve_reference(ref: str, toyworld: ToyWorldConfig | None = None, *, build
     if part not in STREAM_PARTS:
         raise ValueError(f"unknown toy world part {part!r} in {ref!r}; expected one of "
                          f"{WORLD_PARTS + STREAM_PARTS}")
-    root = (ensure_built(cfg) if build else toyworld_paths(cfg)).root
+    root = (ensure_built(cfg, stream_guard=True) if build else toyworld_paths(cfg)).root
     stream = ensure_toy_stream(root) if build else toy_stream_paths(root)
     return str(stream.guard if part == "stream_guard" else stream.heldout)

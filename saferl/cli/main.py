@@ -55,7 +55,9 @@ def _cmd_toyworld(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     cached = (toyworld_paths(cfg, args.trainer).root / "metrics.json").is_file()
-    paths = build(cfg, args.trainer) if args.force else ensure_built(cfg, args.trainer)
+    # stream_guard: it is ensured below, and the build trains it on an otherwise idle core
+    paths = (build(cfg, args.trainer, stream_guard=True) if args.force
+             else ensure_built(cfg, args.trainer, stream_guard=True))
     metrics = json.loads((paths.root / "metrics.json").read_text())
     if cached and not args.force:
         from saferl.toyworld.evaluate import format_metrics

@@ -140,16 +140,29 @@ def evaluate_policy(policy_dir: str, prompts: list, seed: int, samples: int = 2)
 
 
 def evaluate_world(paths: Any, seed: int = 0) -> dict[str, Any]:
-    """All held-out metrics of a built world's core; prints them beside their acceptance ranges."""
+    """All held-out metrics of a built world's core; prints them beside their acceptance ranges. The build
+    runs the same two halves in its two processes (`evaluate_world_guard` beside the guard's training,
+    `evaluate_world_models` beside the policy's and the RM's) and reports them with `report_world`."""
+    return report_world({**evaluate_world_guard(paths), **evaluate_world_models(paths, seed)})
+
+
+def evaluate_world_guard(paths: Any) -> dict[str, float]:
+    """The guard's held-out metrics: every other held-out prompt (320 prompts), as its eval dominated build
+    time."""
+    return evaluate_guard(str(paths.part("guard")), load_prompts(paths.part("heldout"))[::2])
+
+
+def evaluate_world_models(paths: Any, seed: int) -> dict[str, float]:
+    """The RM's and the policy's held-out metrics (all 640 prompts; the policy 2 samples each, seeded)."""
     prompts = load_prompts(paths.part("heldout"))
-    metrics: dict[str, Any] = {}
-    # Every other held-out prompt for the guard (320 prompts): its eval dominated build time.
-    metrics.update(evaluate_guard(str(paths.part("guard")), prompts[::2]))
-    metrics.update(evaluate_reward_models({"reward_model": str(paths.part("reward_model"))}, prompts))
-    metrics.update(evaluate_policy(str(paths.part("policy")), prompts, seed))
+    return {**evaluate_reward_models({"reward_model": str(paths.part("reward_model"))}, prompts),
+            **evaluate_policy(str(paths.part("policy")), prompts, seed)}
+
+
+def report_world(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Print the core's metrics beside their acceptance ranges; `metrics` plus `meets_targets`."""
     print(format_metrics(metrics), flush=True)
-    metrics["meets_targets"] = not missed_targets(metrics)
-    return metrics
+    return {**metrics, "meets_targets": not missed_targets(metrics)}
 
 
 def evaluate_extras(paths: Any, rm_parts: tuple[str, ...]) -> dict[str, Any]:

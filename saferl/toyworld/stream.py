@@ -25,6 +25,9 @@ Shortcuts and choices:
 - The held-out split is the world's (frames never seen in training); the response texts are shared.
 - The build writes into a temporary directory and renames it, as the world's build does; `build.json` holds
   the recipe version, held-out token accuracies and timings. A different version rebuilds.
+- A world built for a caller that needs it next (`ensure_built(..., stream_guard=True)`) trains it during its
+  own build, on the core that would otherwise wait for the RM; `ensure_toy_stream` builds it on first use for
+  a world that lacks it (`make train`'s, one built before, or a changed VERSION).
 """
 
 from __future__ import annotations
@@ -204,18 +207,26 @@ def build_toy_stream_guard(world_root: str | Path) -> ToyStreamPaths:
 
 
 def ensure_toy_stream(world_root: str | Path) -> ToyStreamPaths:
-    """The toy Stream guard and held-out set of the built world at `world_root`, built on first use."""
+    """The toy Stream guard and held-out set of the built world at `world_root`, built on first use (after
+    any other process building them: `build.build_lock` on `stream_guard.lock`)."""
+    from saferl.toyworld.build import build_lock
+
     paths = toy_stream_paths(world_root)
-    info = paths.guard / "build.json"
-    if info.is_file() and paths.heldout.is_file() and json.loads(info.read_text())["version"] == VERSION:
+    if _is_built(paths):
         return paths
-    return build_toy_stream_guard(world_root)
+    with build_lock(paths.guard):
+        return paths if _is_built(paths) else build_toy_stream_guard(world_root)
+
+
+def _is_built(paths: ToyStreamPaths) -> bool:
+    info = paths.guard / "build.json"
+    return info.is_file() and paths.heldout.is_file() and json.loads(info.read_text())["version"] == VERSION
 
 
 def ensure_toy_stream_guard(cfg: ToyWorldConfig | None = None) -> Path:
     """Checkpoint directory of the toy Stream guard for `cfg` (default: the schema's toy world), building the
-    world and then the guard when the cache lacks them."""
+    world (with the Stream guard, `build.build(stream_guard=True)`) or the guard when the cache lacks them."""
     from saferl.config import ToyWorldConfig
     from saferl.toyworld.build import ensure_built
 
-    return ensure_toy_stream(ensure_built(cfg or ToyWorldConfig()).root).guard
+    return ensure_toy_stream(ensure_built(cfg or ToyWorldConfig(), stream_guard=True).root).guard

@@ -42,17 +42,16 @@ def test_each_kind_of_miss_is_named_with_its_value_and_target():
 
 @pytest.fixture
 def fake_build(monkeypatch):
-    """`build` with the tokenizers and training skipped and `evaluate_world` returning `state["metrics"]`;
-    `state["trained"]` counts training runs."""
+    """`build` with the tokenizers skipped and training and evaluation (`_train_and_evaluate`) returning
+    `state["metrics"]`; `state["trained"]` counts training runs."""
     state = {"trained": 0, "metrics": dict(GOOD)}
 
-    def train_models(root, cfg, trainer):
+    def train_and_evaluate(root, cfg, trainer, stream_guard):
         state["trained"] += 1
-        return {"guard": 0.0, "policy": 0.0, "reward_model": 0.0}
+        return {"guard": 0.0, "policy": 0.0, "reward_model": 0.0}, dict(state["metrics"])
 
     monkeypatch.setattr(build_module, "_make_tokenizers", lambda root, cfg: None)
-    monkeypatch.setattr(build_module, "_train_models", train_models)
-    monkeypatch.setattr(evaluate, "evaluate_world", lambda paths, seed=0: dict(state["metrics"]))
+    monkeypatch.setattr(build_module, "_train_and_evaluate", train_and_evaluate)
     return state
 
 
