@@ -134,3 +134,67 @@ class _InlinePool:
     def apply_async(self, fn, args):
         result = fn(*args)
         return type("Done", (), {"get": lambda self: result})()
+
+
+# A build in its own process, its training and evaluation replaced by a stand-in that records the run in the
+# log (argv[2]) and holds the build until <cache>/release exists.
+LOCKED_BUILD = """
+import json, sys, time
+from pathlib import Path
+from saferl.config import load_config
+from saferl.toyworld import build
+
+cache, log = sys.argv[1], Path(sys.argv[2])
+
+def train_and_evaluate(root, cfg, trainer, stream_guard):
+    with log.open("a") as f:
+        f.write(f"trained {root}\\n")
+    deadline = time.monotonic() + 60
+    while not (Path(cache) / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {}, json.loads(sys.argv[3])
+
+build._make_tokenizers = lambda root, cfg: None
+build._train_and_evaluate = train_and_evaluate
+cfg = load_config(None, [f"toyworld.cache_dir={cache}"]).toyworld
+print("built", build.ensure_built(cfg).root, flush=True)
+"""
+
+
+def test_a_second_process_waits_for_the_first_build_and_reuses_it(tmp_path):
+    """Two processes ask for the same world at once: the second says it waits, then reuses the first's world
+    without training."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "trained.log"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    cmd = [sys.executable, "-c", LOCKED_BUILD, str(tmp_path), str(log), json.dumps(GOOD)]
+    outs = [tmp_path / "first.out", tmp_path / "second.out"]
+
+    def start(out):
+        with out.open("w") as f:
+            return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+    def wait_for(condition, what):
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: " + " | ".join(
+                o.read_text() for o in outs if o.is_file())
+            time.sleep(0.05)
+
+    first = start(outs[0])
+    wait_for(log.is_file, "the first build to start training")  # it holds the lock now
+    second = start(outs[1])
+    wait_for(lambda: "waiting for another process building" in outs[1].read_text(), "the second to wait")
+    (tmp_path / "release").touch()
+    assert first.wait(120) == 0 and second.wait(120) == 0, [o.read_text() for o in outs]
+    root = load_config(None, [f"toyworld.cache_dir={tmp_path}"]).toyworld
+    root = build_module.toyworld_paths(root).root
+    assert log.read_text() == f"trained {root.with_name(root.name + f'.tmp{first.pid}')}\n"  # trained once
+    first_out, second_out = (o.read_text() for o in outs)
+    assert f"built {root}\n" in first_out and f"built {root}\n" in second_out
+    assert "[toyworld] building" in first_out and "[toyworld] building" not in second_out
+    assert (root / "metrics.json").is_file() and not list(tmp_path.glob("*.tmp*"))
