@@ -158,6 +158,26 @@ def _epoch_batches(examples: Sequence[Any], batch_size: int, rng: random.Random,
     return batches
 
 
+def lr_factor(step: int, *, warmup_steps: int, steps: int) -> float:
+    """The lr multiplier at optimizer step `step` (0-based): linear warm-up from 1/`warmup_steps` (not from 0:
+    the first step already moves the weights), 1 at step `warmup_steps` - 1, then cosine decay to 0.1 at the last
+    step. Ending at a low lr leaves a sharp model, which matters when it is sampled at temperature 1 (a constant
+    lr left ~20% of samples with a stray token)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(model: Any, *, lr: float, warmup_steps: int,
+                        steps: int) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """The loop's optimizer (AdamW, torch's betas and eps, no weight decay) and its `lr_factor` schedule, stepped
+    once per optimizer step; `saferl.sft_batched` hands the same pair to TRL's and transformers' trainers."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup_steps=warmup_steps, steps=steps))
+
+
 def _fit(model: Any, examples: Sequence[Any], collate: Callable, loss_fn: Callable, *, pad_id: int,
          steps: int, batch_size: int, lr: float, warmup_steps: int, seed: int, label: str,
          log_every: int, bucket: Callable[[Any], Any] | None = None) -> list[float]:
@@ -167,16 +187,7 @@ def _fit(model: Any, examples: Sequence[Any], collate: Callable, loss_fn: Callab
     rng = random.Random(seed)
     torch.manual_seed(seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    # Linear warm-up, then cosine decay to 10%: ending at a low lr leaves a sharp model, which matters
-    # when it is sampled at temperature 1 (a constant lr left ~20% of samples with a stray token).
-    def lr_factor(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        progress = (s - warmup_steps) / max(1, steps - warmup_steps)
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    opt, sched = adamw_with_schedule(model, lr=lr, warmup_steps=warmup_steps, steps=steps)
     batches: list[list[int]] = []
     losses: list[float] = []
     start = time.monotonic()

@@ -14,13 +14,18 @@ benchmarks/results/guard_sft_breakdown.md: TRL 2.93x ours), and nothing else of 
   `FusedCausalLMOutput` (per-token log-probs, entropy, top-1, label mask) its `compute_loss` reads.
   `install_target_head` puts SafeRL's forward there instead (after the trainer is built): the batch's common
   prompt prefix run once (`sft.target_hidden`), the LM head only at target positions (TRL's head scores every
-  position off Triton: its `compact = _use_triton`). The loss, metrics, optimizer, schedule, checkpoints,
-  LoRA, DeepSpeed and logging stay TRL's.
+  position off Triton: its `compact = _use_triton`). The loss, metrics, checkpoints and logging stay TRL's
+  (the optimizer and schedule: below).
 - **Score regression through `transformers.Trainer`.** `train_regression_hf` fits a one-label classifier to
   scalar targets (MSE plus `sft.pairwise_loss` within a prompt's answers, `sft._regression_loss`) as the
   Trainer's `compute_loss_func`: `trl.RewardTrainer`'s loss is Bradley-Terry over chosen/rejected pairs only.
-The recipe (`hf_recipe`) is `sft._fit`'s: AdamW without weight decay, linear warm-up (the Trainer's, from lr 0),
-cosine decay to 10% of lr, clipping at 1.
+The recipe is `sft._fit`'s, exactly: its optimizer and schedule objects (`sft.adamw_with_schedule`: AdamW
+without weight decay, linear warm-up from lr/warm-up, cosine decay to 10% of lr) passed as the trainers'
+`optimizers` (built over the model's own parameters: no LoRA or DeepSpeed here; `saferl sft` has those),
+clipping at 1 (`hf_recipe`). Not the Trainer's own `cosine_with_min_lr` schedule: its warm-up starts
+at lr 0, so its first step only fills AdamW's moments and every warm-up step runs one step behind, which alone
+took the toy helpfulness RM's helpful-over-refusal ranking from 0.609 to 0.488; with these objects the Trainer's
+RM is the hand-written loop's bit for bit (benchmarks/results/toyworld_rm_trl.md).
 """
 
 from __future__ import annotations
@@ -32,7 +37,14 @@ from typing import Any
 
 import torch
 
-from saferl.sft import RegressionExample, SFTExample, _collate_lm, _collate_regression, _epoch_batches
+from saferl.sft import (
+    RegressionExample,
+    SFTExample,
+    _collate_lm,
+    _collate_regression,
+    _epoch_batches,
+    adamw_with_schedule,
+)
 
 
 def batched_rows(examples: Sequence[Any], *, steps: int, batch_size: int, seed: int,
@@ -108,11 +120,10 @@ def install_target_head(trainer: Any) -> None:
     model.forward = target_head_forward(model, type(model).forward.__get__(model))
 
 
-def hf_recipe(*, warmup_steps: int, log_every: int) -> list[str]:
-    """`sft._fit`'s recipe as TrainingArguments argv (for `sft_trl.training_args`), over `batched_rows`."""
-    return ["--warmup_steps", str(warmup_steps), "--lr_scheduler_type", "cosine_with_min_lr",
-            "--lr_scheduler_kwargs", '{"min_lr_rate": 0.1}', "--weight_decay", "0", "--max_grad_norm", "1",
-            "--optim", "adamw_torch", "--train_sampling_strategy", "sequential", "--remove_unused_columns", "false",
+def hf_recipe(*, log_every: int) -> list[str]:
+    """The rest of `sft._fit`'s recipe as TrainingArguments argv (for `sft_trl.training_args`), over
+    `batched_rows`; the optimizer and schedule are `sft.adamw_with_schedule`'s, passed as `optimizers`."""
+    return ["--max_grad_norm", "1", "--train_sampling_strategy", "sequential", "--remove_unused_columns", "false",
             "--logging_steps", str(log_every), "--save_strategy", "no", "--report_to", "none",
             "--disable_tqdm", "true", "--dataloader_num_workers", "0",
             "--gradient_checkpointing", "false"]  # TRL's default; it drops the shared prefix's KV cache
@@ -129,12 +140,13 @@ def train_causal_lm_trl(model: Any, tokenizer: Any, examples: Sequence[SFTExampl
 
     with tempfile.TemporaryDirectory(prefix="saferl-sft-") as out:
         config = training_args(SFTConfig, out, steps=steps, batch_size=1, lr=lr, seed=seed, deepspeed=None,
-                               overrides=(), ours=hf_recipe(warmup_steps=warmup_steps, log_every=log_every)
+                               overrides=(), ours=hf_recipe(log_every=log_every)
                                + ["--dataset_kwargs", '{"skip_prepare_dataset": true}'])
         rows = batched_rows(examples, steps=steps, batch_size=batch_size, seed=seed,
                             bucket=prefix_bucket if share_prefix else None)
         trainer = SFTTrainer(model=model, args=config, train_dataset=lm_dataset(rows), processing_class=tokenizer,
-                             data_collator=lm_collator(tokenizer.pad_token_id, share_prefix))
+                             data_collator=lm_collator(tokenizer.pad_token_id, share_prefix),
+                             optimizers=adamw_with_schedule(model, lr=lr, warmup_steps=warmup_steps, steps=steps))
         install_target_head(trainer)
         trainer.train()
     model.eval()
@@ -180,9 +192,10 @@ def train_regression_hf(model: Any, examples: Sequence[RegressionExample], *, pa
     with tempfile.TemporaryDirectory(prefix="saferl-rm-") as out:
         config = training_args(TrainingArguments, out, steps=steps, batch_size=1, lr=lr, seed=seed,
                                deepspeed=None, overrides=(),
-                               ours=hf_recipe(warmup_steps=warmup_steps, log_every=log_every))
+                               ours=hf_recipe(log_every=log_every))
         trainer = Trainer(model=model, args=config, train_dataset=rows, data_collator=regression_collator(pad_id),
-                          compute_loss_func=regression_loss_func(pair_weight))
+                          compute_loss_func=regression_loss_func(pair_weight),
+                          optimizers=adamw_with_schedule(model, lr=lr, warmup_steps=warmup_steps, steps=steps))
         trainer.loss_is_scaled_for_ga = False  # a per-batch mean, as `sft._fit`'s
         trainer.train()
     model.eval()

@@ -78,7 +78,9 @@ TRAINERS = ("saferl", "trl")  # the hand-written loop (`saferl.sft`), or TRL's t
 def world_key(cfg: ToyWorldConfig, trainer: str = "saferl") -> str:
     fields = dataclasses.asdict(cfg)
     fields.pop("cache_dir")
-    extra = {} if trainer == "saferl" else {"trainer": trainer}  # the default's key is the key before TRAINERS
+    # the default's key is the key before TRAINERS; the TRL recipe's own version (2: sft._fit's optimizer and
+    # schedule objects, `sft_batched`) rebuilds only the TRL world
+    extra = {} if trainer == "saferl" else {"trainer": trainer, "trl_recipe": 2}
     blob = json.dumps({"version": BUILD_VERSION, **fields, **extra}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

@@ -1,6 +1,7 @@
 """SafeRL's batches and heads inside TRL's and transformers' trainers (`saferl.sft_batched`): the same batches as
 the hand-written loop, the same loss on them, through a real trl.SFTTrainer and transformers.Trainer."""
 
+import math
 import random
 
 import torch
@@ -15,6 +16,9 @@ from saferl.sft import (
     _lm_loss,
     _regression_loss,
     chat_example,
+    lr_factor,
+    train_causal_lm,
+    train_regression,
 )
 from saferl.sft_batched import (
     batched_rows,
@@ -104,3 +108,57 @@ def test_trainer_fits_scores_with_the_hand_written_regression_loss():
                                  warmup_steps=1, seed=0, pair_weight=1.0, group_size=4, log_every=1)
     assert len(losses) == 10 and abs(losses[0] - want) < 1e-4
     assert losses[-1] < losses[0]
+
+
+def test_lr_factor_warms_up_from_lr_over_warmup_then_decays_to_a_tenth():
+    # by hand: warm-up 4 of 14 steps -> 1/4, 2/4, 3/4, 1 ; then 0.1 + 0.45 (1 + cos(pi (s - 4) / 10))
+    f = [lr_factor(s, warmup_steps=4, steps=14) for s in range(14)]
+    assert f[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert abs(f[9] - 0.55) < 1e-12  # halfway through the decay: cos(pi / 2) = 0
+    assert abs(f[13] - (0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)))) < 1e-12 and f[13] > 0.1
+
+
+def _regression_examples(tok):
+    rng = random.Random(0)
+    return [RegressionExample(tok(world.corpus_texts()[i])["input_ids"][:24], rng.choice([-3.0, 0.0, 3.0]), i // 4)
+            for i in range(24)]
+
+
+def test_trainer_steps_at_the_hand_written_lr_with_the_hand_written_losses(monkeypatch):
+    """transformers.Trainer under `train_regression_hf` takes the hand-written loop's optimizer steps: the lr at
+    every step is `lr * sft.lr_factor` (step 0 at lr / warm-up, not the Trainer's own warm-up from 0), so the whole
+    loss trajectory and the final scores match `sft.train_regression` from the same initial weights."""
+    from transformers import Trainer
+
+    tok = train_bpe_tokenizer(world.corpus_texts()[:400], 400)
+    examples = _regression_examples(tok)
+    args = dict(pad_id=tok.pad_token_id, steps=10, batch_size=8, lr=1e-2, warmup_steps=3, seed=0, pair_weight=1.0,
+                group_size=4)
+    ours, theirs = new_model(SHAPE, tok, head="score", seed=0), new_model(SHAPE, tok, head="score", seed=0)
+    want = train_regression(ours, examples, log_every=0, **args)
+    seen: list[float] = []
+    original = Trainer.training_step
+
+    def spy(self, *a, **k):
+        seen.append(self.optimizer.param_groups[0]["lr"])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", spy)
+    got = train_regression_hf(theirs, examples, log_every=1, **args)
+    assert seen == [1e-2 * lr_factor(s, warmup_steps=3, steps=10) for s in range(10)]
+    assert len(got) == 10 and max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
+    batch = _collate_regression(examples, tok.pad_token_id)
+    with torch.no_grad():
+        a = ours(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_sft_trainer_steps_at_the_hand_written_lr_with_the_hand_written_losses():
+    """trl.SFTTrainer under `train_causal_lm_trl`: the hand-written loop's losses step by step (see above)."""
+    tok, examples = _guard_examples()
+    ours, theirs = new_model(SHAPE, tok, head="lm", seed=0), new_model(SHAPE, tok, head="lm", seed=0)
+    args = dict(steps=8, batch_size=4, lr=1e-2, warmup_steps=3, seed=0, share_prefix=True)
+    want = train_causal_lm(ours, examples, pad_id=tok.pad_token_id, log_every=0, **args)
+    got = train_causal_lm_trl(theirs, tok, examples, log_every=1, **args)
+    assert len(got) == 8 and max(abs(a - b) for a, b in zip(got, want, strict=True)) < 1e-4
