@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Each side prints CORE <seconds> when the core world is built and STREAM <seconds> when its Stream guard is.
 NEW = ("import time; t = time.monotonic(); from saferl.config import load_config; "
        "from saferl.toyworld.build import ensure_built; from saferl.toyworld.stream import ensure_toy_stream; "
-       "cfg = load_config('configs/toy.yaml').toyworld; cfg.cache_dir = {cache!r}; "
+       "cfg = load_config({config!r}).toyworld; cfg.cache_dir = {cache!r}; "
        "root = ensure_built(cfg, stream_guard=True).root; print('CORE', time.monotonic() - t, flush=True); "
        "ensure_toy_stream(root); print('STREAM', time.monotonic() - t, flush=True)")
 OLD = NEW.replace("ensure_built(cfg, stream_guard=True)", "ensure_built(cfg)")
@@ -52,18 +52,26 @@ def run_side(name: str, code: str, pythonpath: str, base: Path) -> dict:
             loads.append(os.getloadavg()[0])
 
     threading.Thread(target=sample_load, daemon=True).start()
+    # cwd too: `python -c` puts the working directory ahead of PYTHONPATH on sys.path
     env = dict(os.environ, PYTHONPATH=pythonpath)
     start = time.monotonic()
-    with open(base / f"{name}.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-c", code.format(cache=str(cache))], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=log, text=True)
+    out = base / f"{name}.stdout"
+    with open(base / f"{name}.log", "w") as log, open(out, "w") as stdout:
+        code = code.format(cache=str(cache), config=str(ROOT / "configs/toy.yaml"))
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=pythonpath, env=env,
+                                stdout=stdout, stderr=log, text=True)
+        # CPU seconds of the build and of its reaped worker: what it ran, as against what it waited
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
     done.set()
-    (base / f"{name}.stdout").write_text(proc.stdout)
-    marks = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()
+    marks = {line.split()[0]: float(line.split()[1]) for line in out.read_text().splitlines()
              if line.split()[:1] in (["CORE"], ["STREAM"])}
     found = list(cache.glob("*/metrics.json"))
-    return {"rc": proc.returncode, "wall": wall, "core": marks.get("CORE"), "stream": marks.get("STREAM"),
+    ran = "this process's side" in out.read_text()  # a line only the new schedule prints
+    if ran != (name == "new"):
+        raise SystemExit(f"the {name} side ran the {'new' if ran else 'old'} schedule's code; see {out}")
+    return {"rc": os.waitstatus_to_exitcode(status), "wall": wall, "core": marks.get("CORE"),
+            "stream": marks.get("STREAM"), "cpu": usage.ru_utime + usage.ru_stime,
             "root": found[0].parent if len(found) == 1 else None, "loads": loads}
 
 
@@ -98,12 +106,14 @@ def main() -> int:
     ok = True
     print(f"# toyworld build schedule (finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{os.cpu_count()} CPUs, sides run one after the other)")
-    print(f"{'side':5s} {'core s':>8s} {'build_seconds':>14s} {'stream ready s':>15s}   load avg (1 min) min-max, median")
+    print(f"{'side':5s} {'core s':>8s} {'build_seconds':>14s} {'stream ready s':>15s} {'CPU s':>8s}"
+          "   load avg (1 min) min-max, median")
     for name, r in results.items():
         loads = sorted(r["loads"]) or [0.0]
         metrics = json.loads((r["root"] / "metrics.json").read_text()) if r["root"] else {}
         print(f"{name:5s} {r['core'] or float('nan'):8.1f} {metrics.get('build_seconds', float('nan')):14.1f} "
-              f"{r['stream'] or float('nan'):15.1f}   {loads[0]:.1f}-{loads[-1]:.1f}, {loads[len(loads) // 2]:.1f}")
+              f"{r['stream'] or float('nan'):15.1f} {r['cpu']:8.1f}   {loads[0]:.1f}-{loads[-1]:.1f}, "
+              f"{loads[len(loads) // 2]:.1f}")
     if {"new", "old"} <= set(results) and all(results[s]["core"] and results[s]["stream"] for s in ("new", "old")):
         new, old = results["new"], results["old"]
         print(f"ratio old/new: core {old['core'] / new['core']:.2f}x, stream ready {old['stream'] / new['stream']:.2f}x")

@@ -19,15 +19,17 @@ quality targets (`evaluate.TARGETS`) is an error: the build raises after caching
 `ensure_built` raises again rather than reuse it.
 
 Shortcut: two processes, one per core: the guard trains here and is then evaluated on the held-out prompts
-while a second process trains the policy and then the RM and evaluates both (guard ~300 s + its eval ~65 s
-against policy ~220 s + RM ~185 s + their evals ~15 s, measured at 12f5a12). With `stream_guard` (callers that
-need the Stream guard next: `stream.ensure_toy_stream_guard`, `saferl toyworld build`, the tests' fixture)
-this process then trains the Stream guard on the guard (`stream.build_toy_stream_guard`, ~85 s) in the time
-it would wait for the RM, instead of after the world; without it (`make train` needs no Stream guard) the
-core is not held up by ~25 s of it. The extra parts likewise: the judge here, the two further RMs in a second
-process. A lock file next to the key's directory (`<key>.lock`, `build_lock`) makes a second process that
-wants the same world at the same time (two `make train`s, two test workers) wait for the first and reuse its
-world instead of building it again.
+while a second process trains the policy and then the RM and evaluates both. With `stream_guard` (callers
+that need the Stream guard next: `stream.ensure_toy_stream_guard`, `saferl toyworld build`, the Stream
+references) this process then trains the Stream guard on the guard (`stream.build_toy_stream_guard`) in the
+time it would wait for the RM, instead of after the world: guard ~300 s + its eval ~50 s + Stream guard
+~85 s against policy ~220 s + RM ~185 s + their evals ~30 s on a quiet machine (12f5a12's build; under load
+5 the two sides took 802 s and 814 s, benchmarks/results/toyworld_build_schedule.md). `make train` needs no
+Stream guard and does not ask for one (the sides come out about even, so it would cost it nothing much, but
+not nothing). The extra parts likewise: the judge here, the two further RMs in a second process.
+A lock file next to the key's directory (`<key>.lock`, `build_lock`) makes a second process that wants the
+same world at the same time (two `make train`s, two test workers) wait for the first and reuse its world
+instead of building it again.
 
 `trainer="trl"` (`saferl toyworld build --trainer trl`) trains every model through trl.SFTTrainer (guards,
 policy) and transformers.Trainer (RMs) with SafeRL's batches and heads (`saferl.sft_batched`), into a key of
