@@ -31,7 +31,7 @@ def toy_world_build():
     cfg = load_config(os.path.join(PROJECT_ROOT, "configs", "toy.yaml")).toyworld
     cfg.cache_dir = os.path.join(PROJECT_ROOT, cfg.cache_dir)
     cached = (toyworld_paths(cfg).root / "metrics.json").is_file()
-    paths = ensure_built(cfg)
+    paths = ensure_built(cfg, stream_guard=True)  # the CARE and stream tests need it: trained on the idle core
     return paths, None if cached else json.loads((paths.root / "metrics.json").read_text())
 
 

@@ -45,8 +45,6 @@ import multiprocessing
 import random
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +52,7 @@ from typing import Any
 from saferl.config import ModelShape, SFTConfig, ToyWorldConfig
 from saferl.runtime import configure_process
 from saferl.toyworld import world
+from saferl.toyworld.lock import build_lock
 
 BUILD_VERSION = 5  # bump when the world or the build recipe changes
 RM_MEMBERS = ("reward_model", "reward_model_1", "reward_model_2")
@@ -91,24 +90,6 @@ def toyworld_paths(cfg: ToyWorldConfig, trainer: str = "saferl") -> ToyWorldPath
     return ToyWorldPaths(Path(cfg.cache_dir) / world_key(cfg, trainer))
 
 
-@contextmanager
-def build_lock(target: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<target>.lock` (next to `target`, created if missing) for the block: a
-    second process building the same thing waits here, saying so, until the first is done (or dead: the
-    kernel drops a `flock` with its process). Callers check again under the lock whether it is built."""
-    import fcntl
-
-    lock = target.with_name(target.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"[toyworld] waiting for another process building {target} (lock {lock})", flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield  # closing the file releases the lock
-
-
 def ensure_built(cfg: ToyWorldConfig, trainer: str = "saferl", *, stream_guard: bool = False) -> ToyWorldPaths:
     """The built world for `cfg`, building it first when the cache has none (with its Stream guard when
     `stream_guard`: callers that need it next); while another process builds it, waits for that build and
@@ -137,6 +118,15 @@ def ensure_part(cfg: ToyWorldConfig, part: str, trainer: str = "saferl") -> Path
     elif part in EXTRA_PARTS:  # a cached miss is refused again, as the core's is
         check_targets(json.loads(extras.read_text()), str(paths.root), EXTRA_TARGETS)
     return paths.part(part)
+
+
+def ensure_toy_stream_guard(cfg: ToyWorldConfig | None = None) -> Path:
+    """Checkpoint directory of the toy Stream guard for `cfg` (default: the schema's toy world), building the
+    world (with the Stream guard, `build(stream_guard=True)`) or the guard when the cache lacks them. Here, not
+    in `stream`, so that `stream` does not import this module (which imports `stream`)."""
+    from saferl.toyworld.stream import ensure_toy_stream
+
+    return ensure_toy_stream(ensure_built(cfg or ToyWorldConfig(), stream_guard=True).root).guard
 
 
 # ---------------------------------------------------------------- data

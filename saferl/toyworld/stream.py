@@ -2,8 +2,8 @@
 
 Owns the toy world as a Stream data source (which responses each prompt gets, where each risky response's
 first unsafe token is, the held-out set in the Qwen3GuardTest layout with `unsafe_start_index` /
-`unsafe_end_index`) and `ensure_toy_stream_guard` (build once, then reuse). `toyworld:stream_guard` and
-`toyworld:stream_heldout` resolve to these paths in `saferl.references`.
+`unsafe_end_index`) and `ensure_toy_stream` (build once, then reuse; `build.ensure_toy_stream_guard` from a
+config). `toyworld:stream_guard` and `toyworld:stream_heldout` resolve to these paths in `saferl.references`.
 
 Outputs, next to the world's other parts under `<cache_dir>/<key>/` (the world's key, unchanged):
   stream_guard/            Qwen3Guard-Stream checkpoint (released layout, ChatML tokenizer) + build.json
@@ -208,8 +208,8 @@ def build_toy_stream_guard(world_root: str | Path) -> ToyStreamPaths:
 
 def ensure_toy_stream(world_root: str | Path) -> ToyStreamPaths:
     """The toy Stream guard and held-out set of the built world at `world_root`, built on first use (after
-    any other process building them: `build.build_lock` on `stream_guard.lock`)."""
-    from saferl.toyworld.build import build_lock
+    any other process building them: `lock.build_lock` on `stream_guard.lock`)."""
+    from saferl.toyworld.lock import build_lock
 
     paths = toy_stream_paths(world_root)
     if _is_built(paths):
@@ -221,12 +221,3 @@ def ensure_toy_stream(world_root: str | Path) -> ToyStreamPaths:
 def _is_built(paths: ToyStreamPaths) -> bool:
     info = paths.guard / "build.json"
     return info.is_file() and paths.heldout.is_file() and json.loads(info.read_text())["version"] == VERSION
-
-
-def ensure_toy_stream_guard(cfg: ToyWorldConfig | None = None) -> Path:
-    """Checkpoint directory of the toy Stream guard for `cfg` (default: the schema's toy world), building the
-    world (with the Stream guard, `build.build(stream_guard=True)`) or the guard when the cache lacks them."""
-    from saferl.config import ToyWorldConfig
-    from saferl.toyworld.build import ensure_built
-
-    return ensure_toy_stream(ensure_built(cfg or ToyWorldConfig(), stream_guard=True).root).guard

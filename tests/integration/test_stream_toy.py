@@ -37,7 +37,8 @@ def toy_stream(toy_world):
 def test_toy_stream_guard_builds_once_and_learns_its_labels(toy_world, toy_stream):
     from saferl.config import load_config
     from saferl.references import resolve_reference
-    from saferl.toyworld.stream import VERSION, ensure_toy_stream_guard
+    from saferl.toyworld.build import ensure_toy_stream_guard
+    from saferl.toyworld.stream import VERSION
 
     assert toy_stream.guard == toy_world.root / "stream_guard"
     info = json.loads((toy_stream.guard / "build.json").read_text())
