@@ -1,5 +1,6 @@
 """A benchmark's printed output, also written to a results file with the command, the date and the machine.
 
+`with sampled_load() as loads:` fills `loads` with the 1-minute load average every 10 s while its block runs.
 `with recorded(args.out):` around a benchmark's main body tees stdout; on exit (also after a failed check)
 the file gets the command line, the UTC date, the CPU count, the load average at start and end, the torch
 version, and the output.
@@ -12,6 +13,7 @@ import io
 import os
 import shlex
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -65,3 +67,21 @@ def recorded(out: str | None) -> Iterator[None]:
             f"{load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end\n"
             f"- note: {busy}; ratios compare the two sides measured in the same run\n\n"
             f"```\n{captured.getvalue().strip()}\n```\n")
+
+
+@contextmanager
+def sampled_load(every_s: float = 10.0) -> Iterator[list[float]]:
+    """The 1-minute load average every `every_s` seconds while the block runs: a list filled as it goes (a
+    benchmark's sides run beside other jobs on a shared machine; their times mean little without it)."""
+    loads: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every_s):
+            loads.append(os.getloadavg()[0])
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        yield loads
+    finally:
+        done.set()

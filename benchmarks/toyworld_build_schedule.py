@@ -25,9 +25,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from record import sampled_load
 
 ROOT = Path(__file__).resolve().parents[1]
 # Each side prints CORE <seconds> when the core world is built and STREAM <seconds> when its Stream guard is.
@@ -44,26 +45,18 @@ def run_side(name: str, code: str, pythonpath: str, base: Path) -> dict:
     cache = base / name
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
-    loads: list[float] = []
-    done = threading.Event()
-
-    def sample_load() -> None:
-        while not done.wait(10):
-            loads.append(os.getloadavg()[0])
-
-    threading.Thread(target=sample_load, daemon=True).start()
-    # cwd too: `python -c` puts the working directory ahead of PYTHONPATH on sys.path
-    env = dict(os.environ, PYTHONPATH=pythonpath)
-    start = time.monotonic()
-    out = base / f"{name}.stdout"
-    with open(base / f"{name}.log", "w") as log, open(out, "w") as stdout:
-        code = code.format(cache=str(cache), config=str(ROOT / "configs/toy.yaml"))
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=pythonpath, env=env,
-                                stdout=stdout, stderr=log, text=True)
-        # CPU seconds of the build and of its reaped worker: what it ran, as against what it waited
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    done.set()
+    with sampled_load() as loads:
+        # cwd too: `python -c` puts the working directory ahead of PYTHONPATH on sys.path
+        env = dict(os.environ, PYTHONPATH=pythonpath)
+        start = time.monotonic()
+        out = base / f"{name}.stdout"
+        with open(base / f"{name}.log", "w") as log, open(out, "w") as stdout:
+            code = code.format(cache=str(cache), config=str(ROOT / "configs/toy.yaml"))
+            proc = subprocess.Popen([sys.executable, "-c", code], cwd=pythonpath, env=env,
+                                    stdout=stdout, stderr=log, text=True)
+            # CPU seconds of the build and of its reaped worker: what it ran, as against what it waited
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.monotonic() - start
     marks = {line.split()[0]: float(line.split()[1]) for line in out.read_text().splitlines()
              if line.split()[:1] in (["CORE"], ["STREAM"])}
     found = list(cache.glob("*/metrics.json"))

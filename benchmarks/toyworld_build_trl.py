@@ -18,9 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from record import sampled_load
 
 SIDES = ("saferl", "trl")
 BUILD = ("from saferl.config import ToyWorldConfig; from saferl.toyworld.build import build; "
@@ -37,33 +38,25 @@ def main() -> int:
                         help="how far below the hand-written build a compared metric may fall (sampling noise)")
     args = parser.parse_args()
     base = Path(args.dir)
-    loads: list[float] = []
-    done = threading.Event()
-
-    def sample_load() -> None:
-        while not done.wait(10):
-            loads.append(os.getloadavg()[0])
-
-    threading.Thread(target=sample_load, daemon=True).start()
-    procs, starts, ends = {}, {}, {}
-    for side in SIDES:
-        cache = base / side
-        shutil.rmtree(cache, ignore_errors=True)
-        cache.mkdir(parents=True)
-        log = open(base / f"{side}.log", "w")
-        starts[side] = time.monotonic()
-        procs[side] = subprocess.Popen([sys.executable, "-c", BUILD.format(cache=str(cache), trainer=side)],
-                                       stdout=log, stderr=subprocess.STDOUT)
-    cpu = {}  # CPU seconds of a build's processes (its own and its worker's): what it ran, not what it waited
-    while len(ends) < len(SIDES):
-        for side, proc in procs.items():
-            if side not in ends:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    ends[side], proc.returncode = time.monotonic(), os.waitstatus_to_exitcode(status)
-                    cpu[side] = usage.ru_utime + usage.ru_stime
-        time.sleep(1)
-    done.set()
+    with sampled_load() as loads:
+        procs, starts, ends = {}, {}, {}
+        for side in SIDES:
+            cache = base / side
+            shutil.rmtree(cache, ignore_errors=True)
+            cache.mkdir(parents=True)
+            log = open(base / f"{side}.log", "w")
+            starts[side] = time.monotonic()
+            procs[side] = subprocess.Popen([sys.executable, "-c", BUILD.format(cache=str(cache), trainer=side)],
+                                           stdout=log, stderr=subprocess.STDOUT)
+        cpu = {}  # CPU seconds of a build's processes (its own and its worker's): what it ran, not what it waited
+        while len(ends) < len(SIDES):
+            for side, proc in procs.items():
+                if side not in ends:
+                    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                    if pid:
+                        ends[side], proc.returncode = time.monotonic(), os.waitstatus_to_exitcode(status)
+                        cpu[side] = usage.ru_utime + usage.ru_stime
+            time.sleep(1)
     metrics = {}
     for side in SIDES:
         found = list((base / side).glob("*/metrics.json"))

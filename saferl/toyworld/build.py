@@ -20,7 +20,7 @@ quality targets (`evaluate.TARGETS`) is an error: the build raises after caching
 
 Shortcut: two processes, one per core: the guard trains here and is then evaluated on the held-out prompts
 while a second process trains the policy and then the RM and evaluates both. With `stream_guard` (callers
-that need the Stream guard next: `stream.ensure_toy_stream_guard`, `saferl toyworld build`, the Stream
+that need the Stream guard next: `ensure_toy_stream_guard`, `saferl toyworld build`, the Stream
 references) this process then trains the Stream guard on the guard (`stream.build_toy_stream_guard`) in the
 time it would wait for the RM, instead of after the world: guard ~300 s + its eval ~50 s + Stream guard
 ~85 s against policy ~220 s + RM ~185 s + their evals ~30 s on a quiet machine (12f5a12's build; under load

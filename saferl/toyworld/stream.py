@@ -46,7 +46,6 @@ from saferl.toyworld import world
 from saferl.types import Prompt, SafetyLabel
 
 if TYPE_CHECKING:
-    from saferl.config import ToyWorldConfig
     from saferl.guard.stream_data import LabelMaps, StreamExample
 
 VERSION = 1  # bump when the data or recipe below changes
