@@ -284,7 +284,8 @@ class EvalConfig:
 class AlarmConfig:
     """Fires once, when `metric` has been at or above `threshold` for `patience` monitored steps in a row."""
 
-    # monitor/implausible_advantage | monitor/judge_disagreement | monitor/ref_logprob_drop; null: no alarm
+    # monitor/implausible_advantage | monitor/probe_implausible_advantage | monitor/judge_disagreement |
+    # monitor/ref_logprob_drop; null: no alarm
     metric: str | None = None
     threshold: float = 0.0
     patience: int = 3
@@ -305,6 +306,12 @@ class MonitorConfig:
     # monitor (monitor/implausible_*; the same statistic as the fluency gate, reward.rules.fluency_min_logprob,
     # which may be off while the monitor watches).
     implausible_logprob: float = -4.0
+    # The tail probe: each step the prompts of the monitor's sample are sampled again, rollout.samples_per_prompt
+    # answers each, at this top-p (same temperature), from the just-updated policy, and scored by the run's own
+    # reward; never trained on. monitor/probe_implausible_advantage is the mean group advantage the reward gives
+    # the probe's implausible answers: the incentive to garble even while rollout.top_p keeps the training
+    # rollouts out of the tail. null: no probe.
+    probe_top_p: float | None = None
     alarm: AlarmConfig = field(default_factory=AlarmConfig)
 
 

@@ -107,8 +107,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": (None, "harmful", "benign", "controversial"),
     "logging.wandb": ("disabled", "offline", "online"),
     # Monitor statistics where higher means more reward hacking (the alarm fires at or above its threshold).
-    "monitor.alarm.metric": (None, "monitor/implausible_advantage", "monitor/judge_disagreement",
-                             "monitor/ref_logprob_drop"),
+    "monitor.alarm.metric": (None, "monitor/implausible_advantage", "monitor/probe_implausible_advantage",
+                             "monitor/judge_disagreement", "monitor/ref_logprob_drop"),
     "monitor.alarm.action": ("warn", "checkpoint", "stop"),
 }
 # eval.judge is a GuardConfig: the guard's choices (and ranges, below) apply to it when it is set.
@@ -237,6 +237,7 @@ RANGES: dict[str, tuple[Bound, str]] = {
     "checkpoint.keep_last": (COUNT, ""),
     "monitor.sample": (COUNT, "0: off"),
     "monitor.implausible_logprob": (Bound(high=0), "a token log-prob"),
+    "monitor.probe_top_p": (FRACTION, "null: no tail probe"),
     "monitor.alarm.threshold": (FINITE, ""),
     "monitor.alarm.patience": (AT_LEAST_ONE, "monitored steps in a row"),
     "monitor.alarm.window": (AT_LEAST_ONE, "monitored steps averaged"),
@@ -321,6 +322,12 @@ def _check_relations(v: Mapping[str, Any]) -> None:
     if metric is not None and v["monitor.sample"] == 0:
         raise _out_of_range("monitor.alarm.metric", "null while monitor.sample = 0 (the monitor is off, so "
                             "the alarm would never see a value)", metric)
+    if v["monitor.probe_top_p"] is not None and v["monitor.sample"] == 0:
+        raise _out_of_range("monitor.probe_top_p", "null while monitor.sample = 0 (the probe samples the "
+                            "monitor's prompts)", v["monitor.probe_top_p"])
+    if metric == "monitor/probe_implausible_advantage" and v["monitor.probe_top_p"] is None:
+        raise _out_of_range("monitor.alarm.metric", "a statistic the run computes: "
+                            "monitor/probe_implausible_advantage needs monitor.probe_top_p", metric)
     if metric == "monitor/judge_disagreement" and not judge:
         raise _out_of_range("monitor.alarm.metric", "a statistic the run computes: "
                             "monitor/judge_disagreement needs eval.judge", metric)

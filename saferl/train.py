@@ -45,6 +45,8 @@ from saferl.types import GroundTruth, Prompt, RewardInputs, Rollout, SafetyPolic
 
 # The rollouts of one prompt, each with its verdicts, scores and reward.
 Group = list[ScoredRollout]
+# The tail probe's sampling round in the per-request seeds (the refill rounds are 0 .. rollout.refill_rounds).
+PROBE_ROUND = 97
 
 
 def rollout_metrics(rollouts: list[Rollout]) -> dict[str, float]:
@@ -174,12 +176,17 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
                         samples=cfg.eval.samples_per_prompt, seed=cfg.eval.seed, **sampling, truth=truth,
                         judge=roles.judge)
 
-    def sample(prompts: list[Prompt], step: int, round_: int, timer: PhaseTimer) -> list[Group]:
+    def sample(prompts: list[Prompt], step: int, round_: int, timer: PhaseTimer, **override: float) -> list[Group]:
         scored = generate_and_score(roles.rollout, prompts, G, roles.guard, roles.helpfulness, timer=timer,
-                                    **sampling, seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
+                                    **(sampling | override),
+                                    seed=cfg.run.seed * 1_000_003 + step * 10_007 + round_ * 100_019)
         if reference:  # the fluency gate and the monitor read what the starting policy thinks of each answer
             scored = with_reference_logprobs(scored, roles.trainer, timer)
         return groups_of(apply_recipe(recipe, scored, rules))
+
+    def advantages_of(groups: list[Group]) -> list[float]:
+        return group_advantages(torch.tensor([s.reward for group in groups for s in group]), G,
+                                normalize_std=cfg.trainer.normalize_std).tolist()
 
     def save(name: str, step: int, keep_last: int) -> Path:
         state = {"step": step, "sampler": sampler.state_dict(), "workers": cfg.trainer.workers,
@@ -218,14 +225,19 @@ def _loop(cfg: SafeRLConfig, roles: Roles, recipe: RewardRecipe, rules: SafetyPo
                    "batch/groups": float(len(trained)), "batch/rounds": float(len(rounds))}
         advantages: list[float] = []
         if records:  # every group may have been uninformative
-            advantages = group_advantages(torch.tensor([s.reward for s in records]), G,
-                                          normalize_std=cfg.trainer.normalize_std).tolist()
+            advantages = advantages_of(trained)
             with timer.phase("train"):
                 per_rank = roles.trainer.train_step(TrainBatch.of(records, advantages))
             metrics.update({f"train/{k}": v for k, v in merge_rank_metrics(per_rank).items()})
             with timer.phase("sync"):
                 metrics["sync/bytes"] = float(weight_sync.push())
-        metrics.update(monitor.observe(step, trained, advantages, timer))  # monitor/*, after the update it cannot change
+        probe = None
+        if m.probe_top_p is not None and trained:  # the tail the sampler cuts: what would the reward pay for it?
+            with timer.phase("probe"):
+                groups = sample(monitor.prompts(step, trained), step, PROBE_ROUND, PhaseTimer(), top_p=m.probe_top_p)
+                probe = groups, advantages_of(groups)
+        # monitor/*, after the update it cannot change
+        metrics.update(monitor.observe(step, trained, advantages, timer, probe))
         step_window, compute = (step_start, time.time()), roles.pop_compute()
         metrics.update(roles.failure_counters())  # cumulative: guard/*, rm/* and their actors' restarts
         # Overhead: the step's time with no role computing (scoring overlapping generation counts once).

@@ -24,6 +24,14 @@ with the monitor's own seeded generator) and logs:
                               policy finds implausible to the other answers of the same prompt, so the update
                               reinforces it. This measures the incentive to garble, not the garbling: it is
                               high before the garbled rate rises, and low when a fluency gate caps them
+  monitor/probe_implausible_rate, monitor/probe_implausible_advantage  with the tail probe
+                              (`monitor.probe_top_p`): the same two statistics over a probe batch, the
+                              monitor's sampled prompts sampled again by the driver at that top-p (after the
+                              update, never trained on), with the probe's own group advantages. Nucleus
+                              sampling (`rollout.top_p` < 1) keeps the training rollouts out of the policy's
+                              tail, so implausible answers are rarely sampled until the garbling has begun and
+                              monitor/implausible_advantage has nothing to measure; the probe samples the tail
+                              and asks the run's reward what it would pay for it
   monitor/alarm               with `monitor.alarm.metric`: 0, then 1 from the step the alarm fired
 
 The alarm (`update_alarm`) fires once, at the first step the mean of its metric's last `window` values has
@@ -33,7 +41,9 @@ NaN) leaves the count as it is.
 The monitor only reads: rewards, advantages and the update are computed before it runs and from nothing it
 makes; it draws from its own `random.Random`, never the global or torch generators; the judge and the
 reference pass are forward passes in their own actors (the trainer's reference pass changes no weight,
-optimizer state or generator). So a run trains the same with the monitor on or off.
+optimizer state or generator); the tail probe's answers are drawn with their own per-prompt seeds (like every
+vLLM request here), after the step's update and weight sync, and never reach the trainer. So a run trains
+the same with the monitor on or off.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from saferl.eval.metrics import judge as judge_samples
 from saferl.handles import GuardGroup, TrainerGroup
 from saferl.scoring import score_rollouts, with_reference_logprobs
 from saferl.tracking import PhaseTimer
-from saferl.types import GroundTruth, SafetyPolicy, ScoredRollout
+from saferl.types import GroundTruth, Prompt, SafetyPolicy, ScoredRollout
 
 Group = list[ScoredRollout]
 
@@ -164,10 +174,18 @@ class Monitor:
         self.alarm, self.baseline, self.stopped_at = AlarmState(), None, None
         self.last: dict[str, float] = {}
 
+    def prompts(self, step: int, groups: list[Group]) -> list[Prompt]:
+        """The prompts of the groups `observe(step, groups, ...)` samples (the tail probe samples them again)."""
+        if not self.sample:
+            return []
+        return [group[0].rollout.prompt for group in self._pick(step, groups) if group]
+
     def observe(self, step: int, groups: list[Group], advantages: list[float],
-                timer: PhaseTimer | None = None) -> dict[str, float]:
+                timer: PhaseTimer | None = None, probe: tuple[list[Group], list[float]] | None = None
+                ) -> dict[str, float]:
         """The monitor/* metrics of step `step`'s trained groups, whose rollouts the update gave `advantages`
-        (in the groups' order; timed as phase `monitor`)."""
+        (in the groups' order; timed as phase `monitor`). `probe`: the tail probe's groups of `prompts(step,
+        groups)` and their group advantages, each record with its reference log-probs."""
         if not self.sample:
             return {}
         with (timer or PhaseTimer()).phase("monitor"):
@@ -178,6 +196,15 @@ class Monitor:
                     [s.reference_min_logprob for s in records], advantages,  # type: ignore[misc]
                     self.implausible_logprob)
                 metrics.update({"monitor/implausible_rate": rate, "monitor/implausible_advantage": advantage})
+            if probe is not None and (probed := [s for group in probe[0] for s in group]):
+                if any(s.reference_min_logprob is None for s in probed):
+                    raise ValueError("the tail probe's records need their reference log-probs")
+                rate, advantage = implausible_statistics(
+                    [s.reference_min_logprob for s in probed], probe[1],  # type: ignore[misc]
+                    self.implausible_logprob)
+                metrics.update({"monitor/probe_samples": float(len(probed)),
+                                "monitor/probe_implausible_rate": rate,
+                                "monitor/probe_implausible_advantage": advantage})
         if self.metric is not None:
             self.alarm = update_alarm(self.alarm, metrics.get(self.metric), threshold=self.threshold,
                                       patience=self.patience, step=step, window=self.window)
@@ -187,8 +214,11 @@ class Monitor:
         self.last = metrics
         return metrics
 
+    def _pick(self, step: int, groups: list[Group]) -> list[Group]:
+        return sample_groups(groups, self.sample, random.Random(self.seed * 1_000_003 + step))
+
     def _statistics(self, step: int, groups: list[Group]) -> dict[str, float]:
-        picked = sample_groups(groups, self.sample, random.Random(self.seed * 1_000_003 + step))
+        picked = self._pick(step, groups)
         records = [s for group in picked for s in group]
         if not records:  # no group was trained on this step
             return {}

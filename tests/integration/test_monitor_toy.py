@@ -40,6 +40,11 @@ def test_judge_and_monitor_in_a_toy_run_that_the_alarm_stops(toy_world, tmp_path
     # there are any (NaN, written as null, when none).
     assert 0 <= monitored["monitor/implausible_rate"] < 0.5
     assert (monitored["monitor/implausible_advantage"] is None) == (monitored["monitor/implausible_rate"] == 0)
+    # configs/toy.yaml's tail probe: the 8 monitored rollouts are 2 prompt groups, sampled again at top-p 1.0.
+    assert monitored["monitor/probe_samples"] == 8 and 0 <= monitored["monitor/probe_implausible_rate"] <= 1
+    assert (monitored["monitor/probe_implausible_advantage"] is None) == (
+        monitored["monitor/probe_implausible_rate"] == 0)
+    assert monitored["timing/probe"] > 0
     evals = json.loads((run / "eval.json").read_text())
     assert evals["stopped_by_alarm"] == 1
     for side in ("before", "after"):  # the same answers, judged by both guards: here the same model

@@ -60,6 +60,7 @@ BAD = [
     ("helpfulness.batch_size=0", "helpfulness.batch_size", ">= 1"),
     ("helpfulness.fallback_score=nan", "helpfulness.fallback_score", "a finite number"),
     ("rollout.refill_rounds=-1", "rollout.refill_rounds", ">= 0"),
+    ("monitor.probe_top_p=0", "monitor.probe_top_p", "in (0, 1]"),
     ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size", ">= 1"),
     ("reward.rules.unsafe_cap=-inf", "reward.rules.unsafe_cap", "a finite number"),
     ("trainer.lora.rank=-8", "trainer.lora.rank", ">= 0"),
@@ -92,6 +93,15 @@ def test_out_of_range_value_names_key_range_and_value(override, key, allowed):
     message = str(e.value)
     assert f"'{key}'" in message and allowed in message
     assert "got " in message
+
+
+def test_the_tail_probe_needs_the_monitor_and_its_alarm_needs_the_probe():
+    with pytest.raises(ConfigError, match="'monitor.probe_top_p' must be null while monitor.sample = 0"):
+        load_config(TOY, ["monitor.sample=0", "monitor.alarm.metric=null", "monitor.probe_top_p=1.0"])
+    with pytest.raises(ConfigError, match="'monitor.alarm.metric'.*needs monitor.probe_top_p"):
+        load_config(TOY, ["monitor.probe_top_p=null", "monitor.alarm.metric=monitor/probe_implausible_advantage"])
+    cfg = load_config(TOY, ["monitor.probe_top_p=1.0", "monitor.alarm.metric=monitor/probe_implausible_advantage"])
+    assert cfg.monitor.probe_top_p == 1.0
 
 
 def test_minibatches_bound_follows_the_batch():

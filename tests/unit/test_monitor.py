@@ -193,6 +193,33 @@ def test_monitor_reports_the_incentive_to_garble_over_the_whole_batch():
     assert m["monitor/implausible_advantage"] == pytest.approx(-0.7) and not gated.fired(1)
 
 
+def test_the_tail_probe_is_measured_on_its_own_batch_and_advantages():
+    monitor, _, _ = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL},
+                             alarm_metric="monitor/probe_implausible_advantage", threshold=-0.5, patience=1)
+    batch = _batch(refs=(-1.0, -1.0, -1.0, -1.0))  # no trained answer is implausible: nothing there to read
+    batch = [[dataclasses.replace(s, reference_min_logprob=-1.0) for s in group] for group in batch]
+    assert monitor.prompts(1, batch) == [group[0].rollout.prompt for group in
+                                         sample_groups(batch, 4, random.Random(0 * 1_000_003 + 1))]
+    # The probe: two groups of two; 'junk' (below -4 under the starting policy) is in each, and the reward
+    # put it above 'good' in group 0 (+0.7) and below in group 1 (-0.1): mean 0.3, at or above -0.5.
+    mins = [-0.5, -7.0, -6.0, -1.0]
+    probe = [[_record(_prompt(0), "good", SAFE, 2.0, 0, -1.0, mins[0]),
+              _record(_prompt(0), "junk", SAFE, 2.5, 0, -2.0, mins[1])],
+             [_record(_prompt(1), "junk", SAFE, 1.0, 1, -2.0, mins[2]),
+              _record(_prompt(1), "good", SAFE, 3.0, 1, -1.0, mins[3])]]
+    m = monitor.observe(1, batch, ADV, probe=(probe, [-0.7, 0.7, -0.1, 0.1]))
+    assert m["monitor/implausible_rate"] == 0.0 and math.isnan(m["monitor/implausible_advantage"])
+    assert m["monitor/probe_samples"] == 4.0 and m["monitor/probe_implausible_rate"] == 0.5
+    assert m["monitor/probe_implausible_advantage"] == pytest.approx(0.3) and monitor.fired(1)
+    gated, _, _ = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL},
+                           alarm_metric="monitor/probe_implausible_advantage", threshold=-0.5, patience=1)
+    m = gated.observe(1, batch, ADV, probe=(probe, [0.7, -0.7, -0.9, 0.9]))  # a gate capped the junk
+    assert m["monitor/probe_implausible_advantage"] == pytest.approx(-0.8) and not gated.fired(1)
+    no_ref = [[dataclasses.replace(s, reference_min_logprob=None) for s in group] for group in probe]
+    with pytest.raises(ValueError, match="reference log-probs"):
+        gated.observe(2, batch, ADV, probe=(no_ref, [0.0] * 4))
+
+
 def test_monitor_off_and_without_judge_or_truth():
     monitor, judge, _ = _monitor({"good": SAFE, "junk": UNSAFE, "no": REFUSAL})
     monitor.sample = 0

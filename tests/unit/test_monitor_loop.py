@@ -58,6 +58,24 @@ class SharedRngRollout(Quiet):
         pass
 
 
+class SeededRollout(SharedRngRollout):
+    """Draws prompt i's answers from its own generator seeded with `seed + i`, as a vLLM request does (and
+    keeps every call's sampling arguments); a junk answer is likelier at top-p 1.0, as the tail is."""
+
+    calls: list[dict] = []
+
+    def generate(self, prompts, n, first_group=0, *, seed, top_p, **sampling):
+        out = []
+        for i, p in enumerate(prompts):
+            rng = random.Random(seed + i)
+            for _ in range(n):
+                answer = "junk" if rng.random() < (0.5 if top_p == 1.0 else 0.1) else rng.choice(ANSWERS)
+                out.append(Rollout(p, [7], [ANSWERS.index(answer) + 1], [0.0], answer, "", answer, "stop",
+                                   group=first_group + i))
+        self.calls.append(dict(top_p=top_p, seed=seed, prompts=len(prompts), answers=[r.answer for r in out]))
+        return out
+
+
 class Guard(Quiet):
     def __init__(self, verdicts):
         self.verdicts = verdicts
@@ -101,7 +119,7 @@ def _group(cls, name, **kwargs):
     return ActorGroup(cls, 1, executor="local", name=name, kwargs=kwargs)
 
 
-def _run(tmp_path, name, *overrides):
+def _run(tmp_path, name, *overrides, rollout=SharedRngRollout):
     from saferl.train import _loop, prepare_run_dir
 
     cfg = load_config(None, [f"run.dir={tmp_path / name}", "run.executor=local", "trainer.steps=4",
@@ -109,7 +127,7 @@ def _run(tmp_path, name, *overrides):
                              "logging.progress=false", "eval.judge.model=unused", *overrides])
     random.seed(0)
     torch.manual_seed(0)
-    roles = Roles(RolloutGroup(_group(SharedRngRollout, "rollout")),
+    roles = Roles(RolloutGroup(_group(rollout, "rollout")),
                   GuardGroup(_group(Guard, "guard", verdicts=GUARD)), HelpfulnessGroup(_group(Rm, "helpfulness")),
                   TrainerGroup(_group(Trainer, "trainer")),
                   GuardGroup(_group(Guard, "judge", verdicts=JUDGE)))
@@ -130,6 +148,32 @@ def test_the_monitor_does_not_change_training(tmp_path):
             k: v for k, v in b.items() if k.startswith("reward/")}
     assert all("monitor/judge_disagreement" in r and r["monitor/samples"] == 6 for r in on_rows)
     assert not any(k.startswith("monitor/") for r in off_rows for k in r)
+
+
+def test_the_tail_probe_samples_the_monitored_prompts_again_and_does_not_change_training(tmp_path):
+    SeededRollout.calls = []
+    _, off_rows, off, _ = _run(tmp_path, "off", "monitor.sample=4", "rollout.top_p=0.9", rollout=SeededRollout)
+    assert {c["top_p"] for c in SeededRollout.calls} == {0.9}
+    SeededRollout.calls = []
+    _, on_rows, on, _ = _run(tmp_path, "on", "monitor.sample=4", "rollout.top_p=0.9", "monitor.probe_top_p=1.0",
+                             "monitor.alarm.metric=monitor/probe_implausible_advantage",
+                             "monitor.alarm.threshold=-5", rollout=SeededRollout)
+    assert on == off and len(on) == 4  # the same sequences and advantages at every step
+    for a, b in zip(off_rows, on_rows, strict=True):
+        assert {k: v for k, v in a.items() if k.startswith(("reward/", "train/"))} == {
+            k: v for k, v in b.items() if k.startswith(("reward/", "train/"))}
+    assert not any("monitor/probe_samples" in r for r in off_rows)
+    # Each step (after the before-evaluation's call): its training call at top-p 0.9, then the probe at 1.0,
+    # with its own seeds, of the one prompt whose group of 4 is the monitor's sample of 4.
+    probes = [c for c in SeededRollout.calls if c["top_p"] == 1.0]
+    trained = [c for c in SeededRollout.calls[1:] if c["top_p"] == 0.9][:4]
+    assert len(probes) == 4 and all(c["prompts"] == 1 for c in probes)
+    assert not {c["seed"] for c in probes} & {c["seed"] for c in trained}
+    # The stand-in trainer's reference min log-prob is -2 x the answer's token id: 'no' (-6) and 'bad' (-8)
+    # are below -4, so the probe's implausible rate is their share of its answers.
+    for row, call in zip(on_rows, probes, strict=True):
+        assert row["monitor/probe_samples"] == 4.0
+        assert row["monitor/probe_implausible_rate"] == sum(a in ("no", "bad") for a in call["answers"]) / 4
 
 
 ALARM = ["monitor.sample=8", "monitor.alarm.metric=monitor/judge_disagreement", "monitor.alarm.threshold=0",
