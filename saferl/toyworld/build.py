@@ -113,10 +113,14 @@ def ensure_part(cfg: ToyWorldConfig, part: str, trainer: str = "saferl") -> Path
 
     paths = ensure_built(cfg, trainer)
     extras = paths.root / "extras.json"
-    if part in EXTRA_PARTS and not extras.is_file():
-        build_extras(paths, cfg, trainer)
-    elif part in EXTRA_PARTS:  # a cached miss is refused again, as the core's is
-        check_targets(json.loads(extras.read_text()), str(paths.root), EXTRA_TARGETS)
+    if part not in EXTRA_PARTS:
+        return paths.part(part)
+    if not extras.is_file():  # one process builds them; another asking meanwhile waits and reuses them
+        with build_lock(paths.root / "extras"):
+            if not extras.is_file():
+                build_extras(paths, cfg, trainer)  # checks their targets itself
+                return paths.part(part)
+    check_targets(json.loads(extras.read_text()), str(paths.root), EXTRA_TARGETS)  # a cached miss is refused
     return paths.part(part)
 
 

@@ -112,6 +112,40 @@ def test_extra_parts_are_built_once_on_first_use(fake_build, tmp_path, monkeypat
     assert build_module.ensure_part(cfg, "guard").name == "guard"  # the core is not affected
 
 
+def test_a_second_caller_waits_for_the_extras_being_built_and_reuses_them(tmp_path, monkeypatch):
+    """Two runs starting on a world whose extras are missing: only the first builds them (a second build
+    into the same directory would race it), the other waits on the lock and reuses them."""
+    import threading
+    import time
+
+    root = tmp_path / "world"
+    root.mkdir()
+    paths = build_module.ToyWorldPaths(root)
+    built, release = [], threading.Event()
+
+    def build_extras(paths, cfg, trainer):
+        built.append(threading.current_thread().name)
+        release.wait(30)
+        (paths.root / "extras.json").write_text(json.dumps({"judge_safety_acc": 0.99, "judge_refusal_acc": 1.0}))
+
+    monkeypatch.setattr(build_module, "ensure_built", lambda cfg, trainer: paths)
+    monkeypatch.setattr(build_module, "build_extras", build_extras)
+    cfg = load_config(None, []).toyworld
+    got = {}
+    runs = [threading.Thread(target=lambda n=n: got.update({n: build_module.ensure_part(cfg, "judge")}), name=n)
+            for n in ("first", "second")]
+    runs[0].start()
+    while not built:
+        time.sleep(0.01)
+    runs[1].start()
+    runs[1].join(1.0)
+    assert runs[1].is_alive()  # waiting on the lock, not building
+    release.set()
+    for run in runs:
+        run.join(30)
+    assert built == ["first"] and got == {"first": root / "judge", "second": root / "judge"}
+
+
 class _SavingTokenizer:
     def save_pretrained(self, directory):
         Path(directory).mkdir(parents=True, exist_ok=True)
